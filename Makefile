@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints-cpu.txt
+DEMO_DIR ?= demo_data
+EXTRAS ?= dev
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lvita demo-data $(DEMO_DIR)
+	for s in 1 2 3 4; do \
+	  LVITA_DEMO_ROOT=$(abspath $(DEMO_DIR)) $(VENV)/bin/lvita plan manifests/demo/stage$$s.yaml \
+	    --out $(DEMO_DIR)/plans/stage$$s.json || exit 1; \
+	done
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/bench_plan.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,34 @@
+"""Error types of lvita_data.
+
+`LvitaError` is the root. A problem with a manifest is a `ManifestError` (also a `ValueError`) that
+names the file and the field; a whole source that cannot be read is a `SourceError`; one bad
+record raises `SkipSample(reason, detail)`, which the planner turns into a counted `Reject`
+(never a silent skip). `RejectRateExceeded` stops a run whose source rejects too much.
+"""
+
+from __future__ import annotations
+
+
+class LvitaError(Exception):
+    """Root of every error lvita raises on purpose."""
+
+
+class ManifestError(LvitaError, ValueError):
+    """A stage manifest is malformed: unknown key, wrong type, bad value."""
+
+
+class SourceError(LvitaError):
+    """A source (file, directory, media container) cannot be used at all."""
+
+
+class SkipSample(LvitaError):
+    """One record cannot become a sample; `reason` is a `RejectReason` value."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class RejectRateExceeded(LvitaError):
+    """A source rejected more records than the manifest's `rejects.max_rate` allows."""

@@ -1,0 +1,2 @@
+def main() -> None:
+    raise SystemExit("lvita: no commands yet")
