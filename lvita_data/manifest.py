@@ -90,7 +90,8 @@ class DatasetEntry:
     """Per file: min(int(rows * ratio), max_samples) rows after a seeded shuffle; > 1 up-samples."""
     max_samples: int | None = None
     group: str | None = None
-    """Packing group (stages 1-2 of the original pack per source file); None = the entry name."""
+    """Mixture group of the original config (several files share one ratio); reports aggregate
+    by it. None = the entry name."""
 
     def __post_init__(self) -> None:
         if self.format not in DATASET_FORMATS:

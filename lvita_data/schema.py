@@ -34,6 +34,8 @@ class RejectReason(StrEnum):
     decompression_bomb = "decompression_bomb"
     bad_video = "bad_video"
     empty_frame_dir = "empty_frame_dir"
+    too_few_frames = "too_few_frames"
+    reserved_token = "reserved_token"
     video_not_allowed = "video_not_allowed"
     too_long = "too_long"
 

@@ -1,2 +1,104 @@
-def main() -> None:
-    raise SystemExit("lvita: no commands yet")
+"""The `lvita` command line: thin wrappers over lvita_data (and later lvita_model).
+
+    lvita demo-data DIR                     write the deterministic demo corpus
+    lvita plan MANIFEST [--out PLAN.json]   exact lengths per selected sample, rejects, a report
+
+Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
+over the manifest's threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from lvita_data.errors import ManifestError, RejectRateExceeded
+
+EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS = 2, 3, 4
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+    os.replace(temporary, path)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lvita_data.manifest import load_manifest
+    from lvita_data.planner import MissingInputs, format_report, plan_stage
+
+    manifest = load_manifest(args.manifest)
+    started = time.perf_counter()
+    try:
+        plan = plan_stage(
+            manifest,
+            workers=args.workers,
+            verify_media=args.verify_media,
+            allow_missing=args.allow_missing,
+            progress=not args.quiet,
+        )
+    except MissingInputs as error:
+        print(f"lvita plan: {error}", file=sys.stderr)
+        return EXIT_MISSING
+    seconds = time.perf_counter() - started
+    print(format_report(plan))
+    rate = plan.num_samples / seconds if seconds > 0 else float("inf")
+    print(f"planned in {seconds:.1f} s ({rate:,.0f} samples/s, {args.workers} worker(s))")
+    if args.out:
+        _write_json_atomic(Path(args.out), plan.to_json())
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from lvita_data.demo import make_demo_corpus
+
+    summary = make_demo_corpus(args.dir, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvita", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="exact token lengths of a stage, before decoding")
+    plan.add_argument("manifest", help="stage manifest YAML")
+    plan.add_argument("--out", help="write the plan JSON (lengths per selected sample, rejects)")
+    plan.add_argument("--workers", type=int, default=1, help="parallel processes over files")
+    plan.add_argument(
+        "--verify-media", action="store_true", help="also decode images (catches truncated files)"
+    )
+    plan.add_argument(
+        "--allow-missing", action="store_true", help="plan even if dataset files are missing"
+    )
+    plan.add_argument("--quiet", action="store_true", help="no progress bar")
+    plan.set_defaults(run=_cmd_plan)
+
+    demo = commands.add_parser("demo-data", help="write the deterministic demo corpus")
+    demo.add_argument("dir")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.run(args)
+    except ManifestError as error:
+        print(f"lvita: {error}", file=sys.stderr)
+        code = EXIT_MANIFEST
+    except RejectRateExceeded as error:
+        print(f"lvita: {error}", file=sys.stderr)
+        code = EXIT_REJECTS
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
