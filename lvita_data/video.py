@@ -196,31 +196,37 @@ def _decode_with_stats(
     wanted = _check_indices(indices)
     stats = DecodeStats()
     with _open(path) as container:
-        stream = _video_stream(container, path)
-        frame_pts, key_pts = _index_packets(container, stream, path, stats)
+        index = _index_packets(container, _video_stream(container, path), path, stats)
     if not wanted:
         return [], stats
-    if wanted[-1] >= len(frame_pts):
+    if wanted[-1] >= len(index.frame_pts):
         raise SkipSample(
             "bad_video",
-            f"{path}: frame {wanted[-1]} requested, the stream has {len(frame_pts)} frames",
+            f"{path}: frame {wanted[-1]} requested, the stream has {len(index.frame_pts)} frames",
         )
-    targets = [frame_pts[i] for i in wanted]
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.codec_context.thread_type = "AUTO"
         stream.codec_context.thread_count = num_threads
         try:
-            frames = _ForwardDecoder(container, stream, key_pts, path, stats).take(targets)
+            frames = _ForwardDecoder(container, stream, index, path, stats).take(wanted)
         except av.FFmpegError as e:
             raise SkipSample("bad_video", f"{path}: decoding failed: {e}") from e
     return frames, stats
 
 
+@dataclass(frozen=True, slots=True)
+class _PacketIndex:
+    frame_pts: list[int]
+    """pts of every frame, ascending: frame i of the video has pts frame_pts[i]."""
+    key_frames: list[int]
+    """Frame indices of the keyframes, ascending."""
+
+
 def _index_packets(
     container: av.container.InputContainer, stream: av.VideoStream, path: str, stats: DecodeStats
-) -> tuple[list[int], list[int]]:
-    """Sorted pts of every frame packet and of the keyframe packets, demuxed without decoding."""
+) -> _PacketIndex:
+    """Demux (no decoding) every packet of `stream`: frame pts in presentation order, keyframes."""
     frame_pts: list[int] = []
     key_pts: list[int] = []
     try:
@@ -240,76 +246,75 @@ def _index_packets(
     if not key_pts:
         raise SkipSample("bad_video", f"{path}: no keyframe in the stream")
     frame_pts.sort()
-    key_pts.sort()
-    return frame_pts, key_pts
+    key_frames = sorted(bisect.bisect_left(frame_pts, p) for p in key_pts)
+    return _PacketIndex(frame_pts, key_frames)
 
 
 class _ForwardDecoder:
-    """Decodes forward through one stream, seeking only to skip whole GOPs."""
+    """Decodes forward through one stream, seeking only to skip frames up to a keyframe."""
 
     def __init__(
         self,
         container: av.container.InputContainer,
         stream: av.VideoStream,
-        key_pts: list[int],
+        index: _PacketIndex,
         path: str,
         stats: DecodeStats,
     ) -> None:
-        self.container, self.stream, self.key_pts = container, stream, key_pts
+        self.container, self.stream, self.index = container, stream, index
         self.path, self.stats = path, stats
         self.frames = container.decode(stream)
-        self.pos = key_pts[0]
-        """pts of the last decoded frame; a fresh decoder starts at the first keyframe."""
+        self.pos = -1
+        """Frame index of the last decoded frame; -1 for a decoder at the stream start."""
 
-    def take(self, targets: list[int]) -> list[np.ndarray]:
+    def take(self, wanted: list[int]) -> list[np.ndarray]:
+        keys = self.index.key_frames
         out = []
-        for target in targets:
-            key = bisect.bisect_right(self.key_pts, target) - 1  # last keyframe <= target
-            if key >= 0 and self.key_pts[key] > self.pos:
+        for target in wanted:
+            k = bisect.bisect_right(keys, target) - 1  # last keyframe at or before the target
+            if k >= 0 and keys[k] > self.pos + 1:  # forward decoding would waste frames
                 self.stats.seeks += 1
-                frame = self._seek_and_find(key, target)
+                frame = self._seek_and_find(k, target)
             else:
                 frame = self._find(target, after_seek=False)
-            if frame is None:
-                raise SkipSample("bad_video", f"{self.path}: no decoded frame with pts {target}")
             out.append(frame.to_ndarray(format="rgb24"))
         return out
 
-    def _seek_and_find(self, key: int, target: int) -> av.VideoFrame | None:
+    def _seek_and_find(self, k: int, target: int) -> av.VideoFrame:
+        keys, frame_pts = self.index.key_frames, self.index.frame_pts
         # The keyframe itself, then the one before, then the first keyframe of the stream.
-        for attempt in dict.fromkeys((key, max(key - 1, 0), 0)):
-            if attempt < key:
+        for attempt in dict.fromkeys((k, max(k - 1, 0), 0)):
+            if attempt < k:
                 self.stats.seek_retries += 1
-            offset = self.key_pts[attempt]
+            offset = frame_pts[keys[attempt]]
             self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
             self.frames = self.container.decode(self.stream)
-            self.pos = offset
+            self.pos = keys[attempt] - 1
             frame = self._find(target, after_seek=True)
-            if frame is not _OVERSHOT:
+            if frame is not None:
                 return frame
-        raise SkipSample("bad_video", f"{self.path}: cannot seek to pts {target}")
+        raise SkipSample("bad_video", f"{self.path}: cannot seek to frame {target}")
 
     def _find(self, target: int, *, after_seek: bool) -> av.VideoFrame | None:
-        """Decode forward to the frame with pts `target` (None if missing; _OVERSHOT if the
-        first frame after a seek is already past it)."""
+        """Decode forward to frame `target`; None if the first frame after a seek is past it."""
+        frame_pts = self.index.frame_pts
         first = after_seek
         for frame in self.frames:
             self.stats.frames_decoded += 1
-            pts = frame.pts
-            if pts is None:
-                raise SkipSample("bad_video", f"{self.path}: decoded frame without pts")
-            if pts > target and first:
-                return _OVERSHOT
-            first = False
-            self.pos = pts
-            if pts == target:
-                return frame
-            if pts > target:
+            i = bisect.bisect_left(frame_pts, frame.pts) if frame.pts is not None else -1
+            if i < 0 or i >= len(frame_pts) or frame_pts[i] != frame.pts:
+                raise SkipSample(
+                    "bad_video", f"{self.path}: decoded frame pts {frame.pts} not in the stream"
+                )
+            if i > target and first:
                 return None
-        raise SkipSample("bad_video", f"{self.path}: stream ended before pts {target} (truncated?)")
-
-
-_OVERSHOT = object()  # sentinel: a seek landed past its target
+            first = False
+            self.pos = i
+            if i == target:
+                return frame
+            if i > target:
+                raise SkipSample("bad_video", f"{self.path}: frame {target} was not decoded")
+        raise SkipSample("bad_video", f"{self.path}: stream ended before frame {target}")
 
 
 def _decode_decord(path: str, indices: list[int], num_threads: int) -> list[np.ndarray]:

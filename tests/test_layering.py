@@ -1,0 +1,22 @@
+"""Dependency direction: pure planning modules import neither torch nor lvita_model."""
+
+import subprocess
+import sys
+
+
+def test_pure_data_modules_import_neither_torch_nor_model():
+    code = (
+        "import sys, lvita_data.tiling, lvita_data.frames, lvita_data.tokens, lvita_data.mixture, "
+        "lvita_data.template, lvita_data.manifest; print(sorted(sys.modules))"
+    )
+    modules = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "'torch'" not in modules and "lvita_model" not in modules
+    assert "'av'" not in modules and "'PIL'" not in modules  # no media I/O in the pure core
+
+
+def test_lvita_data_never_imports_lvita_model():
+    code = "import sys, lvita_data.planner; print([m for m in sys.modules if 'lvita_model' in m or m == 'torch'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
