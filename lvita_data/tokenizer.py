@@ -19,26 +19,34 @@ Conversion algorithm (tiktoken ranks -> `tokenizers` BPE)
 - merges: for every multi-byte token in rank order, run tiktoken's BPE on its bytes allowing only
   merges of lower rank (leftmost lowest rank first) until two parts remain; those two parts are the
   token's merge. Every token reduces to exactly two parts (checked), so there is one merge per
-  non-byte token, in rank order, which makes HF's merge-priority BPE equal to tiktoken's
-  rank-priority BPE.
+  non-byte token, in rank order; HF's merge-priority BPE then gives tiktoken's ids (checked against
+  `tiktoken` over the same ranks in tests/data/test_tokenizer.py).
 - pipeline, as Qwen2's HF `tokenizer.json`: NFC normalizer; pre-tokenizer
   Sequence[Split(Regex(PAT), "isolated"), ByteLevel(add_prefix_space=False, use_regex=False)];
   ByteLevel decoder; no post-processor (nothing is ever added around the text).
 
 `LongVitaTokenizer.encode` has HF semantics with `add_special_tokens=False`: special tokens written
 in the text (`<image>`, `<|im_end|>`) are matched on the raw text first and become single ids; the
-text between them is NFC-normalized and BPE-encoded. Note the one consequence: a combining mark
-right after a special token (e.g. `"<image>\\u0338"`) stays separate, whereas NFC of the whole
-string would have composed `">\\u0338"` into `"≯"`.
+text between them is NFC-normalized and BPE-encoded. Two ways this differs from "tiktoken on
+`unicodedata.normalize('NFC', text)`" (both are what Qwen2.5's own HF tokenizer does, so we keep
+them):
+- a combining mark right after a special token (`"<image>\u0338"`) stays separate, whereas NFC of
+  the whole string would compose `">\u0338"` into `"≯"` and destroy the special token;
+- `tokenizers`' NFC uses older Unicode tables than Python's `unicodedata`: marks added in later
+  Unicode versions are not reordered (e.g. NKo U+07F3 U+07FD stays as is; Python swaps them by
+  combining class). Seen once in 20 MB of Python source.
 
-Caching and timings (measured on the dev box, 1 CPU thread, tokenizers 0.23)
---------------------------------------------------------------------------
-The conversion takes about 2.5 s (parse 0.2 s, merge derivation 1.4 s, vocab mapping and model
-build 0.5 s, save 0.1 s). Its `tokenizer.json` is cached at `${LVITA_CACHE_DIR:-~/.cache/lvita}/
-tokenizers/qwen2.5-longvita-<sha256[:16] of the .tiktoken>-v<FORMAT_VERSION>.json`
-(written atomically: temp file in the same directory, then `os.replace`); loading it takes about
-0.4 s. A process keeps what it loaded (`functools.lru_cache`), so repeated loads are free, and a
-pickled `LongVitaTokenizer` is only its spec: a worker process re-creates it from the disk cache.
+Caching and timings (tokenizers 0.23, 2-core dev box shared with other jobs, so +-30%)
+-------------------------------------------------------------------------------------
+Conversion: 2.5-3.5 s (parse 0.2-0.3 s, merge derivation 1.4-3 s, vocab mapping and model build
+0.5 s, save 0.2 s). Its `tokenizer.json` (5.4 MB) is cached at `${LVITA_CACHE_DIR:-~/.cache/lvita}/
+tokenizers/qwen2.5-longvita-<sha256[:16] of the .tiktoken>-v<FORMAT_VERSION>.json`, written
+atomically (temp file in the same directory, then `os.replace`); loading it takes 0.4-0.65 s. A
+process keeps what it loaded (`functools.lru_cache`), so repeated loads are free, and a pickled
+`LongVitaTokenizer` is only its spec: a worker process re-creates it from the disk cache.
+Throughput on one thread (`RAYON_NUM_THREADS=1`): `encode_batch` 0.4-0.47 M tokens/s on Python
+source, ~0.38 M on English prose; a loop of `encode` ~0.25-0.3 M. The Qwen2 split regex (Oniguruma)
+is most of the cost; tiktoken does ~1.9 M tokens/s on one thread for the same ids.
 """
 
 from __future__ import annotations
@@ -223,9 +231,16 @@ def _load_file(path: str, _mtime_ns: int, _size: int, name: str) -> LongVitaToke
     except Exception as e:  # the Rust side raises a bare Exception
         raise SourceError(f"cannot load tokenizer {path}: {e}") from e
     # Tokens already present (e.g. a Long-VITA checkpoint) keep their ids; missing ones are
-    # appended in order.
-    missing = [t for t in LONGVITA_SPECIAL_TOKENS if backend.token_to_id(t) is None]
+    # appended in order. A token that is only in the model's vocab is made an added token (same
+    # id), or "<image>" in a text would not be matched as one id.
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    missing = [t for t in LONGVITA_SPECIAL_TOKENS if t not in added]
     backend.add_special_tokens([_added(t) for t in missing])
+    ids = [backend.token_to_id(t) for t in LONGVITA_SPECIAL_TOKENS]
+    if len(set(ids)) != len(ids) or any(
+        backend.id_to_token(i) != t for i, t in zip(ids, LONGVITA_SPECIAL_TOKENS, strict=True)
+    ):
+        raise SourceError(f"tokenizer {path}: Long-VITA tokens got clashing ids {ids}")
     for tok in QWEN25_SPECIAL_TOKENS[:3]:
         if backend.token_to_id(tok) is None:
             raise SourceError(f"tokenizer {path} lacks {tok!r}: not a Qwen2/Qwen2.5 tokenizer")
