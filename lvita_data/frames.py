@@ -1,7 +1,8 @@
 """Frame selection of Long-VITA, as pure functions of container metadata.
 
 Video file with L frames at F fps, stage cap N frames, `max_fps` (1 in every stage):
-    step = max(F / max_fps, L / (N + 1));  indices = [int(i * step) for i in range(N)], kept while < L
+    step = max(F / max_fps, L / (N + 1))
+    indices = [int(i * step) for i in range(N)], kept while < L
 so a short video is sampled at 1 fps from frame 0 and a long one gets N frames spread uniformly
 (never reaching the last (N+1)-th slot). A directory of T frames is assumed to be 1 fps (2 fps
 when its path contains "ShareGPTVideo"):

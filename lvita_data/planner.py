@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,8 +26,8 @@ from tqdm import tqdm
 from lvita_data.errors import LvitaError, RejectRateExceeded, SkipSample, SourceError
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
 from lvita_data.mixture import select_rows
-from lvita_data.samples import SampleRules, tokenize_record
-from lvita_data.schema import RawRecord, Reject, RejectReason, TokenizedSample
+from lvita_data.samples import SamplePlan, SampleRules, plan_record
+from lvita_data.schema import RawRecord, Reject, RejectReason
 from lvita_data.sources import open_source
 from lvita_data.template import ChatTemplate
 from lvita_data.tokenizer import LongVitaTokenizer, load_tokenizer
@@ -154,7 +154,12 @@ class StagePlan:
             "num_tokens": self.num_tokens,
             "datasets": [d.to_json() for d in self.datasets],
             "files": [
-                {"dataset": f.dataset, "path": f.path, "rows": f.num_rows, "selected": f.num_selected}
+                {
+                    "dataset": f.dataset,
+                    "path": f.path,
+                    "rows": f.num_rows,
+                    "selected": f.num_selected,
+                }
                 for f in files
             ],
             # Columnar, one entry per selected sample in selection order (17M rows stay compact).
@@ -182,7 +187,9 @@ def _read_rows(source, rows: np.ndarray, plan: FilePlan) -> dict[int, RawRecord 
         try:
             outcomes[row] = source.read(row)
         except SkipSample as skip:
-            outcomes[row] = Reject(plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail)
+            outcomes[row] = Reject(
+                plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail
+            )
     return outcomes
 
 
@@ -191,9 +198,9 @@ def _tokenize_rows(
     tokenizer: LongVitaTokenizer,
     rules: SampleRules,
     plan: FilePlan,
-) -> dict[int, TokenizedSample | Reject]:
+) -> dict[int, tuple[RawRecord, SamplePlan] | Reject]:
     records = [(row, r) for row, r in outcomes.items() if isinstance(r, RawRecord)]
-    results: dict[int, TokenizedSample | Reject] = {
+    results: dict[int, tuple[RawRecord, SamplePlan] | Reject] = {
         row: r for row, r in outcomes.items() if isinstance(r, Reject)
     }
     for start in range(0, len(records), ENCODE_CHUNK):
@@ -203,7 +210,7 @@ def _tokenize_rows(
         for row, record in chunk:
             contents = [next(encoded) for _ in record.turns]
             try:
-                results[row] = tokenize_record(record, contents, rules)
+                results[row] = (record, plan_record(record, contents, rules))
             except SkipSample as skip:
                 results[row] = Reject(
                     plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail
@@ -211,14 +218,14 @@ def _tokenize_rows(
     return results
 
 
-def _sample_row(sample: TokenizedSample) -> SampleRow:
+def _sample_row(record: RawRecord, plan: SamplePlan) -> SampleRow:
     return SampleRow(
-        record=sample.record_id,
-        length=sample.length,
-        modality=sample.modality,
-        num_tiles=sample.num_tiles,
-        num_frames=sum(len(v.frame_indices) for v in sample.videos),
-        requested_frames=sum(v.requested_frames for v in sample.videos),
+        record=record.record_id,
+        length=plan.length,
+        modality=plan.modality,
+        num_tiles=plan.num_tiles,
+        num_frames=sum(len(v.frame_indices) for v in plan.videos),
+        requested_frames=sum(v.requested_frames for v in plan.videos),
     )
 
 
@@ -228,19 +235,21 @@ def plan_file(
     """Plan one file of one dataset entry (runs in a worker process)."""
     plan = FilePlan(dataset=entry.name, path=path)
     try:
-        source = open_source(path, fmt=entry.format, dataset=entry.name, media_root=entry.media_root)
+        source = open_source(
+            path, fmt=entry.format, dataset=entry.name, media_root=entry.media_root
+        )
     except SourceError as error:
         plan.error = str(error)
         return plan
     tokenizer, template = _tokenizer_and_template(manifest.tokenizer)
     rules = SampleRules.from_manifest(manifest, template, verify_media=verify_media)
     plan.num_rows = len(source)
-    rows = select_rows(plan.num_rows, ratio=entry.ratio, max_samples=entry.max_samples, seed=manifest.seed)
+    rows = select_rows(
+        plan.num_rows, ratio=entry.ratio, max_samples=entry.max_samples, seed=manifest.seed
+    )
     plan.num_selected = int(rows.shape[0])
     results = _tokenize_rows(_read_rows(source, rows, plan), tokenizer, rules, plan)
-    summaries = {
-        row: _sample_row(r) for row, r in results.items() if isinstance(r, TokenizedSample)
-    }
+    summaries = {row: _sample_row(*r) for row, r in results.items() if not isinstance(r, Reject)}
     for row in rows.tolist():
         outcome = results[row]
         if isinstance(outcome, Reject):
@@ -259,10 +268,11 @@ def check_reject_rate(report: DatasetReport, manifest: StageManifest) -> None:
     policy = manifest.rejects
     if report.selected >= policy.min_selected and report.reject_rate > policy.max_rate:
         top = ", ".join(f"{reason} x{count}" for reason, count in report.rejects.most_common(5))
+        rejected = sum(report.rejects.values())
         raise RejectRateExceeded(
-            f"dataset {report.name!r}: {sum(report.rejects.values())} of {report.selected} selected "
-            f"records rejected ({report.reject_rate:.1%} > rejects.max_rate {policy.max_rate:.1%}); "
-            f"top reasons: {top}. Fix the data or raise rejects.max_rate in {manifest.source_path}"
+            f"dataset {report.name!r}: {rejected} of {report.selected} selected records rejected "
+            f"({report.reject_rate:.1%} > rejects.max_rate {policy.max_rate:.1%}); top reasons: "
+            f"{top}. Fix the data or raise rejects.max_rate in {manifest.source_path}"
         )
 
 
@@ -309,7 +319,9 @@ def plan_stage(
     return StagePlan(manifest=manifest, datasets=reports, files=file_plans)
 
 
-def _collect(results, by_name: dict[str, DatasetReport], manifest: StageManifest, bar) -> list[FilePlan]:
+def _collect(
+    results, by_name: dict[str, DatasetReport], manifest: StageManifest, bar
+) -> list[FilePlan]:
     plans = []
     for plan in results:
         by_name[plan.dataset].add(plan)
@@ -321,22 +333,48 @@ def _collect(results, by_name: dict[str, DatasetReport], manifest: StageManifest
 
 def format_report(plan: StagePlan) -> str:
     """A terminal table: one row per dataset, then the stage totals."""
-    header = ("dataset", "files", "missing", "records", "selected", "samples", "tokens", "modality", "rejects")
+    header = (
+        "dataset",
+        "files",
+        "missing",
+        "records",
+        "selected",
+        "samples",
+        "tokens",
+        "modality",
+        "rejects",
+    )
     rows = [header]
     for d in plan.datasets:
         modality = " ".join(f"{k}:{v}" for k, v in sorted(d.modalities.items())) or "-"
         rejects = " ".join(f"{k}:{v}" for k, v in sorted(d.rejects.items())) or "-"
         missing = str(len(d.files_missing) + len(d.files_failed))
         rows.append(
-            (d.name, str(d.files_found), missing, str(d.records), str(d.selected), str(d.samples),
-             f"{d.tokens:,}", modality, rejects)
+            (
+                d.name,
+                str(d.files_found),
+                missing,
+                str(d.records),
+                str(d.selected),
+                str(d.samples),
+                f"{d.tokens:,}",
+                modality,
+                rejects,
+            )
         )
     total_rejects = sum(sum(d.rejects.values()) for d in plan.datasets)
     rows.append(
-        ("TOTAL", str(sum(d.files_found for d in plan.datasets)),
-         str(sum(len(d.files_missing) + len(d.files_failed) for d in plan.datasets)),
-         str(sum(d.records for d in plan.datasets)), str(sum(d.selected for d in plan.datasets)),
-         str(plan.num_samples), f"{plan.num_tokens:,}", "-", str(total_rejects))
+        (
+            "TOTAL",
+            str(sum(d.files_found for d in plan.datasets)),
+            str(sum(len(d.files_missing) + len(d.files_failed) for d in plan.datasets)),
+            str(sum(d.records for d in plan.datasets)),
+            str(sum(d.selected for d in plan.datasets)),
+            str(plan.num_samples),
+            f"{plan.num_tokens:,}",
+            "-",
+            str(total_rejects),
+        )
     )
     widths = [max(len(r[i]) for r in rows[:-1] + [rows[-1]]) for i in range(len(header))]
     lines = []
@@ -344,9 +382,9 @@ def format_report(plan: StagePlan) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if index in (0, len(rows) - 2):
             lines.append("  ".join("-" * w for w in widths))
-    problems = [
-        f"  MISSING {d.name}: {m}" for d in plan.datasets for m in d.files_missing
-    ] + [f"  FAILED  {d.name}: {m}" for d in plan.datasets for m in d.files_failed]
+    problems = [f"  MISSING {d.name}: {m}" for d in plan.datasets for m in d.files_missing] + [
+        f"  FAILED  {d.name}: {m}" for d in plan.datasets for m in d.files_failed
+    ]
     fitted = sum(d.videos_fitted for d in plan.datasets)
     summary = (
         f"stage {plan.manifest.stage}: {plan.num_samples:,} samples, {plan.num_tokens:,} tokens, "

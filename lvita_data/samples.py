@@ -31,13 +31,15 @@ from lvita_data.schema import (
     RejectReason,
     TokenizedSample,
     VideoPlan,
+    modality_of,
 )
 from lvita_data.template import (
     ChatTemplate,
-    TextLayout,
+    TextSummary,
     check_tag_counts,
     expand_vision,
     layout_conversation,
+    summarize_conversation,
 )
 from lvita_data.tiling import choose_grid, count_image_tokens, num_tiles
 from lvita_data.tokens import count_video_tokens
@@ -81,12 +83,16 @@ class _VideoSource:
                     self.num_frames, dir_fps=self.fps, max_frames=cap, max_fps=max_fps
                 )
             )
-        return tuple(video_frame_indices(self.num_frames, self.fps, max_frames=cap, max_fps=max_fps))
+        return tuple(
+            video_frame_indices(self.num_frames, self.fps, max_frames=cap, max_fps=max_fps)
+        )
 
 
 def plan_image(ref: MediaRef, rules: SampleRules) -> ImagePlan:
     width, height = probe_image(ref, verify=rules.verify_media)
-    grid = choose_grid(width, height, min_tiles=rules.image.min_tiles, max_tiles=rules.image.max_tiles)
+    grid = choose_grid(
+        width, height, min_tiles=rules.image.min_tiles, max_tiles=rules.image.max_tiles
+    )
     return ImagePlan(
         source=ref,
         width=width,
@@ -126,7 +132,7 @@ def _video_plans(
 
 
 def plan_videos(
-    refs: Sequence[MediaRef], layout: TextLayout, images: Sequence[ImagePlan], rules: SampleRules
+    refs: Sequence[MediaRef], text: TextSummary, images: Sequence[ImagePlan], rules: SampleRules
 ) -> tuple[VideoPlan, ...]:
     if not refs:
         return ()
@@ -139,34 +145,63 @@ def plan_videos(
     if config.fit_to_budget:
 
         def length_for_cap(n: int) -> int:
-            return layout.expanded_length(images, _video_plans(sources, n, requested, config.max_fps))
+            return text.expanded_length(images, _video_plans(sources, n, requested, config.max_fps))
 
         fitted = fit_frames_to_budget(config.max_frames, length_for_cap, rules.max_seq_len)
         cap = fitted if fitted is not None else 1
     return _video_plans(sources, cap, requested, config.max_fps)
 
 
-def tokenize_record(
+@dataclass(frozen=True, slots=True)
+class SamplePlan:
+    """Exact length and media plans of a sample, without its id arrays."""
+
+    length: int
+    images: tuple[ImagePlan, ...]
+    videos: tuple[VideoPlan, ...]
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(p.num_tiles for p in self.images) + sum(
+            len(v.frame_indices) for v in self.videos
+        )
+
+    @property
+    def modality(self) -> str:
+        return modality_of(self.images, self.videos)
+
+
+def plan_record(
     record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
-) -> TokenizedSample:
-    """The exact sample for a record; raises SkipSample with a reason otherwise."""
-    layout = layout_conversation(record.turns, contents, rules.template)
-    check_tag_counts(layout, len(record.images), len(record.videos))
+) -> SamplePlan:
+    """Length and media plans of a record from metadata; raises SkipSample with a reason."""
+    text = summarize_conversation(record.turns, contents, rules.template)
+    check_tag_counts(text, len(record.images), len(record.videos))
     images = tuple(plan_image(ref, rules) for ref in record.images)
-    videos = plan_videos(record.videos, layout, images, rules)
-    length = layout.expanded_length(images, videos)
+    videos = plan_videos(record.videos, text, images, rules)
+    length = text.expanded_length(images, videos)
     if length > rules.max_seq_len:
         raise SkipSample(
             RejectReason.too_long, f"{length} tokens > pack.max_seq_len {rules.max_seq_len}"
         )
-    input_ids, labels = expand_vision(layout, images, videos, rules.template.special)
-    assert input_ids.shape[0] == length, (input_ids.shape, length)
+    return SamplePlan(length=length, images=images, videos=videos)
+
+
+def tokenize_record(
+    record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
+) -> TokenizedSample:
+    """The exact sample (ids and labels) of a record; raises SkipSample with a reason."""
+    plan = plan_record(record, contents, rules)
+    ids, labels = layout_conversation(record.turns, contents, rules.template)
+    input_ids, labels = expand_vision(ids, labels, plan.images, plan.videos, rules.template.special)
+    if input_ids.shape[0] != plan.length:
+        raise AssertionError(f"planned {plan.length} tokens, built {input_ids.shape[0]}")
     return TokenizedSample(
         dataset=record.dataset,
         source_file=record.source_file,
         record_id=record.record_id,
         input_ids=input_ids,
         labels=labels,
-        images=images,
-        videos=videos,
+        images=plan.images,
+        videos=plan.videos,
     )

@@ -121,15 +121,22 @@ class TokenizedSample:
 
     @property
     def num_tiles(self) -> int:
-        return sum(p.num_tiles for p in self.images) + sum(len(v.frame_indices) for v in self.videos)
+        return sum(p.num_tiles for p in self.images) + sum(
+            len(v.frame_indices) for v in self.videos
+        )
 
     @property
     def modality(self) -> str:
-        if self.videos:
-            return "video"
-        if len(self.images) > 1:
-            return "multi_image"
-        return "image" if self.images else "text"
+        return modality_of(self.images, self.videos)
+
+
+def modality_of(images: tuple[ImagePlan, ...], videos: tuple[VideoPlan, ...]) -> str:
+    """'video' if any video, else 'multi_image', 'image' or 'text'."""
+    if videos:
+        return "video"
+    if len(images) > 1:
+        return "multi_image"
+    return "image" if images else "text"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ class ChatTemplate:
     special: SpecialIds
     role_prefix: dict[str, np.ndarray]
     """ids of `<|im_start|>{role}\\n` per role."""
-    reserved_ids: np.ndarray
+    reserved_set: frozenset[int]
     """Vision placeholder ids that must not come from text."""
 
     @classmethod
@@ -41,8 +41,8 @@ class ChatTemplate:
             role: np.array([special.im_start, *encode(role), special.newline], dtype=np.int32)
             for role in ROLES
         }
-        reserved = np.array(
-            [
+        reserved = frozenset(
+            (
                 special.img_start,
                 special.img_end,
                 special.img_context,
@@ -52,24 +52,22 @@ class ChatTemplate:
                 special.patch_start,
                 special.patch_end,
                 special.patch_context,
-            ],
-            dtype=np.int32,
+            )
         )
-        return cls(special=special, role_prefix=prefix, reserved_ids=reserved)
+        return cls(special=special, role_prefix=prefix, reserved_set=reserved)
 
 
 @dataclass(frozen=True, slots=True)
-class TextLayout:
-    """ChatML ids and labels of a conversation, vision tags not yet expanded."""
+class TextSummary:
+    """Length and tag counts of a conversation's ChatML ids, vision tags not yet expanded."""
 
-    ids: np.ndarray
-    labels: np.ndarray
+    length: int
     num_image_tags: int
     num_video_tags: int
 
     def expanded_length(self, images: Sequence[ImagePlan], videos: Sequence[VideoPlan]) -> int:
         return (
-            int(self.ids.shape[0])
+            self.length
             - self.num_image_tags
             - self.num_video_tags
             + sum(count_image_tokens(p.grid) for p in images)
@@ -77,10 +75,27 @@ class TextLayout:
         )
 
 
+def summarize_conversation(
+    turns: Sequence[Turn], contents: Sequence[Sequence[int]], template: ChatTemplate
+) -> TextSummary:
+    """Length and tag counts without building arrays (the planning hot path)."""
+    special = template.special
+    length = image_tags = video_tags = 0
+    for turn, content in zip(turns, contents, strict=True):
+        if not template.reserved_set.isdisjoint(content):
+            raise SkipSample(
+                RejectReason.reserved_token, "text contains a vision placeholder token (<img>, ...)"
+            )
+        length += template.role_prefix[turn.role].shape[0] + len(content) + 2
+        image_tags += content.count(special.image_tag)
+        video_tags += content.count(special.video_tag)
+    return TextSummary(length=length, num_image_tags=image_tags, num_video_tags=video_tags)
+
+
 def layout_conversation(
     turns: Sequence[Turn], contents: Sequence[Sequence[int]], template: ChatTemplate
-) -> TextLayout:
-    """Assemble ChatML ids/labels from per-turn content ids (same order as `turns`)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """ChatML ids and labels (int32) from per-turn content ids; vision tags not yet expanded."""
     special = template.special
     suffix = np.array([special.im_end, special.newline], dtype=np.int32)
     id_parts: list[np.ndarray] = []
@@ -94,52 +109,48 @@ def layout_conversation(
         else:
             size = prefix.shape[0] + body.shape[0] + suffix.shape[0]
             label_parts.append(np.full(size, IGNORE_INDEX, np.int32))
-    ids = np.concatenate(id_parts)
-    labels = np.concatenate(label_parts)
-    if np.isin(ids, template.reserved_ids).any():
-        raise SkipSample(
-            RejectReason.reserved_token, "text contains a vision placeholder token (<img>, ...)"
-        )
-    return TextLayout(
-        ids=ids,
-        labels=labels,
-        num_image_tags=int(np.count_nonzero(ids == special.image_tag)),
-        num_video_tags=int(np.count_nonzero(ids == special.video_tag)),
-    )
+    return np.concatenate(id_parts), np.concatenate(label_parts)
 
 
-def check_tag_counts(layout: TextLayout, num_images: int, num_videos: int) -> None:
-    if layout.num_image_tags != num_images or layout.num_video_tags != num_videos:
+def check_tag_counts(summary: TextSummary, num_images: int, num_videos: int) -> None:
+    if summary.num_image_tags != num_images or summary.num_video_tags != num_videos:
         raise SkipSample(
             RejectReason.tag_mismatch,
-            f"{layout.num_image_tags} <image> tag(s) for {num_images} image(s), "
-            f"{layout.num_video_tags} <video> tag(s) for {num_videos} video(s)",
+            f"{summary.num_image_tags} <image> tag(s) for {num_images} image(s), "
+            f"{summary.num_video_tags} <video> tag(s) for {num_videos} video(s)",
         )
 
 
 def expand_vision(
-    layout: TextLayout,
+    ids: np.ndarray,
+    labels: np.ndarray,
     images: Sequence[ImagePlan],
     videos: Sequence[VideoPlan],
     special: SpecialIds,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace tags by vision ids (k-th `<image>` -> images[k], k-th `<video>` -> videos[k])."""
-    check_tag_counts(layout, len(images), len(videos))
-    tag_positions = np.flatnonzero((layout.ids == special.image_tag) | (layout.ids == special.video_tag))
+    is_image, is_video = ids == special.image_tag, ids == special.video_tag
+    if int(is_image.sum()) != len(images) or int(is_video.sum()) != len(videos):
+        raise SkipSample(
+            RejectReason.tag_mismatch,
+            f"{int(is_image.sum())} <image> tag(s) for {len(images)} image(s), "
+            f"{int(is_video.sum())} <video> tag(s) for {len(videos)} video(s)",
+        )
+    tag_positions = np.flatnonzero(is_image | is_video)
     image_iter, video_iter = iter(images), iter(videos)
     id_parts: list[np.ndarray] = []
     label_parts: list[np.ndarray] = []
     start = 0
     for position in tag_positions:
-        id_parts.append(layout.ids[start:position])
-        label_parts.append(layout.labels[start:position])
-        if layout.ids[position] == special.image_tag:
+        id_parts.append(ids[start:position])
+        label_parts.append(labels[start:position])
+        if is_image[position]:
             block = image_token_ids(next(image_iter).grid, special)
         else:
             block = video_token_ids(len(next(video_iter).frame_indices), special)
         id_parts.append(block)
         label_parts.append(np.full(block.shape[0], IGNORE_INDEX, np.int32))
         start = position + 1
-    id_parts.append(layout.ids[start:])
-    label_parts.append(layout.labels[start:])
+    id_parts.append(ids[start:])
+    label_parts.append(labels[start:])
     return np.concatenate(id_parts), np.concatenate(label_parts)

@@ -9,7 +9,9 @@ Token layout (per image):
 - 1 tile:   `<img>` + 256 x `<IMG_CONTEXT>` + `</img>`                       = 258 tokens;
 - n tiles:  thumbnail as above, then per row `"\\n"` + per tile `<patch>` + 256 x
   `<PATCH_CONTEXT>` + `</patch>`                                               = 258 + rows + 258 n.
-At 12 tiles (4x3 or 3x4) that is 3,357 tokens. The ViT sees n + 1 tiles (thumbnail first) when n > 1.
+At 12 tiles that is 3,357 tokens for a 4x3 grid, but up to 3,366 for 1x12 (one "\\n" per row:
+the reference's "max 3,357" holds only for 4x3). The ViT sees n + 1 tiles (thumbnail first) when
+n > 1.
 
 The candidate order reproduces the original exactly: it sorts a Python *set* of tuples by area, so
 grids of equal area keep CPython's set iteration order; we build the same set the same way.
@@ -38,7 +40,9 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> tuple[tuple[int,
 
 
 @lru_cache(maxsize=65536)
-def choose_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
+def choose_grid(
+    width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12
+) -> tuple[int, int]:
     """Grid (cols, rows) for an image of width x height pixels, exactly as Long-VITA chooses it."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")

@@ -47,6 +47,11 @@ process keeps what it loaded (`functools.lru_cache`), so repeated loads are free
 Throughput on one thread (`RAYON_NUM_THREADS=1`): `encode_batch` 0.4-0.47 M tokens/s on Python
 source, ~0.38 M on English prose; a loop of `encode` ~0.25-0.3 M. The Qwen2 split regex (Oniguruma)
 is most of the cost; tiktoken does ~1.9 M tokens/s on one thread for the same ids.
+
+So the bundled tokenizer encodes ASCII texts with tiktoken over the same ranks and specials
+(NFC, the only normalizer, is the identity on ASCII; special tokens are matched on the raw text by
+both; no special token is a prefix of another), and everything else with `tokenizers`. Equality
+of the two paths is tested on ASCII text; a local tokenizer directory always uses `tokenizers`.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from lvita_data.errors import SourceError
@@ -107,13 +113,21 @@ class LongVitaTokenizer:
     settings (truncation, padding, added tokens).
     """
 
-    def __init__(self, backend: Tokenizer, name: str, *, reload_spec: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: Tokenizer,
+        name: str,
+        *,
+        reload_spec: str | None = None,
+        ascii_engine: tiktoken.Encoding | None = None,
+    ) -> None:
         backend.no_truncation()
         backend.no_padding()
         self._tok = backend
         self.name = name
         self._reload_spec = reload_spec if reload_spec is not None else name
         self._batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._ascii = ascii_engine
         self.special_ids = _special_ids(self)
 
     @property
@@ -131,14 +145,30 @@ class LongVitaTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; special tokens written in it are single ids; nothing is added."""
+        if self._ascii is not None and text.isascii():
+            return self._ascii.encode(text, allowed_special="all")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        """`[encode(t) for t in texts]`, in one Rust call (parallel unless disabled)."""
+        """`[encode(t) for t in texts]`: ASCII texts through the tiktoken engine when there is
+        one, the rest in one `tokenizers` Rust call (parallel unless disabled)."""
         texts = texts if isinstance(texts, list) else list(texts)
-        if not texts:
-            return []
-        return [enc.ids for enc in self._batch(texts, add_special_tokens=False)]
+        if self._ascii is None:
+            return (
+                [enc.ids for enc in self._batch(texts, add_special_tokens=False)] if texts else []
+            )
+        out: list[list[int] | None] = [None] * len(texts)
+        slow = []
+        for index, text in enumerate(texts):
+            if text.isascii():
+                out[index] = self._ascii.encode(text, allowed_special="all")
+            else:
+                slow.append(index)
+        if slow:
+            encodings = self._batch([texts[i] for i in slow], add_special_tokens=False)
+            for index, encoding in zip(slow, encodings, strict=True):
+                out[index] = encoding.ids
+        return out  # type: ignore[return-value]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; special tokens are kept unless `skip_special_tokens`."""
@@ -264,7 +294,20 @@ def _load_bundled(cache_dir: str) -> LongVitaTokenizer:
         backend = convert_tiktoken(_parse_ranks(data, str(bundled_tiktoken_path())))
         _check_bundled_ids(backend, str(bundled_tiktoken_path()))
         _atomic_save(backend, cache_path)
-    return LongVitaTokenizer(backend, BUNDLED_SPEC)
+    return LongVitaTokenizer(backend, BUNDLED_SPEC, ascii_engine=_ascii_engine(data))
+
+
+def _ascii_engine(data: bytes) -> tiktoken.Encoding:
+    """tiktoken over the same ranks and specials: identical ids on ASCII text, where NFC (the
+    only normalizer) is the identity, and 4-6x faster than `tokenizers` (tested for equality)."""
+    ranks = _parse_ranks(data, str(bundled_tiktoken_path()))
+    specials = QWEN25_SPECIAL_TOKENS + LONGVITA_SPECIAL_TOKENS
+    return tiktoken.Encoding(
+        name="qwen2.5-longvita",
+        pat_str=PAT,
+        mergeable_ranks=ranks,
+        special_tokens={token: FIRST_SPECIAL_ID + i for i, token in enumerate(specials)},
+    )
 
 
 def _check_bundled_ids(backend: Tokenizer, origin: str) -> None:

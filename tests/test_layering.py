@@ -17,6 +17,9 @@ def test_pure_data_modules_import_neither_torch_nor_model():
 
 
 def test_lvita_data_never_imports_lvita_model():
-    code = "import sys, lvita_data.planner; print([m for m in sys.modules if 'lvita_model' in m or m == 'torch'])"
+    code = (
+        "import sys, lvita_data.planner; "
+        "print([m for m in sys.modules if 'lvita_model' in m or m == 'torch'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -55,7 +55,10 @@ def test_good_manifest_resolves_paths_and_env(tmp_path, monkeypatch):
         (("max_seq_len: 4096", "max_seq_len: -1"), "max_seq_len must be > 0"),
         (("ratio: 2", "ratio: -1"), "ratio must be >= 0"),
         (("stage: stage2\n", ""), "missing key(s) ['stage']"),
-        (("${LVITA_TEST_ROOT:-data}", "${LVITA_UNSET_VARIABLE_X}"), "LVITA_UNSET_VARIABLE_X is not set"),
+        (
+            ("${LVITA_TEST_ROOT:-data}", "${LVITA_UNSET_VARIABLE_X}"),
+            "LVITA_UNSET_VARIABLE_X is not set",
+        ),
         (("reset_attention: true", "reset_attention: 1"), "reset_attention: expected bool"),
     ],
 )

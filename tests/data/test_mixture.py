@@ -18,7 +18,13 @@ def original_selection(num_rows: int, ratio: float, cap: int | None, seed: int) 
 
 @pytest.mark.parametrize(
     ("num_rows", "ratio", "cap", "seed"),
-    [(25, 1.0, None, 42), (25, 0.1, None, 4242), (7, 2.5, None, 424242), (1000, 1.0, 300, 42), (13, 3, 20, 42424242)],
+    [
+        (25, 1.0, None, 42),
+        (25, 0.1, None, 4242),
+        (7, 2.5, None, 424242),
+        (1000, 1.0, 300, 42),
+        (13, 3, 20, 42424242),
+    ],
 )
 def test_matches_original_datasets_semantics(num_rows, ratio, cap, seed):
     ours = select_rows(num_rows, ratio=ratio, max_samples=cap, seed=seed).tolist()

@@ -8,13 +8,31 @@ import pytest
 from lvita_data.errors import SkipSample
 from lvita_data.schema import IGNORE_INDEX, ImagePlan, MediaRef, Turn, VideoPlan
 from lvita_data.special_tokens import SpecialIds
-from lvita_data.template import ChatTemplate, expand_vision, layout_conversation
+from lvita_data.template import (
+    ChatTemplate,
+    check_tag_counts,
+    expand_vision,
+    layout_conversation,
+    summarize_conversation,
+)
 from lvita_data.tiling import count_image_tokens
 
 IDS = SpecialIds(
-    pad=1, im_start=2, im_end=3, newline=ord("\n"), img_start=1001, img_end=1002,
-    img_context=1003, vid_start=1004, vid_end=1005, vid_context=1006, patch_start=1007,
-    patch_end=1008, patch_context=1009, image_tag=1010, video_tag=1011,
+    pad=1,
+    im_start=2,
+    im_end=3,
+    newline=ord("\n"),
+    img_start=1001,
+    img_end=1002,
+    img_context=1003,
+    vid_start=1004,
+    vid_end=1005,
+    vid_context=1006,
+    patch_start=1007,
+    patch_end=1008,
+    patch_context=1009,
+    image_tag=1010,
+    video_tag=1011,
 )
 TAGS = {"<image>": IDS.image_tag, "<video>": IDS.video_tag, "<img>": IDS.img_start}
 
@@ -30,16 +48,23 @@ def encode(text: str) -> list[int]:
 TEMPLATE = ChatTemplate.from_encoder(IDS, encode)
 
 
-def layout(turns):
-    return layout_conversation(turns, [encode(t.content) for t in turns], TEMPLATE)
+class Layout:
+    """ids/labels from layout_conversation plus the summary the planner computes without arrays."""
+
+    def __init__(self, turns):
+        contents = [encode(t.content) for t in turns]
+        self.summary = summarize_conversation(turns, contents, TEMPLATE)
+        self.ids, self.labels = layout_conversation(turns, contents, TEMPLATE)
+        assert self.summary.length == self.ids.shape[0] == self.labels.shape[0]
+
+
+layout = Layout
 
 
 def test_chatml_and_labels_exact():
     turns = [Turn("user", "hi"), Turn("assistant", "yo"), Turn("user", "x"), Turn("assistant", "z")]
     result = layout(turns)
-    expected_text = (
-        "<s>user\nhi<e>\n<s>assistant\nyo<e>\n<s>user\nx<e>\n<s>assistant\nz<e>\n"
-    )
+    expected_text = "<s>user\nhi<e>\n<s>assistant\nyo<e>\n<s>user\nx<e>\n<s>assistant\nz<e>\n"
     expected = [
         IDS.im_start if c == "S" else IDS.im_end if c == "E" else ord(c)
         for c in expected_text.replace("<s>", "S").replace("<e>", "E")
@@ -48,7 +73,15 @@ def test_chatml_and_labels_exact():
     labels = result.labels.tolist()
     # Supervised: assistant content + <|im_end|> + "\n"; everything else ignored.
     supervised = [expected[i] for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    assert supervised == [ord("y"), ord("o"), IDS.im_end, ord("\n"), ord("z"), IDS.im_end, ord("\n")]
+    assert supervised == [
+        ord("y"),
+        ord("o"),
+        IDS.im_end,
+        ord("\n"),
+        ord("z"),
+        IDS.im_end,
+        ord("\n"),
+    ]
     assert all(label in (IGNORE_INDEX, expected[i]) for i, label in enumerate(labels))
     assert result.ids.dtype == np.int32 and result.labels.dtype == np.int32
 
@@ -74,8 +107,9 @@ def test_expansion_in_order_and_never_supervised():
     turns = [Turn("user", "<video>a<image>b<image>"), Turn("assistant", "ok")]
     base = layout(turns)
     images, videos = [image_plan((2, 1)), image_plan((1, 1))], [video_plan(2)]
-    ids, labels = expand_vision(base, images, videos, IDS)
-    assert ids.shape[0] == base.expanded_length(images, videos)
+    assert base.summary.num_image_tags == 2 and base.summary.num_video_tags == 1
+    ids, labels = expand_vision(base.ids, base.labels, images, videos, IDS)
+    assert ids.shape[0] == base.summary.expanded_length(images, videos)
     assert ids.shape[0] == base.ids.shape[0] - 3 + 2 * 258 + (258 + 1 + 516) + 258
     starts = [i for i, t in enumerate(ids.tolist()) if t in (IDS.img_start, IDS.vid_start)]
     kinds = [ids[i] for i in starts]
@@ -88,7 +122,10 @@ def test_expansion_in_order_and_never_supervised():
 def test_tag_mismatch_and_reserved_token():
     base = layout([Turn("user", "<image><image>"), Turn("assistant", "a")])
     with pytest.raises(SkipSample) as info:
-        expand_vision(base, [image_plan((1, 1))], [], IDS)
+        expand_vision(base.ids, base.labels, [image_plan((1, 1))], [], IDS)
+    assert info.value.reason == "tag_mismatch"
+    with pytest.raises(SkipSample) as info:
+        check_tag_counts(base.summary, 1, 0)
     assert info.value.reason == "tag_mismatch"
     with pytest.raises(SkipSample) as info:
         layout([Turn("user", "see <img> here"), Turn("assistant", "a")])

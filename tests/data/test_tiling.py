@@ -69,12 +69,22 @@ def test_candidates_sorted_by_area_and_bounded():
     grids = candidate_grids(1, 12)
     areas = [c * r for c, r in grids]
     assert areas == sorted(areas) and max(areas) == 12 and min(areas) == 1
-    assert len(grids) == len(set(grids)) == sum(1 for c in range(1, 13) for r in range(1, 13) if c * r <= 12)
+    assert (
+        len(grids)
+        == len(set(grids))
+        == sum(1 for c in range(1, 13) for r in range(1, 13) if c * r <= 12)
+    )
 
 
 @pytest.mark.parametrize(
     ("grid", "tokens", "tiles"),
-    [((1, 1), 258, 1), ((2, 1), 258 + 1 + 516, 3), ((1, 2), 258 + 2 + 516, 3), ((4, 3), 3357, 13), ((3, 4), 3358, 13)],
+    [
+        ((1, 1), 258, 1),
+        ((2, 1), 258 + 1 + 516, 3),
+        ((1, 2), 258 + 2 + 516, 3),
+        ((4, 3), 3357, 13),
+        ((3, 4), 3358, 13),
+    ],
 )
 def test_token_counts(grid, tokens, tiles):
     cols, rows = grid

@@ -167,6 +167,67 @@ def test_parity_random(tok, ref):
     assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[0]!r}"
 
 
+def hf_encode(tok, text: str) -> list[int]:
+    return tok.backend.encode(text, add_special_tokens=False).ids
+
+
+def test_tokenizers_backend_parity(tok, ref):
+    """The converted `tokenizers` model itself (used for non-ASCII text) equals tiktoken."""
+    texts = list(CURATED.values()) + RANDOM
+    mismatches = [t for t in texts if hf_encode(tok, t) != ref_encode(ref, t)]
+    assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[0]!r}"
+
+
+def random_ascii_texts(count: int) -> list[str]:
+    rng = random.Random(7)
+    pieces = [
+        "Hello",
+        " world",
+        "  ",
+        "\n",
+        "\n\n\n",
+        "\t",
+        " \n ",
+        "I'LL",
+        "don't",
+        "x=1;",
+        "1234567",
+        "<image>",
+        "<video>",
+        "<|im_end|>",
+        "<img>",
+        "  def f(a):\n    return a",
+        "'s",
+        "'Re",
+        "!!!",
+        "...",
+        "--",
+        "~",
+        "\r\n",
+        "A" * 40,
+        " " * 17,
+        "<vid",
+        "<|im_",
+    ]
+    chars = [chr(c) for c in range(0, 128)]
+    texts = []
+    for _ in range(count):
+        parts = [
+            rng.choice(pieces) if rng.random() < 0.6 else rng.choice(chars)
+            for _ in range(rng.randint(1, 30))
+        ]
+        texts.append("".join(parts))
+    return texts
+
+
+def test_ascii_fast_path_equals_tokenizers(tok):
+    """ASCII text goes through tiktoken over the same ranks; it must equal the HF pipeline."""
+    texts = [t for t in CURATED.values() if t.isascii()] + random_ascii_texts(3000)
+    assert all(t.isascii() for t in texts) and len(texts) > 3000
+    assert [tok.encode(t) for t in texts] == [hf_encode(tok, t) for t in texts]
+    assert tok.encode_batch(texts) == [hf_encode(tok, t) for t in texts]
+
+
 def test_encode_batch_equals_encode(tok):
     texts = list(CURATED.values()) + RANDOM
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

@@ -240,7 +240,9 @@ def test_audio_only_container_has_no_video_stream(tmp_path):
     path = tmp_path / "a.wav"
     with av.open(str(path), "w") as out:
         stream = out.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), np.int16), format="s16", layout="mono"
+        )
         frame.sample_rate = 8000
         out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
