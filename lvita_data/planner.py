@@ -32,8 +32,8 @@ from lvita_data.sources import open_source
 from lvita_data.template import ChatTemplate
 from lvita_data.tokenizer import LongVitaTokenizer, load_tokenizer
 
-ENCODE_CHUNK = 512
-"""Records whose turns are tokenized in one `encode_batch` call."""
+ENCODE_CHUNK = 2048
+"""Records whose (deduplicated) turns are tokenized in one `encode_batch` call."""
 
 
 class MissingInputs(LvitaError):
@@ -205,10 +205,11 @@ def _tokenize_rows(
     }
     for start in range(0, len(records), ENCODE_CHUNK):
         chunk = records[start : start + ENCODE_CHUNK]
-        texts = [turn.content for _, record in chunk for turn in record.turns]
-        encoded = iter(tokenizer.encode_batch(texts))
+        # Prompts repeat a lot in real sets ("Describe the image."): encode each text once.
+        unique = list(dict.fromkeys(turn.content for _, record in chunk for turn in record.turns))
+        encoded = dict(zip(unique, tokenizer.encode_batch(unique), strict=True))
         for row, record in chunk:
-            contents = [next(encoded) for _ in record.turns]
+            contents = [encoded[turn.content] for turn in record.turns]
             try:
                 results[row] = (record, plan_record(record, contents, rules))
             except SkipSample as skip:

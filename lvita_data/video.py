@@ -45,8 +45,9 @@ path.
 from __future__ import annotations
 
 import bisect
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -195,7 +196,7 @@ def decode_frames(
 
 
 def _check_indices(indices: Sequence[int]) -> list[int]:
-    out = [int(i) for i in indices]
+    out = [operator.index(i) for i in indices]  # ints (numpy ints too), never floats
     if any(i < 0 for i in out):
         raise ValueError(f"frame indices must be >= 0, got {out}")
     if any(b <= a for a, b in zip(out, out[1:], strict=False)):
@@ -223,7 +224,7 @@ def _decode_with_stats(
         stream.codec_context.thread_type = "AUTO"
         stream.codec_context.thread_count = num_threads
         try:
-            frames = _ForwardDecoder(container, stream, index, path, stats).take(wanted)
+            frames = _ForwardDecoder(container, stream, index, path, stats, wanted).take(wanted)
         except av.FFmpegError as e:
             raise SkipSample(RejectReason.bad_video, f"{path}: decoding failed: {e}") from e
     return frames, stats
@@ -264,6 +265,11 @@ def _index_packets(
     return _PacketIndex(frame_pts, key_frames)
 
 
+_SKIP_NONREF_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4"})
+"""Decoders whose non-reference frames (H.264 nal_ref_idc 0; MPEG-1/2/4 B-frames) no other frame
+uses. Not HEVC: its sub-layer non-reference pictures can be referenced by higher temporal layers."""
+
+
 class _ForwardDecoder:
     """Decodes forward through one stream, seeking only to skip frames up to a keyframe."""
 
@@ -274,12 +280,25 @@ class _ForwardDecoder:
         index: _PacketIndex,
         path: str,
         stats: DecodeStats,
+        wanted: list[int],
     ) -> None:
         self.container, self.stream, self.index = container, stream, index
         self.path, self.stats = path, stats
-        self.frames = container.decode(stream)
+        self.target_pts = frozenset(index.frame_pts[i] for i in wanted)
+        self.skip_nonref = stream.codec_context.name in _SKIP_NONREF_CODECS
+        self.frames = self._decode()
         self.pos = -1
         """Frame index of the last decoded frame; -1 for a decoder at the stream start."""
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Frames from the demuxer's current position. Where exact (`_SKIP_NONREF_CODECS`), the
+        decoder drops non-reference frames that are not targets (`skip_frame="NONREF"`, set per
+        packet): no other frame depends on them, so every target decodes bit-identically."""
+        ctx = self.stream.codec_context
+        for packet in self.container.demux(self.stream):
+            if self.skip_nonref:
+                ctx.skip_frame = "DEFAULT" if packet.pts in self.target_pts else "NONREF"
+            yield from packet.decode()
 
     def take(self, wanted: list[int]) -> list[np.ndarray]:
         keys = self.index.key_frames
@@ -302,7 +321,7 @@ class _ForwardDecoder:
                 self.stats.seek_retries += 1
             offset = frame_pts[keys[attempt]]
             self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
-            self.frames = self.container.decode(self.stream)
+            self.frames = self._decode()
             self.pos = keys[attempt] - 1
             frame = self._find(target, after_seek=True)
             if frame is not None:

@@ -84,6 +84,7 @@ def test_candidates_sorted_by_area_and_bounded():
         ((1, 2), 258 + 2 + 516, 3),
         ((4, 3), 3357, 13),
         ((3, 4), 3358, 13),
+        ((1, 12), 3366, 13),
     ],
 )
 def test_token_counts(grid, tokens, tiles):

@@ -1,0 +1,21 @@
+"""Shared fixtures: the demo corpus is generated once per test session."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from lvita_data.demo import make_demo_corpus
+
+DEMO_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
+    """(root, summary, seconds) of one generated demo corpus."""
+    root = tmp_path_factory.mktemp("demo_a")
+    start = time.perf_counter()
+    summary = make_demo_corpus(root, seed=DEMO_SEED)
+    return root, summary, time.perf_counter() - start

@@ -1,0 +1,191 @@
+"""The planning pass end to end: accounting, exactness, determinism, loud failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lvita_data.errors import RejectRateExceeded
+from lvita_data.manifest import load_manifest
+from lvita_data.planner import MissingInputs, _tokenizer_and_template, plan_stage
+from lvita_data.samples import SampleRules, tokenize_record
+from lvita_data.sources import open_source
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MANIFESTS = [REPO / "manifests" / "demo" / f"stage{n}.yaml" for n in (1, 2, 3, 4)]
+
+
+@pytest.fixture()
+def demo_root(demo_corpus, monkeypatch) -> Path:
+    monkeypatch.setenv("LVITA_DEMO_ROOT", str(demo_corpus[0]))
+    return demo_corpus[0]
+
+
+@pytest.fixture()
+def plans(demo_root):
+    return {path.stem: plan_stage(load_manifest(path), progress=False) for path in DEMO_MANIFESTS}
+
+
+def test_every_selected_record_is_a_sample_or_a_reject(plans):
+    for plan in plans.values():
+        for report in plan.datasets:
+            assert report.selected == report.samples + sum(report.rejects.values()), report.name
+        for file_plan in plan.files:
+            assert file_plan.num_selected == len(file_plan.samples) + len(file_plan.rejects)
+        payload = plan.to_json()
+        assert len(payload["samples"]["length"]) == plan.num_samples
+        assert sum(payload["samples"]["length"]) == plan.num_tokens
+        assert max(payload["samples"]["length"]) <= plan.manifest.pack.max_seq_len
+
+
+def test_planned_lengths_equal_materialized_samples(demo_root):
+    """The length from metadata equals the length of the ids actually built, for every sample."""
+    manifest = load_manifest(DEMO_MANIFESTS[1])
+    tokenizer, template = _tokenizer_and_template(manifest.tokenizer)
+    rules = SampleRules.from_manifest(manifest, template)
+    plan = plan_stage(manifest, progress=False)
+    checked = 0
+    for file_plan in plan.files:
+        entry = next(d for d in manifest.datasets if d.name == file_plan.dataset)
+        source = open_source(
+            file_plan.path, fmt=entry.format, dataset=entry.name, media_root=entry.media_root
+        )
+        for row in file_plan.samples:
+            record = source.read(int(row.record))
+            contents = tokenizer.encode_batch([t.content for t in record.turns])
+            sample = tokenize_record(record, contents, rules)
+            assert sample.length == row.length and sample.num_tiles == row.num_tiles
+            assert sample.labels.shape == sample.input_ids.shape
+            checked += 1
+    assert checked == plan.num_samples > 100
+
+
+def test_video_frames_lowered_to_fit_are_recorded(plans):
+    stage2 = {d.name: d for d in plans["stage2"].datasets}
+    video = stage2["lv_video_qa"]
+    assert video.videos_fitted > 0 and video.frames_chosen < video.frames_requested
+    assert all(s.num_frames <= s.requested_frames for f in plans["stage2"].files for s in f.samples)
+
+
+def test_same_plan_whatever_the_worker_count(demo_root):
+    manifest = load_manifest(DEMO_MANIFESTS[2])
+    one = plan_stage(manifest, workers=1, progress=False).to_json()
+    two = plan_stage(manifest, workers=2, progress=False).to_json()
+    assert one == two and one["num_samples"] > 0
+
+
+def copy_manifest(tmp_path: Path, demo_root: Path, edit) -> Path:
+    text = (
+        DEMO_MANIFESTS[1].read_text().replace("${LVITA_DEMO_ROOT:-../../demo_data}", str(demo_root))
+    )
+    path = tmp_path / "stage.yaml"
+    path.write_text(edit(text))
+    return path
+
+
+def test_missing_dataset_file_is_loud(tmp_path, demo_root):
+    path = copy_manifest(tmp_path, demo_root, lambda t: t.replace("short_chat.jsonl", "gone.jsonl"))
+    with pytest.raises(MissingInputs, match="gone.jsonl"):
+        plan_stage(load_manifest(path), progress=False)
+    plan = plan_stage(load_manifest(path), allow_missing=True, progress=False)
+    report = next(d for d in plan.datasets if d.name == "short_chat")
+    assert report.files_missing and report.files_missing[0].endswith("gone.jsonl")
+    assert report.samples == 0
+
+
+def test_unreadable_file_is_loud(tmp_path, demo_root):
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    cauldron = str(demo_root / "cauldron" / "chartqa-00000-of-00001.parquet")
+    path = copy_manifest(tmp_path, demo_root, lambda t: t.replace(cauldron, str(broken)))
+    assert str(broken) in path.read_text()
+    with pytest.raises(MissingInputs, match="could not be read"):
+        plan_stage(load_manifest(path), progress=False)
+
+
+def test_reject_rate_over_threshold_stops_the_run(tmp_path, demo_root):
+    path = copy_manifest(tmp_path, demo_root, lambda t: t.replace("max_rate: 0.5", "max_rate: 0.1"))
+    with pytest.raises(RejectRateExceeded, match="lv_bad_records"):
+        plan_stage(load_manifest(path), progress=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_rejects_of_stage_rules(tmp_path, demo_root):
+    """Reasons decided by the stage rather than the reader: no video stage, reserved tokens,
+    too-few frames in a frame directory, text longer than the packed length."""
+    frames = tmp_path / "media" / "ShareGPTVideo" / "one"
+    frames.mkdir(parents=True)
+    shutil.copy(next((demo_root / "longvita" / "images").glob("*.jpg")), frames / "frame_1.jpg")
+    video = next((demo_root / "longvita" / "videos").glob("*.mp4"))
+    shutil.copy(video, tmp_path / "media" / "clip.mp4")
+    ask = {"role": "user", "content": "<video>\nWhat happens?"}
+    answer = {"role": "assistant", "content": "Things."}
+    rows = [
+        {"messages": [ask, answer], "videos": ["ShareGPTVideo/one"]},
+        {"messages": [{"role": "user", "content": "a <IMG_CONTEXT> b"}, answer]},
+        {"messages": [{"role": "user", "content": "word " * 6000}, answer]},
+        {"messages": [ask, answer], "videos": ["clip.mp4"]},
+    ]
+    write_jsonl(tmp_path / "rules.jsonl", rows)
+    manifest_text = f"""
+schema_version: 1
+stage: rules
+seed: 1
+pack: {{max_seq_len: 4096, reset_attention: true}}
+VIDEO
+rejects: {{max_rate: 1.0}}
+datasets:
+  - {{name: rules, format: longvita_jsonl, path: rules.jsonl, media_root: media}}
+"""
+    for video_section, expected in [
+        ("video: {max_frames: 8}", ["too_few_frames", "reserved_token", "too_long"]),
+        ("", ["reserved_token", "too_long", "video_not_allowed", "video_not_allowed"]),
+    ]:
+        path = tmp_path / "rules.yaml"
+        path.write_text(manifest_text.replace("VIDEO", video_section))
+        plan = plan_stage(load_manifest(path), progress=False)
+        assert sorted(str(r.reason) for r in plan.rejects()) == sorted(expected)
+
+
+def test_cli_plan_writes_json_and_exit_codes(tmp_path, demo_root):
+    out = tmp_path / "plan.json"
+    env = {"LVITA_DEMO_ROOT": str(demo_root), "PATH": "/usr/bin:/bin"}
+    cli = [sys.executable, "-m", "pipelines"]
+    done = subprocess.run(
+        [*cli, "plan", str(DEMO_MANIFESTS[0]), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "lv_image_caption" in done.stdout and "TOTAL" in done.stdout
+    payload = json.loads(out.read_text())
+    assert payload["stage"] == "stage1" and payload["num_samples"] == len(
+        payload["samples"]["length"]
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nstage: x\nnonsense: 1\n")
+    done = subprocess.run([*cli, "plan", str(bad)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "nonsense" in done.stderr
+    missing = copy_manifest(
+        tmp_path, demo_root, lambda t: t.replace("short_chat.jsonl", "gone.jsonl")
+    )
+    done = subprocess.run(
+        [*cli, "plan", str(missing), "--quiet"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 3 and "gone.jsonl" in done.stderr
+    strict = copy_manifest(
+        tmp_path, demo_root, lambda t: t.replace("max_rate: 0.5", "max_rate: 0.1")
+    )
+    done = subprocess.run(
+        [*cli, "plan", str(strict), "--quiet"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 4 and "rejects.max_rate" in done.stderr
