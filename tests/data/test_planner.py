@@ -135,15 +135,15 @@ def test_rejects_of_stage_rules(tmp_path, demo_root):
         {"messages": [ask, answer], "videos": ["clip.mp4"]},
     ]
     write_jsonl(tmp_path / "rules.jsonl", rows)
-    manifest_text = f"""
+    manifest_text = """
 schema_version: 1
 stage: rules
 seed: 1
-pack: {{max_seq_len: 4096, reset_attention: true}}
+pack: {max_seq_len: 4096, reset_attention: true}
 VIDEO
-rejects: {{max_rate: 1.0}}
+rejects: {max_rate: 1.0}
 datasets:
-  - {{name: rules, format: longvita_jsonl, path: rules.jsonl, media_root: media}}
+  - {name: rules, format: longvita_jsonl, path: rules.jsonl, media_root: media}
 """
     for video_section, expected in [
         ("video: {max_frames: 8}", ["too_few_frames", "reserved_token", "too_long"]),
