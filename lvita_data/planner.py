@@ -26,8 +26,8 @@ from tqdm import tqdm
 from lvita_data.errors import LvitaError, RejectRateExceeded, SkipSample, SourceError
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
 from lvita_data.mixture import select_rows
-from lvita_data.samples import SamplePlan, SampleRules, plan_record
-from lvita_data.schema import RawRecord, Reject, RejectReason
+from lvita_data.samples import SampleRules, plan_record
+from lvita_data.schema import RawRecord, Reject, RejectReason, SamplePlan
 from lvita_data.sources import open_source
 from lvita_data.template import ChatTemplate
 from lvita_data.tokenizer import LongVitaTokenizer, load_tokenizer

@@ -29,9 +29,9 @@ from lvita_data.schema import (
     MediaRef,
     RawRecord,
     RejectReason,
+    SamplePlan,
     TokenizedSample,
     VideoPlan,
-    modality_of,
 )
 from lvita_data.template import (
     ChatTemplate,
@@ -152,25 +152,6 @@ def plan_videos(
     return _video_plans(sources, cap, requested, config.max_fps)
 
 
-@dataclass(frozen=True, slots=True)
-class SamplePlan:
-    """Exact length and media plans of a sample, without its id arrays."""
-
-    length: int
-    images: tuple[ImagePlan, ...]
-    videos: tuple[VideoPlan, ...]
-
-    @property
-    def num_tiles(self) -> int:
-        return sum(p.num_tiles for p in self.images) + sum(
-            len(v.frame_indices) for v in self.videos
-        )
-
-    @property
-    def modality(self) -> str:
-        return modality_of(self.images, self.videos)
-
-
 def plan_record(
     record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
 ) -> SamplePlan:
@@ -202,6 +183,5 @@ def tokenize_record(
         record_id=record.record_id,
         input_ids=input_ids,
         labels=labels,
-        images=plan.images,
-        videos=plan.videos,
+        plan=plan,
     )

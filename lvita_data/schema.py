@@ -104,6 +104,29 @@ class VideoPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class SamplePlan:
+    """Exact length and media plans of a sample, decided from metadata (no id arrays)."""
+
+    length: int
+    images: tuple[ImagePlan, ...] = ()
+    videos: tuple[VideoPlan, ...] = ()
+
+    @property
+    def num_tiles(self) -> int:
+        """448 tiles the ViT encodes: image tiles (thumbnails included) plus video frames."""
+        frames = sum(len(v.frame_indices) for v in self.videos)
+        return sum(p.num_tiles for p in self.images) + frames
+
+    @property
+    def modality(self) -> str:
+        if self.videos:
+            return "video"
+        if len(self.images) > 1:
+            return "multi_image"
+        return "image" if self.images else "text"
+
+
+@dataclass(frozen=True, slots=True)
 class TokenizedSample:
     dataset: str
     source_file: str
@@ -112,31 +135,8 @@ class TokenizedSample:
     """int32 [L], Long-VITA layout with vision placeholders expanded."""
     labels: np.ndarray = field(repr=False)
     """int32 [L], unshifted, IGNORE_INDEX where not supervised."""
-    images: tuple[ImagePlan, ...] = ()
-    videos: tuple[VideoPlan, ...] = ()
-
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_tiles(self) -> int:
-        return sum(p.num_tiles for p in self.images) + sum(
-            len(v.frame_indices) for v in self.videos
-        )
-
-    @property
-    def modality(self) -> str:
-        return modality_of(self.images, self.videos)
-
-
-def modality_of(images: tuple[ImagePlan, ...], videos: tuple[VideoPlan, ...]) -> str:
-    """'video' if any video, else 'multi_image', 'image' or 'text'."""
-    if videos:
-        return "video"
-    if len(images) > 1:
-        return "multi_image"
-    return "image" if images else "text"
+    plan: SamplePlan
+    """Length and media plans (`plan.length == len(input_ids)`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,8 @@ def test_planned_lengths_equal_materialized_samples(demo_root):
             record = source.read(int(row.record))
             contents = tokenizer.encode_batch([t.content for t in record.turns])
             sample = tokenize_record(record, contents, rules)
-            assert sample.length == row.length and sample.num_tiles == row.num_tiles
+            assert sample.input_ids.shape[0] == sample.plan.length == row.length
+            assert sample.plan.num_tiles == row.num_tiles
             assert sample.labels.shape == sample.input_ids.shape
             checked += 1
     assert checked == plan.num_samples > 100
