@@ -29,12 +29,13 @@ def _is_fast_format(head: bytes) -> bool:
     return head.startswith(_HEADER_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def _header_size(handle: BinaryIO) -> tuple[int, int] | None:
+def _header_size(handle: BinaryIO, path: str | None) -> tuple[int, int] | None:
     head = handle.read(12)
     handle.seek(0)
     if not _is_fast_format(head):
         return None
-    width, height = imagesize.get(handle, exif_rotation=False)
+    # A path is cheaper for imagesize than a handle (no runtime Protocol isinstance check).
+    width, height = imagesize.get(path if path is not None else handle, exif_rotation=False)
     if width <= 0 or height <= 0 or width * height > (Image.MAX_IMAGE_PIXELS or 0):
         return None
     return width, height
@@ -75,5 +76,5 @@ def probe_image(ref: MediaRef, *, verify: bool = False) -> tuple[int, int]:
                 RejectReason.missing_media, f"cannot open {ref.path}: {error}"
             ) from None
     with handle:
-        size = None if verify else _header_size(handle)
+        size = None if verify else _header_size(handle, ref.path)
         return size if size is not None else _pillow_size(handle, ref, verify)
