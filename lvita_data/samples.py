@@ -39,6 +39,7 @@ from lvita_data.template import (
     check_tag_counts,
     expand_vision,
     layout_conversation,
+    media_order,
     summarize_conversation,
 )
 from lvita_data.tiling import choose_grid, count_image_tokens, num_tiles
@@ -174,7 +175,8 @@ def tokenize_record(
     """The exact sample (ids and labels) of a record; raises SkipSample with a reason."""
     plan = plan_record(record, contents, rules)
     ids, labels = layout_conversation(record.turns, contents, rules.template)
-    input_ids, labels = expand_vision(ids, labels, plan.images, plan.videos, rules.template.special)
+    special = rules.template.special
+    input_ids, labels = expand_vision(ids, labels, plan.images, plan.videos, special)
     if input_ids.shape[0] != plan.length:
         raise AssertionError(f"planned {plan.length} tokens, built {input_ids.shape[0]}")
     return TokenizedSample(
@@ -184,4 +186,5 @@ def tokenize_record(
         input_ids=input_ids,
         labels=labels,
         plan=plan,
+        media_order=media_order(ids, special),
     )

@@ -137,6 +137,9 @@ class TokenizedSample:
     """int32 [L], unshifted, IGNORE_INDEX where not supervised."""
     plan: SamplePlan
     """Length and media plans (`plan.length == len(input_ids)`)."""
+    media_order: tuple[tuple[str, int], ...] = ()
+    """("image" | "video", index into plan.images / plan.videos) in order of appearance: the
+    order of the vision tiles (thumbnail, row-major tiles; frames) behind the placeholders."""
 
 
 @dataclass(frozen=True, slots=True)

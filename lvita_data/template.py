@@ -121,6 +121,17 @@ def check_tag_counts(summary: TextSummary, num_images: int, num_videos: int) -> 
         )
 
 
+def media_order(ids: np.ndarray, special: SpecialIds) -> tuple[tuple[str, int], ...]:
+    """("image" | "video", index) per tag, in order of appearance (the order of the tiles)."""
+    counters = {"image": 0, "video": 0}
+    order = []
+    for position in np.flatnonzero((ids == special.image_tag) | (ids == special.video_tag)):
+        kind = "image" if ids[position] == special.image_tag else "video"
+        order.append((kind, counters[kind]))
+        counters[kind] += 1
+    return tuple(order)
+
+
 def expand_vision(
     ids: np.ndarray,
     labels: np.ndarray,
@@ -129,25 +140,25 @@ def expand_vision(
     special: SpecialIds,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace tags by vision ids (k-th `<image>` -> images[k], k-th `<video>` -> videos[k])."""
-    is_image, is_video = ids == special.image_tag, ids == special.video_tag
-    if int(is_image.sum()) != len(images) or int(is_video.sum()) != len(videos):
+    order = media_order(ids, special)
+    num_images = sum(kind == "image" for kind, _ in order)
+    if num_images != len(images) or len(order) - num_images != len(videos):
         raise SkipSample(
             RejectReason.tag_mismatch,
-            f"{int(is_image.sum())} <image> tag(s) for {len(images)} image(s), "
-            f"{int(is_video.sum())} <video> tag(s) for {len(videos)} video(s)",
+            f"{num_images} <image> tag(s) for {len(images)} image(s), "
+            f"{len(order) - num_images} <video> tag(s) for {len(videos)} video(s)",
         )
-    tag_positions = np.flatnonzero(is_image | is_video)
-    image_iter, video_iter = iter(images), iter(videos)
+    tag_positions = np.flatnonzero((ids == special.image_tag) | (ids == special.video_tag))
     id_parts: list[np.ndarray] = []
     label_parts: list[np.ndarray] = []
     start = 0
-    for position in tag_positions:
+    for position, (kind, index) in zip(tag_positions, order, strict=True):
         id_parts.append(ids[start:position])
         label_parts.append(labels[start:position])
-        if is_image[position]:
-            block = image_token_ids(next(image_iter).grid, special)
+        if kind == "image":
+            block = image_token_ids(images[index].grid, special)
         else:
-            block = video_token_ids(len(next(video_iter).frame_indices), special)
+            block = video_token_ids(len(videos[index].frame_indices), special)
         id_parts.append(block)
         label_parts.append(np.full(block.shape[0], IGNORE_INDEX, np.int32))
         start = position + 1

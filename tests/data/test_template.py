@@ -13,6 +13,7 @@ from lvita_data.template import (
     check_tag_counts,
     expand_vision,
     layout_conversation,
+    media_order,
     summarize_conversation,
 )
 from lvita_data.tiling import count_image_tokens
@@ -114,6 +115,7 @@ def test_expansion_in_order_and_never_supervised():
     starts = [i for i, t in enumerate(ids.tolist()) if t in (IDS.img_start, IDS.vid_start)]
     kinds = [ids[i] for i in starts]
     assert kinds == [IDS.vid_start, IDS.vid_start, IDS.img_start, IDS.img_start]
+    assert media_order(base.ids, IDS) == (("video", 0), ("image", 0), ("image", 1))
     vision = np.isin(ids, [IDS.img_context, IDS.patch_context, IDS.vid_context, IDS.img_start])
     assert (labels[vision] == IGNORE_INDEX).all()
     assert (labels != IGNORE_INDEX).sum() == len("ok") + 2
