@@ -1,9 +1,13 @@
 """Benchmark: sampled-frame decoding, lvita (PyAV, seek-aware) against decord.
 
-Usage:
-    .venv/bin/python benchmarks/bench_video_decode.py [--workdir DIR] [--threads 2]
-        [--repeats 3] [--decord-python /tmp/decord-venv/bin/python] [--no-naive]
+Usage (decord lives in its own venv: python3 -m venv /tmp/decord-venv &&
+/tmp/decord-venv/bin/pip install decord numpy psutil av pillow):
+    .venv/bin/python benchmarks/bench_video_decode.py [--workdir DIR] [--threads 2,1]
+        [--repeats 5] [--decord-python /tmp/decord-venv/bin/python] [--no-naive] [--ablation]
         [--out benchmarks/results/video_decode.md]
+
+The committed results were made with `--threads 2,1 --repeats 5` (about 17 minutes on 2 cores,
+plus 3 minutes to encode the videos the first time).
 
 It writes (once, cached in --workdir) a 5-minute and a 60-second 1280x720 30 fps H.264 video
 (x264 preset veryfast, CRF 23, keyint 250 = x264's default; scrolling texture, moving box,
@@ -13,9 +17,12 @@ Tasks use Long-VITA's sampling rule (step = max(fps / max_fps, L / (N + 1)), ind
 
 Each measurement runs in a fresh subprocess: wall time of the decode call (file opened inside
 it) and peak RSS growth (ru_maxrss at the end minus RSS just before the call, so imports do not
-count; the returned frames do). The table shows the median of --repeats runs per cell. decord
-runs under --decord-python (a separate venv), lvita and the naive PyAV baseline under this
-interpreter. Both libraries get the same decoder thread count (--threads).
+count; the returned frames do). The methods take turns within each repetition; a cell is the
+median of --repeats runs, a ratio the median [min-max] of the per-repetition lvita/decord
+ratios (paired runs are close in time, which matters on a noisy VM). decord runs under
+--decord-python (a separate venv), lvita and the baselines under this interpreter. Every
+method gets the same decoder thread count. Baselines: PyAV decoding every frame forward
+(--no-naive drops it) and, with --ablation, lvita without non-reference frame skipping.
 """
 
 from __future__ import annotations
@@ -92,10 +99,12 @@ def frame_number(rgb) -> int:
 
 
 def _decode(method: str, path: str, idx: list[int], threads: int):
-    if method == "lvita":
-        from lvita_data.video import decode_frames
+    if method in ("lvita", "lvita_noskip"):
+        from lvita_data import video
 
-        return decode_frames(path, idx, num_threads=threads)
+        if method == "lvita_noskip":  # ablation: decode non-reference frames too
+            video._SKIP_NONREF_CODECS = frozenset()
+        return video.decode_frames(path, idx, num_threads=threads)
     if method == "decord":
         import decord
 
@@ -122,7 +131,7 @@ def worker(method: str, path: str, idx: list[int], threads: int) -> dict:
 
     import psutil
 
-    if method == "lvita":
+    if method.startswith("lvita"):
         import lvita_data.video  # noqa: F401  (imports are not measured)
     elif method == "decord":
         import decord  # noqa: F401
@@ -185,6 +194,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decord-python", default="/tmp/decord-venv/bin/python")
     ap.add_argument("--no-naive", action="store_true", help="skip the decode-everything baseline")
+    ap.add_argument(
+        "--ablation", action="store_true", help="also run lvita without non-reference skipping"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/video_decode.md"))
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "PATH", "IDX", "THREADS"))
     a = ap.parse_args()
@@ -195,6 +207,8 @@ def main() -> None:
 
     paths = prepare_videos(Path(a.workdir))
     methods = [("lvita", sys.executable), ("decord", a.decord_python)]
+    if a.ablation:
+        methods.append(("lvita_noskip", sys.executable))
     if not a.no_naive:
         methods.append(("pyav_naive", sys.executable))
     lines = [
@@ -207,7 +221,7 @@ def main() -> None:
     for threads in [int(t) for t in a.threads.split(",")]:
         rows = [run_task(task, paths, methods, threads, a.repeats) for task in TASKS]
         lines += ["", f"**{threads} decoder thread(s)** for every method:", ""]
-        lines += render(rows, naive=not a.no_naive)
+        lines += render(rows, extra=[m for m, _ in methods[2:]])
     size_mb = {k: p.stat().st_size / 2**20 for k, p in paths.items()}
     lines += [
         "",
@@ -297,13 +311,13 @@ def probe_costs(paths: dict[str, Path]) -> list[str]:
     return out
 
 
-def render(rows, *, naive: bool) -> list[str]:
+EXTRA_COLUMNS = {"lvita_noskip": "lvita, no NONREF skip", "pyav_naive": "PyAV decode-all"}
+
+
+def render(rows, *, extra: list[str]) -> list[str]:
     head = "| Task | Frames | lvita | decord | time lvita/decord | peak lvita/decord | goal |"
-    sep = "|---|---|---|---|---|---|---|"
-    if naive:
-        head += " PyAV decode-all |"
-        sep += "---|"
-    out = [head, sep]
+    head += "".join(f" {EXTRA_COLUMNS[m]} |" for m in extra)
+    out = [head, "|---" * (7 + len(extra)) + "|"]
     for task, _video, n, cell in rows:
         (t, t_lo, t_hi), (m, m_lo, m_hi) = cell["ratio_wall_s"], cell["ratio_peak_mb"]
         goal = "met" if t <= 1.2 and m <= 0.5 else "not met"
@@ -311,9 +325,7 @@ def render(rows, *, naive: bool) -> list[str]:
             f"| {task} | {n} | {_fmt(cell['lvita'])} | {_fmt(cell['decord'])} | "
             f"{t:.2f}x [{t_lo:.2f}-{t_hi:.2f}] | {m:.2f}x [{m_lo:.2f}-{m_hi:.2f}] | {goal} |"
         )
-        if naive:
-            line += f" {_fmt(cell['pyav_naive'])} |"
-        out.append(line)
+        out.append(line + "".join(f" {_fmt(cell[m])} |" for m in extra))
     return out
 
 

@@ -1,45 +1,65 @@
 """Video I/O: probe a container, decode chosen frames, list a directory of frames.
 
-Which frames to take is pure index math and lives elsewhere; this module only opens files.
+Which frames to take is pure index math (`lvita_data.frames`); this module only opens files.
+Per-sample problems raise `SkipSample` with a `RejectReason`: `missing_media` for a missing
+path, `bad_video` for anything FFmpeg cannot open, demux or decode up to the requested frame.
 
-**Probe.** `probe_video` reads container metadata only (`av.open` parses the header; no frame is
-decoded by us): `stream.frames` when the container stores it (MP4), else
-`round(duration * average_rate)` with `frames_estimated=True` (MKV, WebM). Cost: ~110 us per
-probe for a 64x48 MP4 on the benchmark machine (2-core AMD EPYC VM), ~220 us for a 5-minute
-720p MP4 whose header holds a 9,000-entry sample table.
+**Probe.** `probe_video` reads container metadata only: `stream.frames` when the container
+stores it (MP4), else `round(duration * average_rate)` with `frames_estimated=True` (MKV,
+WebM); fps = `average_rate` (else `guessed_rate`, `base_rate`). A plain `av.open` runs
+`avformat_find_stream_info`, which opens the decoder with threads and decodes a frame: 22-30 ms
+for a 720p H.264 MP4 on the benchmark machine (2-vCPU AMD EPYC VM). We pass it
+`skip_frame=all, threads=1` (`_FAST_OPEN`): 1.7-2.5 ms per probe for 720p MP4s of 60 s and
+5 min (up to 4 ms in noisy runs), 0.6-0.8 ms for a 64x48 clip. If the size is still unknown
+after that, we reopen the plain way.
 
-**Decode (PyAV, the default backend).** One call does two passes over one file:
+**Decode (PyAV, the default backend).** Two passes over the file:
 
-1. *Index pass.* Demux every packet of the video stream without decoding (`container.demux`)
-   and keep each packet's `pts` and keyframe flag. Frame `i` of the video is the `i`-th
-   smallest packet pts (presentation order, so B-frame reordering is handled); keyframes are
-   the pts of keyframe packets. This is the same index decord builds when it opens a file.
-   It reads the file once but decodes nothing: 9,000 packets of a 5-minute 720p H.264 file in
-   ~0.1 s from the page cache. The container's own index (`stream.index_entries`) is not used:
-   MP4 stores decode timestamps there, which do not give presentation order, and MKV/WebM
-   store only cues. Decoded frames report a pts we did not see -> `SkipSample("bad_video")`.
-2. *Decode pass.* A fresh container decodes forward (`thread_type="AUTO"`). For each target
-   (pts `T`) let `K` be the last keyframe at or before `T`. **Seek only if `K` lies after the
-   last decoded frame** (equivalently, decoding forward would cross a keyframe before
-   reaching `T`): then `container.seek(K, stream=stream, backward=True)` lands on `K` and
-   decoding restarts there. Otherwise keep decoding forward. So dense targets (1 fps, several
-   per GOP) never re-decode a GOP, and sparse targets skip whole GOPs. We seek to the
-   keyframe's pts rather than to `T`: MP4 seeks over decode timestamps, and seeking to a `T`
-   just before the next keyframe could land on that keyframe (dts < pts) and miss `T`. If a
-   seek still overshoots (first frame after it is past `T`), we retry from the keyframe
-   before, then from the start of the stream. Only target frames are converted to RGB.
+1. *Index pass.* Demux every packet of the video stream without decoding and keep its pts and
+   keyframe flag. Frame `i` of the video is the `i`-th smallest packet pts (presentation
+   order, so B-frame reordering is handled); keyframe positions are those of keyframe packets.
+   decord builds the same index when it opens a file. Cost: reading the file once, no decode
+   (9,000 packets of a 5-minute 720p file, 58 MiB, in 76-130 ms from the page cache). The
+   container's own index (`stream.index_entries`) is not enough: MP4 keeps decode timestamps
+   there, which do not give presentation order, and MKV/WebM keep only cues. A decoded frame
+   whose pts is not in the index means the file cannot be matched -> `bad_video`; so does a
+   raw elementary stream (`.h264`), whose packets carry no timestamps.
+2. *Decode pass*, on a fresh container, `thread_type="AUTO"`. For each target let `K` be the
+   last keyframe at or before it. **Seek only if `K` lies beyond the frame right after the
+   last decoded one**, i.e. only if forward decoding would cross a keyframe and decode frames
+   that seeking skips; otherwise keep decoding forward. So consecutive or dense targets (1 fps,
+   several per GOP) never seek or re-decode a GOP, and sparse targets skip whole GOPs. The seek
+   goes to `K`'s own pts (`container.seek(pts_K, stream=stream, backward=True,
+   any_frame=False)`), not to the target's: MP4 seeks over decode timestamps, and a target just
+   before the next keyframe could otherwise land on that keyframe and be missed. After a seek,
+   packets before the first keyframe are dropped; if that keyframe is later than `K` (MPEG-TS
+   lands a few packets late) we retry from the one or two keyframes before `K`, and as a last
+   resort decode from the start of a reopened file.
+   On the way to a target, for codecs where this is exact (`_SKIP_NONREF_CODECS`: H.264,
+   MPEG-1/2/4 Part 2) the decoder drops non-reference frames that are not targets
+   (`skip_frame="NONREF"`, set per packet): no other frame uses them, so targets are
+   bit-identical to a full decode (tested), and about half the frames of an x264 stream with
+   B-pyramids are never decoded (17-23% less wall time in the benchmark). Only targets are
+   converted to RGB.
 
-Measured (benchmarks/bench_video_decode.py, 2-core AMD EPYC VM, 720p H.264 veryfast,
-GOP 250, 2 decoder threads for both libraries; details in benchmarks/results/video_decode.md):
-16 frames of a 5-minute video in 3.8 s vs decord 3.9 s at 0.50x decord's peak RSS growth,
-64 frames in 10.4 s vs 10.8 s at 0.50x, 1 fps of a 60-s clip in 3.6 s vs 3.7 s at 0.50x.
-Our peak memory is essentially the returned frames; decord holds its batch NDArray and the
-numpy copy at once.
+Measured (benchmarks/bench_video_decode.py; benchmarks/results/video_decode.md), 1280x720
+30 fps H.264 (x264 veryfast, keyint 250, B-frames), same decoder thread count for both
+libraries, median of 5 fresh processes (the 2-vCPU VM varies +-30% run to run; the ratios are
+paired per repetition):
+
+    task (frames)          2 threads: time vs decord, peak RSS   1 thread: time, peak RSS
+    16 of a 5-min video    2.95 s vs 4.36 s (0.68x), 0.31x       3.64 s vs 6.14 s (0.60x), 0.31x
+    64 of a 5-min video    9.60 s vs 13.24 s (0.74x), 0.32x      12.02 s vs 16.93 s (0.68x), 0.35x
+    1 fps of a 60-s clip   2.57 s vs 3.66 s (0.68x), 0.42x       3.58 s vs 4.94 s (0.75x), 0.41x
+
+Our peak RSS growth is the returned frames plus ~24 MiB of decoder state; decord's is 2.8-5x
+the frames (its batch NDArray and the numpy copy, plus its own buffers). Decoding every
+frame forward with PyAV instead takes 15.4 s / 16.2 s / 3.4 s (2 threads) for the same tasks.
 
 **Frame directories.** `list_frame_dir` walks a directory like the original
 (`ImageProcessor.process_video`): every file under it whose name ends with ``png``, ``jpeg``
-or ``jpg`` (case-sensitive, no dot required, as in the original), naturally sorted by full
-path.
+or ``jpg`` (case-sensitive and without a dot, exactly the original's test), naturally sorted
+(`natsort.natsorted`) by full path.
 """
 
 from __future__ import annotations
@@ -129,7 +149,7 @@ def _info(container: av.container.InputContainer, stream: av.VideoStream, path: 
 
 _FAST_OPEN = {"skip_frame": "all", "threads": "1"}
 """Codec options for `avformat_find_stream_info` only: it reads packet headers but decodes no
-frame and starts no thread (2 ms instead of 29 ms per open of a 720p H.264 MP4). The codec
+frame and starts no thread (2-4 ms instead of 24-30 ms per open of a 720p H.264 MP4). The codec
 context PyAV later decodes with is created separately and does not inherit them."""
 
 
@@ -219,15 +239,13 @@ def _decode_with_stats(
             RejectReason.bad_video,
             f"{path}: frame {wanted[-1]} requested, the stream has {len(index.frame_pts)} frames",
         )
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        stream.codec_context.thread_type = "AUTO"
-        stream.codec_context.thread_count = num_threads
-        try:
-            frames = _ForwardDecoder(container, stream, index, path, stats, wanted).take(wanted)
-        except av.FFmpegError as e:
-            raise SkipSample(RejectReason.bad_video, f"{path}: decoding failed: {e}") from e
-    return frames, stats
+    decoder = _ForwardDecoder(path, index, wanted, num_threads, stats)
+    try:
+        return decoder.take(wanted), stats
+    except av.FFmpegError as e:
+        raise SkipSample(RejectReason.bad_video, f"{path}: decoding failed: {e}") from e
+    finally:
+        decoder.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,35 +288,42 @@ _SKIP_NONREF_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4"})
 uses. Not HEVC: its sub-layer non-reference pictures can be referenced by higher temporal layers."""
 
 
+class _Overshoot(Exception):
+    """A seek landed after the keyframe it aimed at."""
+
+
 class _ForwardDecoder:
     """Decodes forward through one stream, seeking only to skip frames up to a keyframe."""
 
     def __init__(
         self,
-        container: av.container.InputContainer,
-        stream: av.VideoStream,
-        index: _PacketIndex,
         path: str,
-        stats: DecodeStats,
+        index: _PacketIndex,
         wanted: list[int],
+        num_threads: int,
+        stats: DecodeStats,
     ) -> None:
-        self.container, self.stream, self.index = container, stream, index
-        self.path, self.stats = path, stats
+        self.path, self.index, self.num_threads, self.stats = path, index, num_threads, stats
         self.target_pts = frozenset(index.frame_pts[i] for i in wanted)
-        self.skip_nonref = stream.codec_context.name in _SKIP_NONREF_CODECS
-        self.frames = self._decode()
+        self.container: av.container.InputContainer | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        """Open a fresh container: decoding starts at the first packet."""
+        self.close()
+        self.container = _open(self.path)
+        self.stream = _video_stream(self.container, self.path)
+        ctx = self.stream.codec_context
+        ctx.thread_type = "AUTO"
+        ctx.thread_count = self.num_threads
+        self.skip_nonref = ctx.name in _SKIP_NONREF_CODECS
+        self.frames = self._decode(seek_key_pts=None)
         self.pos = -1
         """Frame index of the last decoded frame; -1 for a decoder at the stream start."""
 
-    def _decode(self) -> Iterator[av.VideoFrame]:
-        """Frames from the demuxer's current position. Where exact (`_SKIP_NONREF_CODECS`), the
-        decoder drops non-reference frames that are not targets (`skip_frame="NONREF"`, set per
-        packet): no other frame depends on them, so every target decodes bit-identically."""
-        ctx = self.stream.codec_context
-        for packet in self.container.demux(self.stream):
-            if self.skip_nonref:
-                ctx.skip_frame = "DEFAULT" if packet.pts in self.target_pts else "NONREF"
-            yield from packet.decode()
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
 
     def take(self, wanted: list[int]) -> list[np.ndarray]:
         keys = self.index.key_frames
@@ -309,29 +334,57 @@ class _ForwardDecoder:
                 self.stats.seeks += 1
                 frame = self._seek_and_find(k, target)
             else:
-                frame = self._find(target, after_seek=False)
+                frame = self._find(target)
             out.append(frame.to_ndarray(format="rgb24"))
         return out
 
+    def _decode(self, seek_key_pts: int | None) -> Iterator[av.VideoFrame]:
+        """Frames from the demuxer's current position.
+
+        After a seek, packets before the first keyframe are dropped (not decodable), and
+        `_Overshoot` is raised if that keyframe lies after `seek_key_pts`, the keyframe the
+        target needs (some demuxers, e.g. MPEG-TS, land a few packets late). Where exact
+        (`_SKIP_NONREF_CODECS`), the decoder drops non-reference frames that are not targets
+        (`skip_frame="NONREF"`, set per packet): no other frame depends on them, so every
+        target decodes bit-identically.
+        """
+        ctx = self.stream.codec_context
+        waiting = seek_key_pts is not None
+        for packet in self.container.demux(self.stream):
+            if waiting and packet.size:
+                if not packet.is_keyframe:
+                    continue
+                if packet.pts is None or packet.pts > seek_key_pts:
+                    raise _Overshoot
+                waiting = False
+            if self.skip_nonref:
+                ctx.skip_frame = "DEFAULT" if packet.pts in self.target_pts else "NONREF"
+            yield from packet.decode()
+        if waiting:  # no keyframe between the landing point and the end of the stream
+            raise _Overshoot
+
     def _seek_and_find(self, k: int, target: int) -> av.VideoFrame:
         keys, frame_pts = self.index.key_frames, self.index.frame_pts
-        # The keyframe itself, then the one before, then the first keyframe of the stream.
-        for attempt in dict.fromkeys((k, max(k - 1, 0), 0)):
-            if attempt < k:
-                self.stats.seek_retries += 1
+        # Aim at the keyframe itself, then at the two before it (decoding must start at a
+        # keyframe no later than keys[k]); last resort: decode from the start of a freshly
+        # opened file (slow but exact).
+        for attempt in dict.fromkeys((k, max(k - 1, 0), max(k - 2, 0))):
+            self.stats.seek_retries += attempt != k
             offset = frame_pts[keys[attempt]]
             self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
-            self.frames = self._decode()
+            self.frames = self._decode(seek_key_pts=frame_pts[keys[k]])
             self.pos = keys[attempt] - 1
-            frame = self._find(target, after_seek=True)
-            if frame is not None:
-                return frame
-        raise SkipSample(RejectReason.bad_video, f"{self.path}: cannot seek to frame {target}")
+            try:
+                return self._find(target)
+            except _Overshoot:
+                continue
+        self.stats.seek_retries += 1
+        self._restart()
+        return self._find(target)
 
-    def _find(self, target: int, *, after_seek: bool) -> av.VideoFrame | None:
-        """Decode forward to frame `target`; None if the first frame after a seek is past it."""
+    def _find(self, target: int) -> av.VideoFrame:
+        """Decode forward to frame `target`."""
         frame_pts = self.index.frame_pts
-        first = after_seek
         for frame in self.frames:
             self.stats.frames_decoded += 1
             i = bisect.bisect_left(frame_pts, frame.pts) if frame.pts is not None else -1
@@ -340,16 +393,11 @@ class _ForwardDecoder:
                     RejectReason.bad_video,
                     f"{self.path}: decoded frame pts {frame.pts} not in the stream",
                 )
-            if i > target and first:
-                return None
-            first = False
             self.pos = i
             if i == target:
                 return frame
             if i > target:
-                raise SkipSample(
-                    RejectReason.bad_video, f"{self.path}: frame {target} was not decoded"
-                )
+                raise SkipSample(RejectReason.bad_video, f"{self.path}: frame {target} not decoded")
         raise SkipSample(RejectReason.bad_video, f"{self.path}: stream ended before frame {target}")
 
 

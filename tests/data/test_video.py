@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 
+from lvita_data import video
 from lvita_data.errors import SkipSample, SourceError
 from lvita_data.video import (
     VideoInfo,
@@ -50,7 +51,6 @@ def make_video(
     codec: str = "libx264",
     gop: int = 12,
     fmt: str | None = None,
-    options: dict[str, str] | None = None,
     bframes: int = 0,
 ) -> Path:
     with av.open(str(path), "w", format=fmt) as out:
@@ -58,9 +58,7 @@ def make_video(
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.codec_context.gop_size = gop
         if codec == "libx264":  # fixed GOPs: no extra keyframes at "scene cuts"
-            stream.options = {"x264-params": f"scenecut=0:min-keyint={gop}", **(options or {})}
-        elif options:
-            stream.options = options
+            stream.options = {"x264-params": f"scenecut=0:min-keyint={gop}"}
         if bframes:  # libx264 uses B-frames by default; other encoders only when asked
             stream.codec_context.max_b_frames = bframes
         for i in range(n):
@@ -193,6 +191,43 @@ def test_long_gop_sparse_targets(videos):
     assert stats.seeks == 2  # into GOP 1 (260) and GOP 2 (520); 300 and 599 decode forward
 
 
+@pytest.mark.parametrize(
+    ("name", "codec", "fmt", "bframes"),
+    [
+        ("v.mkv", "libx264", "matroska", 0),
+        ("v.ts", "libx264", "mpegts", 0),  # MPEG-TS seeks land after the keyframe: retries
+        ("v.avi", "mpeg4", "avi", 2),
+        ("v.webm", "libvpx-vp9", "webm", 0),
+    ],
+)
+def test_containers_decode_bit_exact(tmp_path, name, codec, fmt, bframes):
+    path = str(
+        make_video(tmp_path / name, 60, fps=25, codec=codec, fmt=fmt, gop=10, bframes=bframes)
+    )
+    with av.open(path) as c:
+        every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    for idx in ([0, 13, 37, 50, 59], [9, 10, 11, 29, 30, 31, 58], [49]):
+        frames, stats = _decode_with_stats(path, idx)
+        assert numbers(frames) == idx
+        for got, i in zip(frames, idx, strict=True):
+            np.testing.assert_array_equal(got, every[i])
+        assert stats.seeks >= 1
+
+
+def test_seek_that_never_lands_falls_back_to_decoding_from_the_start(videos, monkeypatch):
+    forward = video._ForwardDecoder._decode
+
+    def always_late(self, seek_key_pts):
+        if seek_key_pts is not None:
+            raise video._Overshoot
+        yield from forward(self, seek_key_pts)
+
+    monkeypatch.setattr(video._ForwardDecoder, "_decode", always_late)
+    frames, stats = _decode_with_stats(str(videos["gop12"]), [5, 100])
+    assert numbers(frames) == [5, 100]
+    assert stats.seeks == 1 and stats.seek_retries == 3  # two earlier keyframes, then reopen
+
+
 def test_mpeg4_and_mkv(videos):
     assert numbers(decode_frames(str(videos["mpeg4"]), [0, 9, 10, 55, 119])) == [0, 9, 10, 55, 119]
     assert numbers(decode_frames(str(videos["mkv"]), [2, 30, 31, 89])) == [2, 30, 31, 89]
@@ -280,6 +315,12 @@ def test_index_beyond_last_frame_is_bad_video(videos):
 def test_bad_indices_raise_value_error(videos, idx):
     with pytest.raises(ValueError):
         decode_frames(str(videos["gop12"]), idx)
+
+
+def test_non_integer_indices_raise_type_error(videos):
+    with pytest.raises(TypeError):
+        decode_frames(str(videos["gop12"]), [0, 1.5])
+    assert numbers(decode_frames(str(videos["gop12"]), np.array([4, 8]))) == [4, 8]
 
 
 def test_unknown_backend(videos):
