@@ -35,10 +35,35 @@ class PackConfig:
     """Token capacity of one packed sequence (text + vision tokens)."""
     reset_attention: bool
     """Isolate packed samples (restart positions, block-diagonal attention): stages 1-2 true."""
+    group_by: Literal["file", "dataset", "none"] = "none"
+    """Samples pack only with samples of the same source file (the original's stages 1-2), the
+    same dataset entry, or with any sample ("none", the original's stages 3-4)."""
+    align: int = 1
+    """Round every sample up to a multiple of this (2 * context-parallel degree)."""
+    max_tiles: int | None = None
+    """Cap on vision tiles + frames per packed sequence (the ViT's memory); None = no cap."""
+    window: int | None = None
+    """Best-fit within windows of this many samples (bounded memory); None = whole groups."""
 
     def __post_init__(self) -> None:
         if self.max_seq_len <= 0:
             raise ManifestError(f"pack.max_seq_len must be > 0, got {self.max_seq_len}")
+        if self.align < 1 or (self.window is not None and self.window < 1):
+            raise ManifestError(f"pack.align and pack.window must be >= 1, got {self}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ManifestError(f"pack.max_tiles must be >= 1, got {self.max_tiles}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardConfig:
+    packs_per_shard: int = 64
+    """Packed sequences per tar shard."""
+    tile_format: Literal["png", "webp"] = "png"
+    """Lossless storage of the 448x448 tiles (the loader reproduces the original exactly)."""
+
+    def __post_init__(self) -> None:
+        if self.packs_per_shard < 1:
+            raise ManifestError(f"shards.packs_per_shard must be >= 1, got {self.packs_per_shard}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,6 +146,7 @@ class StageManifest:
     video: VideoConfig | None = None
     """None: this stage takes no video (a video record is rejected)."""
     rejects: RejectPolicy = field(default_factory=RejectPolicy)
+    shards: ShardConfig = field(default_factory=ShardConfig)
     source_path: str = ""
     """Set by load_manifest: the YAML file this came from."""
 
