@@ -38,6 +38,7 @@ class RejectReason(StrEnum):
     reserved_token = "reserved_token"
     video_not_allowed = "video_not_allowed"
     too_long = "too_long"
+    too_many_tiles = "too_many_tiles"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,11 @@
 
     lvita demo-data DIR                     write the deterministic demo corpus
     lvita plan MANIFEST [--out PLAN.json]   exact lengths per selected sample, rejects, a report
+    lvita build MANIFEST --out DIR          packed WebDataset shards (resumable)
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
-over the manifest's threshold.
+over the manifest's threshold, 5 build
+output directory problems.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from lvita_data.errors import ManifestError, RejectRateExceeded
 
-EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS = 2, 3, 4
+EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS, EXIT_BUILD = 2, 3, 4, 5
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -55,6 +57,37 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from lvita_data.build import BuildError, build_stage
+    from lvita_data.planner import MissingInputs
+
+    started = time.perf_counter()
+    try:
+        index = build_stage(
+            args.manifest,
+            args.out,
+            workers=args.workers,
+            executor=args.executor,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
+    except MissingInputs as error:
+        print(f"lvita build: {error}", file=sys.stderr)
+        return EXIT_MISSING
+    except BuildError as error:
+        print(f"lvita build: {error}", file=sys.stderr)
+        return EXIT_BUILD
+    shards = index["shards"]
+    packs = sum(s["samples"] for s in shards)
+    tokens = sum(s["tokens"] for s in shards)
+    fill = tokens / (packs * index["max_seq_len"]) if packs else 0.0
+    print(
+        f"{args.out}: {len(shards)} shard(s), {packs} packed sequence(s), {tokens:,} tokens, "
+        f"fill {fill:.2%}, in {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from lvita_data.demo import make_demo_corpus
 
@@ -79,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--quiet", action="store_true", help="no progress bar")
     plan.set_defaults(run=_cmd_plan)
+
+    build = commands.add_parser("build", help="packed WebDataset shards of a stage")
+    build.add_argument("manifest", help="stage manifest YAML")
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--workers", type=int, default=1, help="parallel processes (or Ray CPUs)")
+    build.add_argument("--executor", choices=("local", "ray"), default="local")
+    build.add_argument("--resume", action="store_true", help="finish an interrupted build")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(run=_cmd_build)
 
     demo = commands.add_parser("demo-data", help="write the deterministic demo corpus")
     demo.add_argument("dir")
