@@ -3,6 +3,7 @@
     lvita demo-data DIR                     write the deterministic demo corpus
     lvita plan MANIFEST [--out PLAN.json]   exact lengths per selected sample, rejects, a report
     lvita build MANIFEST --out DIR          packed WebDataset shards (resumable)
+    lvita stats DIR [--json] [--html FILE]  packing quality report of a build
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build
@@ -88,6 +89,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from lvita_data.stats import main_stats
+
+    return main_stats(args.dir, json_out=args.json, html=args.html)
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from lvita_data.demo import make_demo_corpus
 
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--resume", action="store_true", help="finish an interrupted build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(run=_cmd_build)
+
+    stats = commands.add_parser("stats", help="fill, padding, lengths, shares, rejects of a build")
+    stats.add_argument("dir", help="build output directory")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    stats.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    stats.set_defaults(run=_cmd_stats)
 
     demo = commands.add_parser("demo-data", help="write the deterministic demo corpus")
     demo.add_argument("dir")
