@@ -20,7 +20,12 @@ demo: setup
 	$(VENV)/bin/lvita demo-data $(DEMO_DIR)
 	for s in 1 2 3 4; do \
 	  LVITA_DEMO_ROOT=$(abspath $(DEMO_DIR)) $(VENV)/bin/lvita plan manifests/demo/stage$$s.yaml \
-	    --out $(DEMO_DIR)/plans/stage$$s.json || exit 1; \
+	    --quiet --out $(DEMO_DIR)/plans/stage$$s.json || exit 1; \
+	  rm -rf $(DEMO_DIR)/shards/stage$$s; \
+	  LVITA_DEMO_ROOT=$(abspath $(DEMO_DIR)) $(VENV)/bin/lvita build manifests/demo/stage$$s.yaml \
+	    --out $(DEMO_DIR)/shards/stage$$s --workers 2 --quiet || exit 1; \
+	  $(VENV)/bin/lvita stats $(DEMO_DIR)/shards/stage$$s \
+	    --html $(DEMO_DIR)/reports/stage$$s.html || exit 1; \
 	done
 
 test: setup
