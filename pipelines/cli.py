@@ -4,10 +4,11 @@
     lvita plan MANIFEST [--out PLAN.json]   exact lengths per selected sample, rejects, a report
     lvita build MANIFEST --out DIR          packed WebDataset shards (resumable)
     lvita stats DIR [--json] [--html FILE]  packing quality report of a build
+    lvita verify DIR                        checksums, per-sample invariants, accounting
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build
-output directory problems.
+output directory problems, 6 verify found problems.
 """
 
 from __future__ import annotations
@@ -95,6 +96,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return main_stats(args.dir, json_out=args.json, html=args.html)
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lvita_data.verify import main_verify
+
+    return main_verify(
+        args.dir, json_out=args.json, workers=args.workers, decode_tiles=not args.no_decode
+    )
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from lvita_data.demo import make_demo_corpus
 
@@ -134,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
     stats.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     stats.set_defaults(run=_cmd_stats)
+
+    verify = commands.add_parser("verify", help="checksums, per-sample invariants, accounting")
+    verify.add_argument("dir", help="build output directory")
+    verify.add_argument("--json", action="store_true", help="machine-readable report")
+    verify.add_argument("--workers", type=int, default=1, help="parallel processes over shards")
+    verify.add_argument(
+        "--no-decode", action="store_true", help="check PNG CRCs and headers, do not decode tiles"
+    )
+    verify.set_defaults(run=_cmd_verify)
 
     demo = commands.add_parser("demo-data", help="write the deterministic demo corpus")
     demo.add_argument("dir")
