@@ -1,32 +1,47 @@
 """`lvita build`: a stage manifest -> packed, checksummed WebDataset shards (resumable).
 
-1. Plan (`planner.plan_stage`): exact lengths per selected sample, rejects with reasons.
-2. Pack (`packing.plan_packs`): best-fit-decreasing per packing group (`pack.group_by`), with
+1. Check the output directory before any work: a directory that holds a build needs `--resume`,
+   and then the manifest hash saved with it must match; a non-empty directory that holds no build
+   is refused. The build holds an exclusive lock (`.lvita-build/lock`, `lockf`) while it runs.
+2. Plan (`planner.plan_stage`): exact lengths per selected sample, rejects with reasons.
+3. Pack (`packing.plan_packs`): best-fit-decreasing per packing group (`pack.group_by`), with
    `pack.align` and `pack.max_tiles`, packs shuffled with the stage seed.
-3. Shard: packs in order, `shards.packs_per_shard` per shard. The build plan (which sample goes
+4. Shard: packs in order, `shards.packs_per_shard` per shard. The build plan (which sample goes
    into which pack and shard) is a pure function of the manifest and the data, and is saved in
-   `.lvita-build/plan.json` together with the manifest's hash.
-4. Write: each shard is one task (local processes or Ray): re-read its records, tokenize them,
-   decode and tile the pixels, assemble the packs, write the tar under a temporary name, rename,
-   then write a completion record `.lvita-build/done/{shard}.json` (rename too). A sample whose
-   pixels fail to decode here (e.g. a JPEG truncated after a valid header) leaves its pack with a
-   counted reject. Shard bytes depend only on the build plan, never on the worker count, the
-   executor or the order tasks finish in.
-5. Finish: `index.json` (per shard: name, samples, tokens, bytes, sha256), `stats.json`,
-   `rejects.jsonl`, `manifest.yaml` (a copy, tool version in its header) and Energon's
-   `.nv-meta/`, all written atomically.
-`--resume` keeps shards whose completion record and file size match and redoes the rest; after a
-`kill -9` at any point the finished directory is byte-identical to an uninterrupted build.
+   `.lvita-build/plan.json` together with the manifest's hash; a resumed build recomputes it and
+   refuses to go on if it differs (the data changed).
+5. Write: each shard is one task (`--executor local`: this process or a pool of `--workers`
+   processes; `--executor ray`: Ray tasks, `ray.init(num_cpus=workers)` locally, or the cluster
+   of `RAY_ADDRESS`). A task reads its records once each in (file, row) order, tokenizes them,
+   decodes and tiles the pixels (the only place pixels are touched), assembles the packs, writes
+   the tar under a temporary name and renames it, then writes its completion record
+   `.lvita-build/done/{shard}.json` (atomically too) and returns it as a plain dict. A sample
+   whose pixels fail to decode here (e.g. a JPEG truncated after a valid header) leaves its pack
+   with a counted reject. Shard bytes depend only on the build plan, never on the worker count,
+   the executor or the order tasks finish in.
+6. Finish: leftover temporaries are removed, then `rejects.jsonl`, `stats.json`, `manifest.yaml`
+   (a copy, tool version in its header), Energon's `.nv-meta/` and last `index.json` (per shard:
+   name, samples, tokens, bytes, sha256) are written atomically.
+
+`--resume` removes temporaries, keeps shards whose completion record and file size match (they
+are not rewritten) and redoes the rest; after a `kill -9` at any point the finished directory,
+`.lvita-build/` included, is byte-identical to an uninterrupted build. Pool workers exit when the
+build process dies, so a killed build leaves no writer behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lvita_data import __version__
+from lvita_data.energon import write_energon_metadata
 from lvita_data.errors import LvitaError, SkipSample
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.packed import assemble_pack
@@ -41,9 +57,10 @@ from lvita_data.packing import plan_packs
 from lvita_data.pixels import encode_tiles, plan_tiles, video_tiles
 from lvita_data.planner import StagePlan, _tokenizer_and_template, plan_stage
 from lvita_data.samples import SampleRules, tokenize_record
-from lvita_data.schema import Reject, RejectReason, TokenizedSample
+from lvita_data.schema import RawRecord, Reject, RejectReason, TokenizedSample
 from lvita_data.shards import (
     SHARD_FORMAT_VERSION,
+    TEMP_MARKER,
     ShardInfo,
     npy_bytes,
     sample_key,
@@ -54,8 +71,12 @@ from lvita_data.shards import (
     write_text_atomic,
 )
 from lvita_data.sources import open_source
+from lvita_data.stats import compute_stats
+from lvita_data.verify import sample_digest
 
 STATE_DIR = ".lvita-build"
+LOCK_WAIT_S = 5.0
+"""How long a build waits for the lock of its output directory before giving up."""
 
 
 class BuildError(LvitaError):
@@ -72,7 +93,7 @@ class FileRef:
 
 @dataclass(slots=True)
 class BuildPlan:
-    """Everything a shard task needs; saved as JSON so a resumed build can check it."""
+    """Everything the shard tasks need; saved as JSON so a resumed build can check it."""
 
     manifest_sha256: str
     stage: str
@@ -158,9 +179,40 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# shard tasks (run in this process, a pool worker or a Ray worker)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    """What every shard task of a build shares (sent once per worker, not once per task)."""
+
+    files: list[FileRef]
+    manifest: StageManifest
+
+
+@dataclass(frozen=True, slots=True)
+class ShardTask:
+    index: int
+    path: str
+    done_path: str
+    packs: list[list[tuple[int, int]]]
+    pack_offset: int
+
+
 @lru_cache(maxsize=16)
-def _open(ref: FileRef):
+def _open_cached(ref: FileRef, identity: tuple[int, int, int]):
+    del identity  # part of the cache key only: a file changed on disk is opened again
     return open_source(ref.path, fmt=ref.format, dataset=ref.dataset, media_root=ref.media_root)
+
+
+def _open(ref: FileRef):
+    try:
+        stat = os.stat(ref.path)
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        identity = (0, 0, 0)  # open_source reports the problem
+    return _open_cached(ref, identity)
 
 
 def _tiles_of(sample: TokenizedSample) -> list:
@@ -233,23 +285,42 @@ def _pack_sample(
     return out, sum(s.plan.length for s, _, _ in members)
 
 
-@dataclass(frozen=True, slots=True)
-class ShardTask:
-    index: int
-    name: str
-    path: str
-    done_path: str
-    packs: list[list[tuple[int, int]]]
-    pack_offset: int
-    files: list[FileRef]
-    manifest: StageManifest
+def _reject(ref: FileRef, row: int, skip: SkipSample) -> Reject:
+    return Reject(ref.dataset, ref.path, str(row), RejectReason(skip.reason), skip.detail)
 
 
-def build_shard(task: ShardTask) -> dict:
-    """Write one shard (runs in a worker process or a Ray task); returns its completion record."""
-    tokenizer, template = _tokenizer_and_template(task.manifest.tokenizer)
-    rules = SampleRules.from_manifest(task.manifest, template)
+def _tokenized_samples(
+    task: ShardTask, context: BuildContext, tokenizer, rules: SampleRules
+) -> dict[tuple[int, int], TokenizedSample | Reject]:
+    """Every distinct record of the shard, read in (file, row) order (each file and parquet row
+    group once) and tokenized in one batch; a record that fails becomes its `Reject`."""
+    outcomes: dict[tuple[int, int], TokenizedSample | Reject] = {}
+    records: list[tuple[tuple[int, int], RawRecord]] = []
+    for file_index, row in sorted({(f, r) for pack in task.packs for f, r in pack}):
+        ref = context.files[file_index]
+        try:
+            records.append(((file_index, row), _open(ref).read(row)))
+        except SkipSample as skip:
+            outcomes[file_index, row] = _reject(ref, row, skip)
+    texts = list(dict.fromkeys(turn.content for _, record in records for turn in record.turns))
+    encoded = dict(zip(texts, tokenizer.encode_batch(texts), strict=True))
+    for key, record in records:
+        try:
+            contents = [encoded[turn.content] for turn in record.turns]
+            outcomes[key] = tokenize_record(record, contents, rules)
+        except SkipSample as skip:
+            outcomes[key] = _reject(context.files[key[0]], key[1], skip)
+    return outcomes
+
+
+def build_shard(task: ShardTask, context: BuildContext) -> dict:
+    """Write one shard and its completion record; returns the record (a plain dict)."""
+    manifest = context.manifest
+    tokenizer, template = _tokenizer_and_template(manifest.tokenizer)
+    rules = SampleRules.from_manifest(manifest, template)
+    samples = _tokenized_samples(task, context, tokenizer, rules)
     rejects: list[Reject] = []
+    digests: dict[str, str] = {}
     real_tokens = 0
 
     def packed_samples() -> Iterator[dict[str, bytes]]:
@@ -257,31 +328,30 @@ def build_shard(task: ShardTask) -> dict:
         for pack_number, pack in enumerate(task.packs):
             members = []
             for file_index, row in pack:
-                ref = task.files[file_index]
+                ref, sample = context.files[file_index], samples[file_index, row]
+                if isinstance(sample, Reject):
+                    rejects.append(sample)
+                    continue
                 try:
-                    record = _open(ref).read(row)
-                    contents = tokenizer.encode_batch([t.content for t in record.turns])
-                    sample = tokenize_record(record, contents, rules)
-                    tiles = encode_tiles(_tiles_of(sample), fmt=task.manifest.shards.tile_format)
+                    tiles = encode_tiles(_tiles_of(sample), fmt=manifest.shards.tile_format)
                 except SkipSample as skip:
-                    rejects.append(
-                        Reject(
-                            ref.dataset, ref.path, str(row), RejectReason(skip.reason), skip.detail
-                        )
-                    )
+                    rejects.append(_reject(ref, row, skip))
                     continue
                 members.append((sample, ref, tiles))
             if members:
                 key = sample_key(task.pack_offset + pack_number)
-                sample, tokens = _pack_sample(
-                    key, members, task.manifest, tokenizer.special_ids.pad
-                )
+                packed, tokens = _pack_sample(key, members, manifest, tokenizer.special_ids.pad)
                 real_tokens += tokens
-                yield sample
+                digests[key] = sample_digest(packed)
+                yield packed
 
-    info = write_shard(task.path, packed_samples(), real_tokens=0)
-    info = ShardInfo(info.name, info.samples, real_tokens, info.bytes, info.sha256)
-    record = {"shard": info.to_json(), "rejects": [r.to_json() for r in rejects]}
+    info = write_shard(task.path, packed_samples())
+    info = replace(info, tokens=real_tokens)
+    record = {
+        "shard": info.to_json(),
+        "rejects": [r.to_json() for r in rejects],
+        "digests": digests,
+    }
     write_json_atomic(task.done_path, record)
     return record
 
@@ -289,141 +359,171 @@ def build_shard(task: ShardTask) -> dict:
 def _is_done(task: ShardTask) -> bool:
     try:
         with open(task.done_path, encoding="utf-8") as handle:
-            record = json.load(handle)
-        return os.path.getsize(task.path) == record["shard"]["bytes"]
-    except (OSError, ValueError, KeyError):
+            shard = json.load(handle)["shard"]
+        return shard["name"] == os.path.basename(task.path) and (
+            os.path.getsize(task.path) == shard["bytes"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def _run_local(tasks: list[ShardTask], workers: int) -> Iterator[dict]:
+# --------------------------------------------------------------------------------------------
+# executors: (tasks, context, workers) -> completion records, in any order
+
+_WORKER_CONTEXT: BuildContext | None = None
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.1)
+    os._exit(1)  # the build process died (kill -9): stop writing at once
+
+
+def _init_pool_worker(context: BuildContext) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = context
+    watchdog = threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True)
+    watchdog.start()
+
+
+def _build_shard_in_pool(task: ShardTask) -> dict:
+    assert _WORKER_CONTEXT is not None, "pool worker without a build context"
+    return build_shard(task, _WORKER_CONTEXT)
+
+
+def _run_local(tasks: list[ShardTask], context: BuildContext, workers: int) -> Iterator[dict]:
     if workers <= 1 or len(tasks) <= 1:
-        yield from map(build_shard, tasks)
+        for task in tasks:
+            yield build_shard(task, context)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        yield from pool.map(build_shard, tasks)
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)),
+        initializer=_init_pool_worker,
+        initargs=(context,),
+    ) as pool:
+        futures = [pool.submit(_build_shard_in_pool, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:  # a failed shard stops the build now, not after all others
+                future.cancel()
+            raise
 
 
-def _run_ray(tasks: list[ShardTask], workers: int) -> Iterator[dict]:
+def _run_ray(tasks: list[ShardTask], context: BuildContext, workers: int) -> Iterator[dict]:
+    """Ray tasks (1 CPU each, retried if a worker dies): a local Ray of `workers` CPUs, or the
+    cluster of `RAY_ADDRESS`, or the Ray this process is already connected to. A Ray this
+    function started is shut down when it ends."""
     try:
         import ray
     except Exception as error:  # ray is an optional extra; its import can fail in many ways
         raise BuildError(f"--executor ray needs Ray: pip install 'lvita[ray]' ({error})") from None
+    started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(build_shard)
-    pending = [remote.remote(task) for task in tasks]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+        started = True
+    pending: list = []
+    try:
+        shared = ray.put(context)
+        remote = ray.remote(num_cpus=1, max_retries=3)(build_shard)
+        pending = [remote.remote(task, shared) for task in tasks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
 
 
-EXECUTORS: dict[str, Callable[[list[ShardTask], int], Iterator[dict]]] = {
+EXECUTORS: dict[str, Callable[[list[ShardTask], BuildContext, int], Iterator[dict]]] = {
     "local": _run_local,
     "ray": _run_ray,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# the output directory
 
 
 def _plan_path(out: Path) -> Path:
     return out / STATE_DIR / "plan.json"
 
 
-def _check_output_dir(out: Path, build_plan: BuildPlan, resume: bool) -> None:
+def _check_before_planning(out: Path, digest: str, resume: bool) -> None:
+    """Refuse a wrong output directory at once, before the (long) planning pass."""
     saved = _plan_path(out)
     if saved.exists():
         if not resume:
             raise BuildError(f"{out} holds a build already; pass --resume to finish or redo it")
+        try:
+            saved_digest = json.loads(saved.read_text(encoding="utf-8"))["manifest_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BuildError(f"{saved} is unreadable ({error}); use a new --out") from None
+        if saved_digest != digest:
+            raise BuildError(f"{out} was built from a different manifest; use a new --out")
+    elif out.exists() and (not out.is_dir() or any(p.name != STATE_DIR for p in out.iterdir())):
+        raise BuildError(f"{out} is not empty and holds no lvita build")
+
+
+def _check_plan(out: Path, build_plan: BuildPlan) -> None:
+    saved = _plan_path(out)
+    if saved.exists():
         if json.loads(saved.read_text(encoding="utf-8")) != json.loads(
             json.dumps(build_plan.to_json())
         ):
             raise BuildError(
-                f"{out} was built from a different manifest or different data; use a new --out"
+                f"{out} was built from different data (the build plan changed); use a new --out"
             )
-    elif out.exists() and any(p.name != STATE_DIR for p in out.iterdir()):
-        raise BuildError(f"{out} is not empty and holds no lvita build")
+    else:
+        write_json_atomic(str(saved), build_plan.to_json(), indent=None)
 
 
-def _tasks(out: Path, build_plan: BuildPlan, manifest: StageManifest) -> list[ShardTask]:
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Exclusive POSIX lock (`lockf`) on `.lvita-build/lock`, released by the kernel when this
+    process dies; unlike `flock`, forked workers do not inherit it."""
+    fd = os.open(out / STATE_DIR / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    raise BuildError(f"another lvita build is writing {out}") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _tasks(out: Path, build_plan: BuildPlan) -> list[ShardTask]:
     done_dir = out / STATE_DIR / "done"
     return [
         ShardTask(
             index=index,
-            name=shard_name(build_plan.stage, index),
             path=str(out / shard_name(build_plan.stage, index)),
             done_path=str(done_dir / f"{shard_name(build_plan.stage, index)}.json"),
             packs=packs,
             pack_offset=build_plan.pack_offset[index],
-            files=build_plan.files,
-            manifest=manifest,
         )
         for index, packs in enumerate(build_plan.shards)
     ]
 
 
-def _stats(
-    plan: StagePlan, shards: list[ShardInfo], rejects: list[Reject], manifest: StageManifest
-) -> dict:
-    packs = sum(s.samples for s in shards)
-    tokens = sum(s.tokens for s in shards)
-    capacity = manifest.pack.max_seq_len
-    return {
-        "stage": manifest.stage,
-        "max_seq_len": capacity,
-        "packs": packs,
-        "tokens": tokens,
-        "padding_tokens": packs * capacity - tokens,
-        "fill": tokens / (packs * capacity) if packs else 0.0,
-        "planned_samples": plan.num_samples,
-        "rejects": len(rejects),
-        "datasets": [d.to_json() for d in plan.datasets],
-    }
-
-
-def _energon_metadata(out: Path, shards: list[ShardInfo]) -> None:
-    meta = out / ".nv-meta"
-    meta.mkdir(exist_ok=True)
-    write_text_atomic(
-        str(meta / "dataset.yaml"),
-        "__module__: megatron.energon\n__class__: CrudeWebdataset\nsubflavors:\n  lvita: packed\n",
-    )
-    names = "".join(f"    - {s.name}\n" for s in shards)
-    write_text_atomic(str(meta / "split.yaml"), f"split_parts:\n  train:\n{names}exclude: []\n")
-    write_json_atomic(
-        str(meta / ".info.json"), {"shard_counts": {s.name: s.samples for s in shards}}
-    )
-
-
-def build_stage(
-    manifest_path: str,
-    out_dir: str,
-    *,
-    workers: int = 1,
-    executor: str = "local",
-    resume: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Build (or finish) the shards of a stage; returns the index written to index.json."""
-    manifest = load_manifest(manifest_path)
-    out = Path(out_dir)
-    if resume and out.exists():
-        remove_temporaries(out_dir)
-    plan = plan_stage(manifest, workers=workers, progress=progress)
-    build_plan = make_build_plan(plan)
-    _check_output_dir(out, build_plan, resume)
-    (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
-    if not _plan_path(out).exists():
-        write_json_atomic(str(_plan_path(out)), build_plan.to_json(), indent=None)
-    tasks = _tasks(out, build_plan, manifest)
-    todo = [t for t in tasks if not _is_done(t)]
-    bar = tqdm(
-        total=len(tasks),
-        initial=len(tasks) - len(todo),
-        desc=f"shards {manifest.stage}",
-        unit="shard",
-        disable=not progress,
-    )
-    for _ in EXECUTORS[executor](todo, workers):
-        bar.update(1)
-    bar.close()
+def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[ShardTask]) -> dict:
+    manifest = plan.manifest
+    remove_temporaries(str(out))  # e.g. of a Ray worker that died and whose task was retried
     records = [json.loads(Path(t.done_path).read_text(encoding="utf-8")) for t in tasks]
     shards = [ShardInfo(**r["shard"]) for r in records]
     build_rejects = [
@@ -441,24 +541,74 @@ def build_stage(
         str(out / "rejects.jsonl"),
         "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects),
     )
-    write_json_atomic(str(out / "stats.json"), _stats(plan, shards, rejects, manifest))
+    write_json_atomic(
+        str(out / "stats.json"),
+        compute_stats(out, shards=shards, rejects=rejects, plan=plan, manifest=manifest),
+    )
     source_text = Path(manifest.source_path).read_text(encoding="utf-8")
     header = (
         f"# lvita {__version__}, shard format {SHARD_FORMAT_VERSION}, from {manifest.source_path}\n"
     )
     write_text_atomic(str(out / "manifest.yaml"), header + source_text)
-    _energon_metadata(out, shards)
+    write_energon_metadata(out, shards)
     write_json_atomic(str(out / "index.json"), index)
     return index
 
 
+def build_stage(
+    manifest_path: str,
+    out_dir: str,
+    *,
+    workers: int = 1,
+    executor: str = "local",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build (or finish) the shards of a stage; returns the index written to index.json."""
+    if executor not in EXECUTORS:
+        raise BuildError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
+    manifest = load_manifest(manifest_path)
+    out = Path(out_dir)
+    _check_before_planning(out, manifest_digest(manifest), resume)
+    (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        remove_temporaries(out_dir)
+        plan = plan_stage(manifest, workers=workers, progress=progress)
+        build_plan = make_build_plan(plan)
+        _check_plan(out, build_plan)
+        tasks = _tasks(out, build_plan)
+        todo = [t for t in tasks if not _is_done(t)]
+        context = BuildContext(files=build_plan.files, manifest=manifest)
+        bar = tqdm(
+            total=len(tasks),
+            initial=len(tasks) - len(todo),
+            desc=f"shards {manifest.stage}",
+            unit="shard",
+            disable=not progress,
+        )
+        for _ in EXECUTORS[executor](todo, context, workers):
+            bar.update(1)
+        bar.close()
+        return _finish(out, plan, build_plan, tasks)
+
+
 def remove_temporaries(out_dir: str) -> int:
-    """Delete `*.tmp-*` files a killed build left behind; returns how many."""
+    """Delete the temporary files (`*.tmp-*`) a killed build left behind; returns how many."""
     removed = 0
-    for path in Path(out_dir).rglob("*.tmp-*"):
-        path.unlink()
-        removed += 1
+    for path in Path(out_dir).rglob(f"*{TEMP_MARKER}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
     return removed
 
 
-__all__ = ["BuildError", "BuildPlan", "build_shard", "build_stage", "make_build_plan"]
+__all__ = [
+    "BuildContext",
+    "BuildError",
+    "BuildPlan",
+    "ShardTask",
+    "build_shard",
+    "build_stage",
+    "make_build_plan",
+    "remove_temporaries",
+]

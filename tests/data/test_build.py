@@ -1,0 +1,526 @@
+"""`lvita build` (lvita_data.build, lvita_data.shards): determinism across worker counts and
+executors, the shard format's invariants, crash safety (kill -9, then --resume) and refusals.
+
+One small mixed manifest over the session demo corpus (captions, parquet with embedded images,
+text only, videos and frame directories, a JPEG truncated after a valid header, a malformed row)
+with 2 packs per shard, so the build has several shards and takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvita_data.build import STATE_DIR, BuildError, build_stage, remove_temporaries
+from lvita_data.pixels import decode_tile, encode_tiles
+from lvita_data.planner import _tokenizer_and_template
+from lvita_data.schema import IGNORE_INDEX
+from lvita_data.shards import (
+    ARRAY_MEMBERS,
+    TEMP_MARKER,
+    load_npy,
+    sha256_file,
+    write_json_atomic,
+    write_shard,
+)
+from lvita_data.tiling import TOKENS_PER_TILE, num_tiles
+
+REPO = Path(__file__).resolve().parents[2]
+EXIT_BUILD = 5
+MAX_SEQ_LEN = 2048
+
+MANIFEST = """\
+schema_version: 1
+stage: buildtest
+seed: {seed}
+tokenizer: qwen2.5
+pack:
+  max_seq_len: {max_seq_len}
+  reset_attention: true
+  group_by: none
+  align: 2
+shards:
+  packs_per_shard: 2
+video:
+  max_frames: 4
+  max_fps: 1.0
+rejects:
+  max_rate: 0.6
+datasets:
+  - name: captions
+    format: longvita_jsonl
+    path: {root}/longvita/image_caption.jsonl
+    media_root: {root}/longvita
+    max_samples: 8
+  - name: chartqa
+    format: hf_parquet
+    path: {root}/cauldron/chartqa-00000-of-00001.parquet
+    max_samples: 3
+  - name: chat
+    format: text_jsonl
+    path: {root}/text/short_chat.jsonl
+    max_samples: 6
+  - name: video
+    format: longvita_jsonl
+    path: {root}/longvita/video_qa.jsonl
+    media_root: {root}/longvita
+    max_samples: 3
+  - name: custom
+    format: longvita_jsonl
+    path: {work}/custom.jsonl
+    media_root: {root}/longvita
+"""
+
+
+def _row(image: str, answer: str) -> str:
+    messages = [
+        {"role": "user", "content": "<image>\nWhat is shown?"},
+        {"role": "assistant", "content": answer},
+    ]
+    return json.dumps({"messages": messages, "images": [image], "videos": []})
+
+
+def write_manifest(root: Path, work: Path, *, seed: int = 11, name: str = "build.yaml") -> Path:
+    custom = [
+        _row("images/img_2x1.jpg", "A wide picture."),
+        _row("images/bad/truncated.jpg", "A picture cut short after its header."),
+        '{"messages": [',  # malformed: rejected by the planner
+        _row("images/img_1x1_tiny.png", "A tiny picture."),
+    ]
+    (work / "custom.jsonl").write_text("\n".join(custom) + "\n", encoding="utf-8")
+    path = work / name
+    text = MANIFEST.format(seed=seed, max_seq_len=MAX_SEQ_LEN, root=root, work=work)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tree(out: Path) -> dict[str, str]:
+    """sha256 of every file under `out` (the build state included), by relative path."""
+    return {
+        str(Path(d, n).relative_to(out)): sha256_file(str(Path(d, n)))
+        for d, _, names in os.walk(out)
+        for n in names
+    }
+
+
+def temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob(f"*{TEMP_MARKER}*")]
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def manifest(demo_corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_manifest(demo_corpus[0], tmp_path_factory.mktemp("build_manifest"))
+
+
+@pytest.fixture(scope="module")
+def reference(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted build with one worker in this process."""
+    out = tmp_path_factory.mktemp("build_reference") / "out"
+    build_stage(str(manifest), str(out), workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_tree(reference: Path) -> dict[str, str]:
+    return tree(reference)
+
+
+# --------------------------------------------------------------------------------------------
+# determinism
+
+
+def test_reference_build_layout(reference: Path, reference_tree: dict[str, str]) -> None:
+    index = json.loads((reference / "index.json").read_text(encoding="utf-8"))
+    shards = [s["name"] for s in index["shards"]]
+    assert len(shards) >= 4 and shards == sorted(shards)
+    expected = {
+        "index.json",
+        "stats.json",
+        "rejects.jsonl",
+        "manifest.yaml",
+        ".nv-meta/dataset.yaml",
+        ".nv-meta/split.yaml",
+        ".nv-meta/.info.json",
+        ".nv-meta/index.sqlite",
+        ".nv-meta/index.uuid",
+        *(f"{name}.idx" for name in shards),
+        f"{STATE_DIR}/plan.json",
+        f"{STATE_DIR}/lock",
+        *shards,
+        *(f"{STATE_DIR}/done/{name}.json" for name in shards),
+    }
+    assert set(reference_tree) == expected
+    for shard in index["shards"]:
+        path = reference / shard["name"]
+        assert path.stat().st_size == shard["bytes"]
+        assert sha256_file(str(path)) == shard["sha256"]
+    assert not temporaries(reference)
+
+
+def test_worker_count_does_not_change_a_byte(
+    manifest: Path, reference_tree: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    build_stage(str(manifest), str(out), workers=2, progress=False)
+    assert tree(out) == reference_tree
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local(
+    manifest: Path, reference_tree: dict[str, str], tmp_path: Path
+) -> None:
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "out"
+    try:
+        # build_stage starts a local Ray with num_cpus=workers=2 and shuts it down again
+        build_stage(str(manifest), str(out), workers=2, executor="ray", progress=False)
+        assert not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert tree(out) == reference_tree
+
+
+# --------------------------------------------------------------------------------------------
+# shard invariants
+
+
+def read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, members) in file order; asserts the tar headers are the reproducible ones."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            assert info.isfile()
+            assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == (
+                0,
+                0,
+                0,
+                "",
+                "",
+                0o444,
+            )
+            key, member = info.name.split(".", 1)
+            if not samples or samples[-1][0] != key:
+                assert key not in {k for k, _ in samples}, f"{key}: members not contiguous"
+                samples.append((key, {}))
+            samples[-1][1][member] = tar.extractfile(info).read()
+            names = list(samples[-1][1])
+            assert names == sorted(names), f"{key}: members not sorted"
+    return samples
+
+
+def test_shard_invariants(reference: Path) -> None:
+    index = json.loads((reference / "index.json").read_text(encoding="utf-8"))
+    tokenizer, _ = _tokenizer_and_template("qwen2.5")
+    special = tokenizer.special_ids
+    vision = np.array(special.vision_context_ids)
+    keys: list[str] = []
+    tiles_seen = 0
+    modalities: set[str] = set()
+    for shard in index["shards"]:
+        samples = read_samples(reference / shard["name"])
+        assert len(samples) == shard["samples"]
+        tokens = 0
+        for key, members in samples:
+            keys.append(key)
+            arrays = {name: load_npy(members[f"{name}.npy"]) for name in ARRAY_MEMBERS}
+            assert all(a.dtype == np.int32 for a in arrays.values())
+            for name in ("input_ids", "labels", "position_ids"):
+                assert arrays[name].shape == (MAX_SEQ_LEN,), name
+            ids, labels, positions, cu = (arrays[name] for name in ARRAY_MEMBERS)
+            assert cu[0] == 0 and cu[-1] == MAX_SEQ_LEN and (np.diff(cu) > 0).all()
+            meta = json.loads(members["meta.json"])
+            assert meta["stage"] == "buildtest" and meta["format"] == 1
+            assert meta["tile_format"] == "png"
+            tiles = sorted(m for m in members if m.startswith("tile"))
+            assert tiles == [f"tile{i:06d}.png" for i in range(len(tiles))]
+            assert set(members) == {*(f"{n}.npy" for n in ARRAY_MEMBERS), "meta.json", *tiles}
+            assert meta["num_tiles"] == len(tiles)
+            assert np.isin(ids, vision).sum() == TOKENS_PER_TILE * len(tiles)
+            assert len(meta["samples"]) == len(cu) - 1
+            end = 0
+            for sample, start, stop in zip(meta["samples"], cu[:-1], cu[1:], strict=True):
+                assert sample["offset"] == start and start % 2 == 0  # pack.align = 2
+                assert sample["length"] <= stop - start
+                assert positions[start] == 0  # pack.reset_attention
+                assert (labels[start + sample["length"] : stop] == IGNORE_INDEX).all()
+                expected = sum(num_tiles(tuple(i["grid"])) for i in sample["images"])
+                expected += sum(len(v["frames"]) for v in sample["videos"])
+                assert sample["num_tiles"] == expected
+                segment = ids[start : start + sample["length"]]
+                assert np.isin(segment, vision).sum() == TOKENS_PER_TILE * expected
+                tokens += sample["length"]
+                modalities.add(
+                    "video" if sample["videos"] else "image" if sample["images"] else "text"
+                )
+                end = start + sample["length"]
+            assert (ids[end:] == special.pad).all()
+            for name in tiles[:2]:
+                assert decode_tile(members[name], "png").shape == (448, 448, 3)
+            tiles_seen += len(tiles)
+        assert tokens == shard["tokens"]
+    assert keys == sorted(set(keys))
+    assert tiles_seen > 0
+    assert {"image", "text", "video"} <= modalities
+    rejects = [json.loads(line) for line in (reference / "rejects.jsonl").read_text().splitlines()]
+    reasons = {(r["dataset"], r["record"], r["reason"]) for r in rejects}
+    assert ("custom", "2", "malformed_json") in reasons  # by the planner
+    assert ("custom", "1", "corrupt_image") in reasons  # only when the pixels are decoded
+    assert json.loads((reference / "stats.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# crash safety
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.002)
+    raise AssertionError("the build neither reached the kill point nor finished")
+
+
+KILL_POINTS = {
+    # the state directory appears right before planning starts
+    "planning": lambda out: (out / STATE_DIR).is_dir(),
+    # a shard tar is being written
+    "writing": lambda out: any(out.glob(f"*.tar{TEMP_MARKER}*")),
+    "first_done": lambda out: any((out / STATE_DIR / "done").glob("*.json")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_then_resume_is_byte_identical(
+    point: str, manifest: Path, reference_tree: dict[str, str], tmp_path: Path
+) -> None:
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    args = ["build", str(manifest), "--out", str(out), "--workers", "2", "--quiet"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children = []
+    try:
+        if _wait_for(lambda: KILL_POINTS[point](out), process):
+            children = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for leftover in alive:  # the planner's pool workers (lvita_data.planner) outlive a kill -9
+        leftover.kill()
+    if point != "planning":  # the shard workers notice that the build died and stop writing
+        assert not alive, f"workers outlived the killed build: {alive}"
+    done_dir = out / STATE_DIR / "done"
+    kept = {}
+    if done_dir.is_dir():
+        for record in done_dir.glob("*.json"):
+            shard = out / record.name.removesuffix(".json")
+            stat = shard.stat()
+            kept[shard.name] = (stat.st_ino, stat.st_mtime_ns)
+
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree(out) == reference_tree
+    assert not temporaries(out)
+    for name, identity in kept.items():  # completed shards were not written again
+        stat = (out / name).stat()
+        assert (stat.st_ino, stat.st_mtime_ns) == identity, name
+
+
+def test_resume_of_a_finished_build_rewrites_no_shard(
+    reference: Path, reference_tree: dict[str, str], manifest: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
+    (out / "index.json").unlink()  # as if killed while finishing
+    (out / f"stats.json{TEMP_MARKER}123-abcd").write_text("partial")
+    build_stage(str(manifest), str(out), resume=True, progress=False)
+    assert tree(out) == reference_tree
+    assert {p.name: p.stat().st_ino for p in out.glob("*.tar")} == before
+
+
+def test_a_broken_shard_is_redone(
+    reference: Path, reference_tree: dict[str, str], manifest: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    first = sorted(out.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:1000])  # truncated: the size no longer matches
+    (out / STATE_DIR / "done" / f"{sorted(out.glob('*.tar'))[1].name}.json").unlink()
+    build_stage(str(manifest), str(out), resume=True, progress=False)
+    assert tree(out) == reference_tree
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_task_leaves_no_temporaries_and_resume_finishes(
+    workers: int, manifest: Path, reference_tree: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
+    import lvita_data.build as build
+
+    calls = []
+
+    def crash_on_the_fifth_image(tiles, fmt):  # (per process: pool workers are forked)
+        calls.append(fmt)
+        if len(calls) == 5:
+            raise RuntimeError("decoder crashed")
+        return encode_tiles(tiles, fmt=fmt)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(build, "encode_tiles", crash_on_the_fifth_image)
+    with pytest.raises(RuntimeError, match="decoder crashed"):
+        build_stage(str(manifest), str(out), workers=workers, progress=False)
+    assert not temporaries(out)
+    assert not (out / "index.json").exists()
+    monkeypatch.undo()
+    build_stage(str(manifest), str(out), resume=True, progress=False)
+    assert tree(out) == reference_tree
+
+
+# --------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_existing_build_needs_resume_and_the_same_manifest(
+    reference: Path, reference_tree: dict[str, str], manifest: Path, demo_corpus
+) -> None:
+    again = cli("build", str(manifest), "--out", str(reference), "--quiet")
+    assert again.returncode == EXIT_BUILD
+    assert "--resume" in again.stderr
+    other = write_manifest(demo_corpus[0], manifest.parent, seed=12, name="other.yaml")
+    resumed = cli("build", str(other), "--out", str(reference), "--resume", "--quiet")
+    assert resumed.returncode == EXIT_BUILD
+    assert "different manifest" in resumed.stderr
+    assert tree(reference) == reference_tree
+
+
+def test_changed_data_is_refused_on_resume(reference: Path, manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    plan_path = out / STATE_DIR / "plan.json"
+    saved = json.loads(plan_path.read_text(encoding="utf-8"))
+    saved["shards"][0][0].reverse()  # what the planner would give for other data
+    write_json_atomic(str(plan_path), saved, indent=None)
+    with pytest.raises(BuildError, match="different data"):
+        build_stage(str(manifest), str(out), resume=True, progress=False)
+
+
+def test_foreign_directory_is_refused(manifest: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not empty"):
+        build_stage(str(manifest), str(tmp_path), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(BuildError, match="unknown executor"):
+        build_stage(str(manifest), str(tmp_path / "x"), executor="spark", progress=False)
+
+
+def test_a_second_build_into_the_same_directory_is_refused(
+    reference: Path, manifest: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import lvita_data.build as build
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(out / STATE_DIR / "lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(build, "LOCK_WAIT_S", 0.3)
+        with pytest.raises(BuildError, match="another lvita build"):
+            build_stage(str(manifest), str(out), resume=True, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# the shard writer
+
+
+def _samples(n: int):
+    for i in range(n):
+        yield {"__key__": f"{i:09d}", "b.npy": bytes([i]) * 700, "a.json": b"{}"}
+
+
+def test_write_shard_is_reproducible_and_hashes_what_it_wrote(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    info = write_shard(str(first), _samples(3), real_tokens=7)
+    write_shard(str(second), _samples(3))
+    assert first.read_bytes() == second.read_bytes()
+    assert (info.name, info.samples, info.tokens) == ("a.tar", 3, 7)
+    assert info.bytes == first.stat().st_size
+    assert info.sha256 == hashlib.sha256(first.read_bytes()).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(first.read_bytes())) as tar:
+        assert tar.getnames()[:2] == ["000000000.a.json", "000000000.b.npy"]
+    assert not temporaries(tmp_path)
+
+
+def test_write_shard_failure_leaves_nothing(tmp_path: Path) -> None:
+    def failing():
+        yield from _samples(2)
+        raise RuntimeError("decoder crashed")
+
+    with pytest.raises(RuntimeError):
+        write_shard(str(tmp_path / "s.tar"), failing())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tar_bytes_are_webdatasets(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    ours = tmp_path / "ours.tar"
+    write_shard(str(ours), _samples(5))
+    buffer = io.BytesIO()
+    writer = wds.TarWriter(buffer, user="", group="", mode=0o444, mtime=0.0, encoder=False)
+    for sample in _samples(5):
+        writer.write(sample)
+    writer.close()
+    assert ours.read_bytes() == buffer.getvalue()
+
+
+def test_remove_temporaries(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / f"x.tar{TEMP_MARKER}1-ab").write_bytes(b"")
+    (tmp_path / "sub" / f"y.json{TEMP_MARKER}2-cd").write_bytes(b"")
+    (tmp_path / "keep.tar").write_bytes(b"")
+    assert remove_temporaries(str(tmp_path)) == 2
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.tar"]

@@ -1,0 +1,544 @@
+"""ShardLoader: build -> load round trip, pixels, placeholders, DP split, order, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvita_data.build import build_stage
+from lvita_data.loader import (
+    ARRAY_NAMES,
+    SHARD_FORMAT,
+    LoaderError,
+    PackedBatch,
+    ShardLoader,
+    bundled_vision_ids,
+    epoch_order,
+    normalize_tile_into,
+    normalize_tiles_torch,
+    scan_tar,
+)
+from lvita_data.pixels import decode_tiles, normalize_tiles
+from lvita_data.special_tokens import SpecialIds
+from lvita_data.tokenizer import load_tokenizer
+
+MANIFEST = """\
+schema_version: 1
+stage: loadertest
+seed: 11
+tokenizer: qwen2.5
+pack:
+  max_seq_len: 2048
+  reset_attention: true
+  group_by: none
+image:
+  max_tiles: 4
+  min_tiles: 1
+video:
+  max_frames: 3
+  max_fps: 1.0
+  fit_to_budget: true
+rejects:
+  max_rate: 0.5
+  min_selected: 1
+shards:
+  packs_per_shard: 5
+datasets:
+  - name: lv_image_caption
+    format: longvita_jsonl
+    path: {root}/longvita/image_caption.jsonl
+    media_root: {root}/longvita
+    ratio: 0.5
+  - name: lv_video_qa
+    format: longvita_jsonl
+    path: {root}/longvita/video_qa.jsonl
+    media_root: {root}/longvita
+    ratio: 0.3
+  - name: short_chat
+    format: text_jsonl
+    path: {root}/text/short_chat.jsonl
+    ratio: 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def build(demo_corpus, tmp_path_factory) -> Path:
+    """A small image + video + text build: 16 packs of 2048 tokens in shards of 5, 5, 5, 1."""
+    root = demo_corpus[0]
+    work = tmp_path_factory.mktemp("loader")
+    manifest = work / "loadertest.yaml"
+    manifest.write_text(MANIFEST.format(root=root), encoding="utf-8")
+    out = work / "out"
+    build_stage(str(manifest), str(out), workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tar_packs(build) -> dict[str, dict[str, bytes]]:
+    """Every pack's members read independently with `tarfile`: key -> {suffix: bytes}."""
+    index = json.loads((build / "index.json").read_text())
+    packs: dict[str, dict[str, bytes]] = {}
+    for shard in index["shards"]:
+        with tarfile.open(build / shard["name"]) as archive:
+            for member in archive:
+                key, suffix = member.name.split(".", 1)
+                packs.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+    return packs
+
+
+def npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def all_batches(loader: ShardLoader) -> list[PackedBatch]:
+    return list(loader)
+
+
+def keys_of(batches: list[PackedBatch]) -> list[str]:
+    return [key for batch in batches for key in batch.keys]
+
+
+def assert_batches_equal(a: list[PackedBatch], b: list[PackedBatch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys == y.keys
+        for name in (
+            "input_ids",
+            "labels",
+            "position_ids",
+            "cu_seqlens",
+            "image_token_positions",
+            "tiles_per_pack",
+        ):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+        assert (x.pixel_values is None) == (y.pixel_values is None)
+        if x.pixel_values is not None:
+            assert np.array_equal(x.pixel_values, y.pixel_values)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def test_constants_match_the_shard_writer():
+    from lvita_data import shards
+
+    assert shards.SHARD_FORMAT_VERSION == SHARD_FORMAT == 1
+    assert tuple(shards.ARRAY_MEMBERS) == ARRAY_NAMES
+
+
+def test_bundled_vision_ids_are_the_tokenizers():
+    assert bundled_vision_ids() == load_tokenizer("qwen2.5").special_ids.vision_context_ids
+
+
+def test_scan_matches_tarfile(build):
+    for path in sorted(build.glob("*.tar")):
+        samples = scan_tar(path)
+        with tarfile.open(path) as archive:
+            members = [m for m in archive if m.isreg()]
+        assert sum(len(s.members) for s in samples) == len(members)
+        found = {
+            f"{s.key}.{suffix}": (s.start + offset, size)
+            for s in samples
+            for suffix, (offset, size) in s.members.items()
+        }
+        assert found == {m.name: (m.offset_data, m.size) for m in members}
+        for before, after in zip(samples, samples[1:], strict=False):
+            assert before.end == after.start  # samples tile the archive
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_scan_reads_long_names_and_skips_directories(tmp_path, fmt):
+    path = tmp_path / "t.tar"
+    long_dir = "d" * 60 + "/" + "e" * 30  # ustar prefix / GNU long name / pax path
+    names = [f"{long_dir}/k1.a.npy", f"{long_dir}/k1.b.json", f"{long_dir}/k2.a.npy", "k3.x"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("f" * 120 + ".Long.PNG")  # > 100 characters, no '/'
+    with tarfile.open(path, "w", format=fmt) as archive:
+        directory = tarfile.TarInfo("somedir")
+        directory.type = tarfile.DIRTYPE
+        archive.addfile(directory)
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 1
+            archive.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    samples = scan_tar(path)
+    with tarfile.open(path) as archive:
+        offsets = {m.name: (m.offset_data, m.size) for m in archive if m.isreg()}
+    assert [s.key for s in samples][:3] == [f"{long_dir}/k1", f"{long_dir}/k2", "k3"]
+    assert sorted(samples[0].members) == ["a.npy", "b.json"]
+    if fmt != tarfile.USTAR_FORMAT:
+        assert samples[-1].key == "f" * 120 and list(samples[-1].members) == ["long.png"]
+    for sample in samples:
+        for suffix, (offset, size) in sample.members.items():
+            original = next(n for n in names if n.lower() == f"{sample.key}.{suffix}".lower())
+            assert offsets[original] == (sample.start + offset, size)
+
+
+def test_samples_match_webdataset(build):
+    webdataset = pytest.importorskip("webdataset")
+    index = json.loads((build / "index.json").read_text())
+    urls = [str(build / s["name"]) for s in index["shards"]]
+    expected = list(webdataset.WebDataset(urls, shardshuffle=False, empty_check=False))
+    loader = ShardLoader(build, shuffle=False)
+    assert len(expected) == loader.num_packs
+    for number, sample in enumerate(expected):
+        key, members = loader.read_raw(number)
+        assert key == sample["__key__"]
+        got = {name: bytes(data) for name, data in members.items()}
+        assert got == {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+def test_import_and_numpy_iteration_do_not_import_torch(build):
+    code = (
+        "import sys; from lvita_data.loader import ShardLoader; "
+        f"assert 'torch' not in sys.modules; loader = ShardLoader({str(build)!r}, shuffle=False); "
+        "batch = next(iter(loader)); print('torch' in sys.modules, 'webdataset' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# --------------------------------------------------------------------------------------------
+# round trip
+
+
+def test_round_trip_arrays_equal_the_tar(build, tar_packs):
+    loader = ShardLoader(build, shuffle=False, batch_size=3)
+    batches = all_batches(loader)
+    assert keys_of(batches) == sorted(tar_packs) == [f"{i:09d}" for i in range(16)]
+    assert [b.batch_size for b in batches] == [3, 3, 3, 3, 3, 1]  # the short tail is kept
+    length = loader.seq_len
+    for batch in batches:
+        assert batch.input_ids.shape == (batch.batch_size, length)
+        assert batch.input_ids.dtype == batch.labels.dtype == batch.position_ids.dtype == np.int32
+        flat_cu = [0]
+        for b, key in enumerate(batch.keys):
+            members = tar_packs[key]
+            for name in ARRAY_NAMES[:3]:
+                np.testing.assert_array_equal(getattr(batch, name)[b], npy(members[f"{name}.npy"]))
+            cu = npy(members["cu_seqlens.npy"])
+            np.testing.assert_array_equal(batch.cu_seqlens_per_pack[b], cu)
+            flat_cu.extend((cu[1:] + b * length).tolist())
+            assert batch.meta[b] == json.loads(members["meta.json"])
+        assert batch.cu_seqlens.dtype == np.int32
+        assert batch.cu_seqlens.tolist() == flat_cu
+        assert batch.cu_seqlens[-1] == batch.num_tokens == batch.batch_size * length
+        assert batch.max_seqlen == int(np.diff(batch.cu_seqlens).max())
+
+
+def test_pixels_equal_normalize_tiles_of_decode(build, tar_packs):
+    loader = ShardLoader(build, shuffle=False, batch_size=2)
+    raw = ShardLoader(build, shuffle=False, batch_size=2, normalize=False)
+    undecoded = ShardLoader(build, shuffle=False, batch_size=2, decode_pixels=False)
+    total = 0
+    for batch, uint8, encoded in zip(loader, raw, undecoded, strict=True):
+        blobs = []
+        for key in batch.keys:
+            members = tar_packs[key]
+            count = json.loads(members["meta.json"])["num_tiles"]
+            blobs.extend(members[f"tile{i:06d}.png"] for i in range(count))
+        expected_uint8 = decode_tiles(blobs, "png")
+        expected = normalize_tiles(expected_uint8)
+        assert batch.pixel_values.dtype == np.float32
+        assert batch.pixel_values.shape == (len(blobs), 3, 448, 448)
+        assert np.array_equal(batch.pixel_values, expected)  # bit-identical
+        assert np.array_equal(uint8.pixel_values, expected_uint8)
+        assert encoded.pixel_values is None and encoded.tile_data == blobs
+        # one tile per placeholder group, per pack and in all
+        assert batch.num_tiles == len(blobs) == int(batch.tiles_per_pack.sum())
+        assert batch.image_token_positions.shape == (len(blobs), 256)
+        total += len(blobs)
+    assert total > 50
+
+
+def test_normalize_tile_into_equals_normalize_tiles():
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (2, 448, 448, 3), dtype=np.uint8)
+    tiles[0, :16, :16] = [[0, 255, 128]]  # extremes
+    out = np.empty((3, 448, 448), dtype=np.float32)
+    expected = normalize_tiles(tiles)
+    for i in range(2):
+        normalize_tile_into(tiles[i], out)
+        assert np.array_equal(out, expected[i])
+
+
+def expected_contexts(meta: dict, ids: SpecialIds) -> list[int]:
+    """The context id of each tile of a pack, from its meta (thumbnail first, then patches)."""
+    out = []
+    for sample in meta["samples"]:
+        for kind, index in sample["media_order"]:
+            if kind == "video":
+                out.extend([ids.vid_context] * len(sample["videos"][index]["frames"]))
+            else:
+                tiles = sample["images"][index]["tiles"]
+                out.extend([ids.img_context] + [ids.patch_context] * (tiles - 1))
+    return out
+
+
+def test_image_token_positions_point_at_placeholders_in_order(build):
+    ids = load_tokenizer("qwen2.5").special_ids
+    seen = set()
+    for batch in ShardLoader(build, shuffle=False, batch_size=3):
+        flat = batch.input_ids.reshape(-1)
+        positions = batch.image_token_positions
+        assert positions.dtype == np.int64
+        # every placeholder of the batch exactly once, in sequence order
+        mask = np.isin(flat, ids.vision_context_ids)
+        np.testing.assert_array_equal(positions.reshape(-1), np.flatnonzero(mask))
+        # each tile's 256 placeholders are one contiguous run after its start token
+        assert (np.diff(positions, axis=1) == 1).all()
+        starts = flat[positions[:, 0] - 1]
+        ends = flat[positions[:, -1] + 1]
+        contexts = flat[positions[:, 0]]
+        assert (flat[positions] == contexts[:, None]).all()
+        expected = [c for meta in batch.meta for c in expected_contexts(meta, ids)]
+        assert contexts.tolist() == expected
+        start_of = {
+            ids.img_context: ids.img_start,
+            ids.patch_context: ids.patch_start,
+            ids.vid_context: ids.vid_start,
+        }
+        end_of = {
+            ids.img_context: ids.img_end,
+            ids.patch_context: ids.patch_end,
+            ids.vid_context: ids.vid_end,
+        }
+        assert starts.tolist() == [start_of[c] for c in contexts.tolist()]
+        assert ends.tolist() == [end_of[c] for c in contexts.tolist()]
+        # tiles of pack b point into rows b of the flattened batch
+        owner = np.repeat(np.arange(batch.batch_size), batch.tiles_per_pack)
+        assert (positions // batch.seq_len == owner[:, None]).all()
+        seen.update(contexts.tolist())
+    assert seen == set(ids.vision_context_ids)  # images, tiled images and video frames
+
+
+# --------------------------------------------------------------------------------------------
+# order and DP split
+
+
+def test_epoch_order_is_a_deterministic_two_level_permutation():
+    counts = [5, 5, 5, 1]
+    order = epoch_order(counts, seed=3, epoch=0, shuffle=True)
+    assert sorted(order.tolist()) == list(range(16))
+    assert order.tolist() == epoch_order(counts, seed=3, epoch=0, shuffle=True).tolist()
+    assert order.tolist() != epoch_order(counts, seed=3, epoch=1, shuffle=True).tolist()
+    assert order.tolist() != epoch_order(counts, seed=4, epoch=0, shuffle=True).tolist()
+    assert epoch_order(counts, seed=3, epoch=0, shuffle=False).tolist() == list(range(16))
+    # shard by shard: each shard's packs are consecutive in the order
+    shard = np.searchsorted(np.cumsum(counts), order, side="right")
+    assert (np.diff(shard) != 0).sum() == len(counts) - 1
+    # pinned values: the legacy RandomState streams must not change under us
+    assert epoch_order([3, 2], seed=0, epoch=0, shuffle=True).tolist() == PINNED_ORDER
+
+
+PINNED_ORDER = [4, 3, 1, 0, 2]
+
+
+def test_seeds_and_epochs_change_the_order_deterministically(build):
+    def keys(**kwargs):
+        return keys_of(all_batches(ShardLoader(build, decode_pixels=False, **kwargs)))
+
+    base = keys(seed=1)
+    assert base == keys(seed=1)
+    assert sorted(base) == sorted(keys(seed=2)) == sorted(keys(seed=1, epoch=1))
+    assert base != keys(seed=2)
+    assert base != keys(seed=1, epoch=1)
+    assert keys(shuffle=False) == sorted(base)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dp_ranks_get_disjoint_equal_shares(build, world):
+    per_rank = []
+    for rank in range(world):
+        loader = ShardLoader(
+            build,
+            dp_rank=rank,
+            dp_world_size=world,
+            seed=5,
+            epoch=2,
+            batch_size=2,
+            decode_pixels=False,
+        )
+        per_rank.append(keys_of(all_batches(loader)))
+        assert len(loader) == len(all_batches(loader))
+    n = 16 // world
+    assert all(len(keys) == n for keys in per_rank)
+    union = set().union(*map(set, per_rank))
+    assert len(union) == world * n  # disjoint
+    order = epoch_order([5, 5, 5, 1], seed=5, epoch=2, shuffle=True)
+    dropped = {f"{i:09d}" for i in order[world * n :]}
+    assert union | dropped == {f"{i:09d}" for i in range(16)}
+    assert not union & dropped
+    assert len(dropped) == 16 % world
+    # the same number of batches everywhere (no rank waits for another at the end)
+    counts = {
+        len(ShardLoader(build, dp_rank=r, dp_world_size=world, batch_size=2)) for r in range(world)
+    }
+    assert len(counts) == 1
+
+
+def test_drop_last(build):
+    loader = ShardLoader(build, batch_size=3, drop_last=True, decode_pixels=False)
+    batches = all_batches(loader)
+    assert len(batches) == len(loader) == 5 and all(b.batch_size == 3 for b in batches)
+
+
+def test_too_many_ranks(build):
+    with pytest.raises(LoaderError, match="cannot feed"):
+        ShardLoader(build, dp_world_size=17)
+
+
+# --------------------------------------------------------------------------------------------
+# epochs and exact resume
+
+
+def test_iteration_advances_the_epoch(build):
+    loader = ShardLoader(build, seed=9, decode_pixels=False)
+    first = keys_of(all_batches(loader))
+    assert loader.state_dict()["epoch"] == 1 and loader.position == 0
+    second = keys_of(all_batches(loader))
+    assert second == keys_of(all_batches(ShardLoader(build, seed=9, epoch=1, decode_pixels=False)))
+    assert first != second
+    loader.set_epoch(0)
+    assert keys_of(all_batches(loader)) == first
+
+
+@pytest.mark.parametrize("consumed", [0, 1, 2, 4])
+def test_exact_resume(build, consumed):
+    kwargs = dict(dp_rank=1, dp_world_size=2, batch_size=2, seed=13, epoch=3)
+    uninterrupted = all_batches(ShardLoader(build, **kwargs))
+    assert len(uninterrupted) == 4
+    loader = ShardLoader(build, **kwargs)
+    iterator = iter(loader)
+    head = [next(iterator) for _ in range(consumed)]
+    state = json.loads(json.dumps(loader.state_dict()))  # JSON-able
+    assert state["position"] == 2 * consumed
+    resumed_loader = ShardLoader(build, dp_rank=1, dp_world_size=2, batch_size=2, seed=13)
+    resumed_loader.load_state_dict(state)
+    resumed = all_batches(resumed_loader)
+    assert_batches_equal(head + resumed, uninterrupted)
+    assert resumed_loader.state_dict()["epoch"] == 4  # and the next epoch follows
+    next_epoch = ShardLoader(build, **{**kwargs, "epoch": 4}, decode_pixels=False)
+    assert keys_of(all_batches(resumed_loader)) == keys_of(all_batches(next_epoch))
+
+
+def test_break_keeps_the_position(build):
+    loader = ShardLoader(build, seed=2, decode_pixels=False)
+    expected = keys_of(all_batches(ShardLoader(build, seed=2, decode_pixels=False)))
+    got = []
+    for batch in loader:
+        got.extend(batch.keys)
+        if len(got) == 5:
+            break
+    got.extend(keys_of(all_batches(loader)))
+    assert got == expected
+
+
+def test_state_of_rank_0_fits_other_ranks(build):
+    rank0 = ShardLoader(build, dp_rank=0, dp_world_size=2, decode_pixels=False)
+    iterator = iter(rank0)
+    for _ in range(3):
+        next(iterator)
+    rank1 = ShardLoader(build, dp_rank=1, dp_world_size=2, decode_pixels=False)
+    rank1.load_state_dict(rank0.state_dict())
+    full = keys_of(all_batches(ShardLoader(build, dp_rank=1, dp_world_size=2, decode_pixels=False)))
+    assert keys_of(all_batches(rank1)) == full[3:]
+
+
+def test_load_state_rejects_a_different_world_size(build):
+    state = ShardLoader(build, dp_world_size=2).state_dict()
+    with pytest.raises(ValueError, match="dp_world_size=2.*dp_world_size=4"):
+        ShardLoader(build, dp_world_size=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        ShardLoader(build, dp_world_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle"):
+        ShardLoader(build, dp_world_size=2, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="another build"):
+        ShardLoader(build, dp_world_size=2).load_state_dict({**state, "fingerprint": "x"})
+    with pytest.raises(ValueError, match="position"):
+        ShardLoader(build, dp_world_size=2).load_state_dict({**state, "position": 99})
+
+
+# --------------------------------------------------------------------------------------------
+# worker processes (torch DataLoader)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_yield_the_same_batches_in_the_same_order(build):
+    pytest.importorskip("torch")
+    kwargs = dict(batch_size=2, seed=21, dp_rank=0, dp_world_size=1)
+    single = all_batches(ShardLoader(build, **kwargs))
+    multi = all_batches(ShardLoader(build, num_workers=3, **kwargs))
+    assert_batches_equal(multi, single)
+    # resume with workers: state counted in the main process, remaining order unchanged
+    loader = ShardLoader(build, num_workers=2, **kwargs)
+    iterator = iter(loader)
+    head = [next(iterator) for _ in range(3)]
+    del iterator
+    state = loader.state_dict()
+    assert state["position"] == 6
+    resumed = ShardLoader(build, num_workers=2, **kwargs)
+    resumed.load_state_dict(state)
+    assert_batches_equal(head + all_batches(resumed), single)
+
+
+def test_to_torch(build):
+    torch = pytest.importorskip("torch")
+    batch = next(iter(ShardLoader(build, shuffle=False, batch_size=2)))
+    tensors = batch.to_torch()
+    assert tensors["input_ids"].dtype == torch.int64
+    assert tensors["labels"].dtype == torch.int64
+    assert tensors["cu_seqlens"].dtype == torch.int32
+    assert tensors["pixel_values"].dtype == torch.float32
+    assert tensors["pixel_values"].shape == batch.pixel_values.shape
+    assert tensors["image_token_positions"].dtype == torch.int64
+    assert tensors["max_seqlen"] == batch.max_seqlen
+    # uint8 tiles are normalised by to_torch, bit-identically
+    raw = next(iter(ShardLoader(build, shuffle=False, batch_size=2, normalize=False)))
+    assert raw.pixel_values.dtype == np.uint8
+    assert np.array_equal(raw.to_torch()["pixel_values"].numpy(), batch.pixel_values)
+    assert raw.to_torch(normalize_pixels=False)["pixel_values"].dtype == torch.uint8
+    everything = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    )
+    expected = normalize_tiles(everything.numpy())
+    assert np.array_equal(normalize_tiles_torch(everything).numpy(), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+def test_wrong_special_ids_are_caught(build):
+    ids = load_tokenizer("qwen2.5").special_ids
+    wrong = dataclasses.replace(ids, img_context=ids.im_end)
+    with pytest.raises(LoaderError, match="vision placeholders"):
+        all_batches(ShardLoader(build, shuffle=False, special_ids=wrong, decode_pixels=False))
+
+
+def test_bad_build_directories(build, tmp_path):
+    with pytest.raises(LoaderError, match="index.json"):
+        ShardLoader(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(build, copy)
+    first = sorted(copy.glob("*.tar"))[0]
+    data = first.read_bytes()
+    first.write_bytes(data[: len(data) // 2])  # truncated shard
+    loader = ShardLoader(copy, shuffle=False, decode_pixels=False)
+    with pytest.raises(LoaderError):
+        all_batches(loader)
+    index = json.loads((copy / "index.json").read_text())
+    index["format"] = 99
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(LoaderError, match="shard format 99"):
+        ShardLoader(copy)
