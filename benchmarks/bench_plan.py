@@ -136,25 +136,26 @@ def main() -> None:
     make_images(workdir, args.images)
     _tokenizer_and_template("qwen2.5")  # load (or convert and cache) the vocabulary first
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.machine(),
     )
-    print(
-        f"{date.today()}, {cpu}, {os.cpu_count()} cores (one used), Python {platform.python_version()}"
-    )
+    python = platform.python_version()
+    print(f"{date.today()}, {cpu}, {os.cpu_count()} cores (one used), Python {python}")
     print("| mix | pass | samples | seconds | samples/s per core | lvita / floor time |")
     print("|---|---|---|---|---|---|")
     for kind in ("realistic", "unique"):
         path = make_mix(workdir, kind, args.records, args.images)
         floor_s = min(floor(path) for _ in range(2))
         lvita_s, samples = min(lvita(path, workdir) for _ in range(2))
-        rate = samples / lvita_s
-        print(
-            f"| {kind} | floor: parse + tokenize | {args.records} | {floor_s:.2f} | {args.records / floor_s:,.0f} | |"
-        )
-        print(
-            f"| {kind} | lvita plan (exact) | {samples} | {lvita_s:.2f} | {rate:,.0f} | {lvita_s / floor_s:.2f}x |"
-        )
+        rate, floor_rate, ratio = samples / lvita_s, args.records / floor_s, lvita_s / floor_s
+        floor_cells = f"{args.records} | {floor_s:.2f} | {floor_rate:,.0f} |"
+        lvita_cells = f"{samples} | {lvita_s:.2f} | {rate:,.0f} | {ratio:.2f}x"
+        print(f"| {kind} | floor: parse + tokenize | {floor_cells} |")
+        print(f"| {kind} | lvita plan (exact) | {lvita_cells} |")
 
 
 if __name__ == "__main__":
