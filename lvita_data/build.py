@@ -37,7 +37,6 @@ import fcntl
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -73,6 +72,7 @@ from lvita_data.shards import (
 from lvita_data.sources import open_source
 from lvita_data.stats import compute_stats
 from lvita_data.verify import sample_digest
+from lvita_data.workers import watch_parent
 
 STATE_DIR = ".lvita-build"
 LOCK_WAIT_S = 5.0
@@ -373,17 +373,10 @@ def _is_done(task: ShardTask) -> bool:
 _WORKER_CONTEXT: BuildContext | None = None
 
 
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.1)
-    os._exit(1)  # the build process died (kill -9): stop writing at once
-
-
 def _init_pool_worker(context: BuildContext) -> None:
     global _WORKER_CONTEXT
     _WORKER_CONTEXT = context
-    watchdog = threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True)
-    watchdog.start()
+    watch_parent()
 
 
 def _build_shard_in_pool(task: ShardTask) -> dict:

@@ -31,6 +31,7 @@ from lvita_data.schema import RawRecord, Reject, RejectReason, SamplePlan
 from lvita_data.sources import open_source
 from lvita_data.template import ChatTemplate
 from lvita_data.tokenizer import LongVitaTokenizer, load_tokenizer
+from lvita_data.workers import watch_parent
 
 ENCODE_CHUNK = 2048
 """Records whose (deduplicated) turns are tokenized in one `encode_batch` call."""
@@ -305,7 +306,8 @@ def plan_stage(
     file_plans: list[FilePlan] = []
     bar = tqdm(total=len(tasks), desc=f"plan {manifest.stage}", unit="file", disable=not progress)
     if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        pool_size = min(workers, len(tasks))
+        with ProcessPoolExecutor(max_workers=pool_size, initializer=watch_parent) as pool:
             results = pool.map(_plan_file_task, tasks)
             file_plans = _collect(results, by_name, manifest, bar)
     else:
