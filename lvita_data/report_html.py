@@ -14,6 +14,8 @@ import re
 from collections.abc import Sequence
 from html import escape
 
+from lvita_data.shards import write_text_atomic
+
 PACKED = "#1f77b4"
 """Colour of the packed / after-packing series (the test looks for it in the screenshot)."""
 TARGET = "#ff7f0e"
@@ -449,11 +451,8 @@ def render_html(stats: dict) -> str:
 
 def write_html(stats: dict, path: str | os.PathLike[str]) -> None:
     """Write the report atomically (a temporary file, then rename)."""
-    text = render_html(stats)
-    temporary = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(os.fspath(path), render_html(stats))
 
 
 __all__ = ["render_html", "write_html"]
