@@ -28,7 +28,6 @@ the train split (Energon refuses empty shards when it prepares a directory itsel
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import mmap
@@ -44,7 +43,7 @@ from typing import Protocol
 import yaml
 
 from lvita_data.errors import LvitaError
-from lvita_data.shards import temporary_name, write_text_atomic
+from lvita_data.shards import temporary_name, write_bytes_atomic, write_text_atomic
 from lvita_data.verify import TarScan, scan_tar, split_member_name
 
 MAIN_FOLDER = ".nv-meta"
@@ -171,20 +170,6 @@ def index_uuid(layouts: Sequence[ShardLayout]) -> str:
     return str(uuid.uuid5(INDEX_NAMESPACE, digest.hexdigest()))
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    temporary = temporary_name(str(path))
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def _write_sqlite(path: Path, layouts: Sequence[ShardLayout]) -> None:
     temporary = Path(temporary_name(str(path)))
     db = sqlite3.connect(temporary)
@@ -240,7 +225,7 @@ def write_energon_metadata(
     meta = out / MAIN_FOLDER
     meta.mkdir(exist_ok=True)
     for layout in layouts:
-        _write_bytes_atomic(out / f"{layout.name}{ITAR_SUFFIX}", layout.itar_bytes())
+        write_bytes_atomic(out / f"{layout.name}{ITAR_SUFFIX}", layout.itar_bytes())
     _write_sqlite(meta / "index.sqlite", layouts)
     write_text_atomic(str(meta / "index.uuid"), index_uuid(layouts))
     info = {"shard_counts": {layout.name: len(layout.samples) for layout in layouts}}

@@ -58,23 +58,25 @@ def _pillow_size(handle: BinaryIO, ref: MediaRef, verify: bool) -> tuple[int, in
     return size
 
 
+def open_image(ref: MediaRef) -> BinaryIO:
+    """A binary handle on an image reference (caller closes it); a missing or unreadable path
+    raises SkipSample(missing_media)."""
+    if ref.data is not None:
+        return io.BytesIO(ref.data)
+    try:
+        return open(ref.path, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        raise SkipSample(RejectReason.missing_media, f"image not found: {ref.path}") from None
+    except IsADirectoryError:
+        raise SkipSample(
+            RejectReason.missing_media, f"image path is a directory: {ref.path}"
+        ) from None
+    except OSError as error:
+        raise SkipSample(RejectReason.missing_media, f"cannot open {ref.path}: {error}") from None
+
+
 def probe_image(ref: MediaRef, *, verify: bool = False) -> tuple[int, int]:
     """(width, height) of an image as Pillow reports it; raises SkipSample for unusable images."""
-    if ref.data is not None:
-        handle: BinaryIO = io.BytesIO(ref.data)
-    else:
-        try:
-            handle = open(ref.path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise SkipSample(RejectReason.missing_media, f"image not found: {ref.path}") from None
-        except IsADirectoryError:
-            raise SkipSample(
-                RejectReason.missing_media, f"image path is a directory: {ref.path}"
-            ) from None
-        except OSError as error:
-            raise SkipSample(
-                RejectReason.missing_media, f"cannot open {ref.path}: {error}"
-            ) from None
-    with handle:
+    with open_image(ref) as handle:
         size = None if verify else _header_size(handle, ref.path)
         return size if size is not None else _pillow_size(handle, ref, verify)

@@ -87,6 +87,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lvita_data.errors import SkipSample
+from lvita_data.media import open_image
 from lvita_data.schema import ImagePlan, MediaRef, RejectReason, VideoPlan
 from lvita_data.tiling import TILE_SIZE
 from lvita_data.video import decode_frames, list_frame_dir
@@ -201,22 +202,6 @@ def normalize_tiles(tiles: np.ndarray) -> np.ndarray:
 # decoding media
 
 
-def _open_handle(ref: MediaRef) -> BinaryIO:
-    """Bytes of an image reference; a missing or unreadable path -> SkipSample(missing_media)."""
-    if ref.data is not None:
-        return io.BytesIO(ref.data)
-    try:
-        return open(ref.path, "rb")  # noqa: SIM115 - the caller closes it
-    except FileNotFoundError:
-        raise SkipSample(RejectReason.missing_media, f"image not found: {ref.path}") from None
-    except IsADirectoryError:
-        raise SkipSample(
-            RejectReason.missing_media, f"image path is a directory: {ref.path}"
-        ) from None
-    except OSError as error:
-        raise SkipSample(RejectReason.missing_media, f"cannot open {ref.path}: {error}") from None
-
-
 def _decode_rgb(handle: BinaryIO, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
@@ -237,7 +222,7 @@ def load_image(ref: MediaRef) -> Image.Image:
     otherwise undecodable) or ``decompression_bomb`` (over twice Pillow's ``MAX_IMAGE_PIXELS``).
     """
     name = ref.name or ref.path or "<embedded image>"
-    with _open_handle(ref) as handle:
+    with open_image(ref) as handle:
         return _decode_rgb(handle, name)
 
 

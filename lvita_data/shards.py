@@ -179,6 +179,11 @@ def write_shard(
     )
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with _atomic(path, "wb") as handle:
+        handle.write(data)
+
+
 def write_json_atomic(path: str, payload, *, indent: int | None = 1) -> None:
     """JSON (keys in insertion order, UTF-8, trailing newline), written atomically."""
     with _atomic(path, "w", encoding="utf-8") as handle:
