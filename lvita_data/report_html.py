@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from html import escape
 
 from lvita_data.shards import write_text_atomic
+from lvita_data.stats import DATASET_COLUMNS
 
 PACKED = "#1f77b4"
 """Colour of the packed / after-packing series (the test looks for it in the screenshot)."""
@@ -358,20 +359,7 @@ def render_html(stats: dict) -> str:
         )
     )
     dataset_table = _html_table(
-        (
-            "dataset",
-            "group",
-            "ratio",
-            "selected",
-            "samples",
-            "rejects",
-            "tokens",
-            "share",
-            "target",
-            "delta",
-            "frames",
-            "modality",
-        ),
+        DATASET_COLUMNS,
         rows,
         total=True,
     )

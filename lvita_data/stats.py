@@ -61,6 +61,22 @@ MIN_LENGTH_EDGE = 64
 EXIT_STATS = 5
 """Exit code of `main_stats` for a directory that is not a readable build (= lvita's EXIT_BUILD)."""
 
+DATASET_COLUMNS = (
+    "dataset",
+    "group",
+    "ratio",
+    "selected",
+    "samples",
+    "rejects",
+    "tokens",
+    "share",
+    "target",
+    "delta",
+    "frames",
+    "modality",
+)
+"""Columns of the per-dataset table, in the terminal report and in the HTML report."""
+
 
 class StatsError(LvitaError):
     """The directory is not a (complete, consistent) lvita build."""
@@ -584,20 +600,7 @@ def format_stats(stats: dict) -> str:
         f"rejects: {stats['rejects']}",
         "",
     ]
-    header = (
-        "dataset",
-        "group",
-        "ratio",
-        "selected",
-        "samples",
-        "rejects",
-        "tokens",
-        "share",
-        "target",
-        "delta",
-        "frames",
-        "modality",
-    )
+    header = DATASET_COLUMNS
     rows = []
     for d in stats["datasets"]:
         f = d["frames"]
