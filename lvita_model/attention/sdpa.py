@@ -1,0 +1,103 @@
+"""Reference attention on any device: explicit (document, order) mask, fp32 math, own backward.
+
+The mask comes from per-token document ids and sequence order (`AttnMeta.doc_*`, `order_*`), so
+the same code is exact for a whole packed sequence, any slice of it, a zigzag CP shard or a
+chunk of a prefill. Scores are computed in fp32 in blocks of `block_rows` query rows
+(memory O(block_rows * S * Hq) instead of O(T * S * Hq)); a query row that sees no key gets
+``lse = -inf`` and ``out = 0`` (torch's SDPA would return lse = 0 there).
+
+Backward recomputes the probabilities from the given `lse` (P = exp(S * scale - lse)), so a
+ring can pass the merged output and LSE of several key blocks and get this block's share:
+dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K scale, dK = dS^T Q scale.
+GQA: query head h uses key head h // (Hq / Hkv); dK and dV sum over each group. dK and dV are
+returned in fp32 (a ring accumulates them); dQ in fp32 too, cast by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+
+
+def _block_mask(meta: AttnMeta, rows: slice) -> Tensor:
+    """bool [t, S]: which keys the query rows may see."""
+    mask = meta.doc_q[rows, None] == meta.doc_k[None, :]
+    if meta.causal:
+        mask &= meta.order_k[None, :] <= meta.order_q[rows, None]
+    return mask
+
+
+def _group_kv(x: Tensor, num_q_heads: int) -> Tensor:
+    """[S, Hkv, D] -> [Hq, S, D] fp32, each KV head repeated for its query-head group."""
+    groups = num_q_heads // x.shape[1]
+    return x.float().transpose(0, 1).repeat_interleave(groups, dim=0)
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+    capabilities = Capabilities(
+        causal=True,
+        varlen=True,
+        lse=True,
+        block_backward=True,
+        devices=("cpu", "cuda", "npu"),
+        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    )
+
+    def __init__(self, block_rows: int = 1024) -> None:
+        self.block_rows = block_rows
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        num_rows, num_heads, _ = q.shape
+        keys, values = _group_kv(k, num_heads), _group_kv(v, num_heads)  # [Hq, S, D]
+        out = torch.empty_like(q)
+        lse = torch.empty(num_heads, num_rows, dtype=torch.float32, device=q.device)
+        for start in range(0, num_rows, self.block_rows):
+            rows = slice(start, min(start + self.block_rows, num_rows))
+            scores = torch.matmul(q[rows].float().transpose(0, 1), keys.transpose(1, 2)) * scale
+            scores.masked_fill_(~_block_mask(meta, rows)[None], float("-inf"))  # [Hq, t, S]
+            block_lse = torch.logsumexp(scores, dim=-1)  # [Hq, t]; -inf for empty rows
+            probs = torch.exp(scores - block_lse.nan_to_num(neginf=0.0)[..., None])
+            out[rows] = torch.matmul(probs, values).transpose(0, 1).to(q.dtype)
+            lse[:, rows] = block_lse
+        return out, lse
+
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        meta: AttnMeta,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        num_rows, num_heads, _ = q.shape
+        keys, values = _group_kv(k, num_heads), _group_kv(v, num_heads)  # [Hq, S, D]
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dkeys = torch.zeros_like(keys)
+        dvalues = torch.zeros_like(values)
+        for start in range(0, num_rows, self.block_rows):
+            rows = slice(start, min(start + self.block_rows, num_rows))
+            q_block = q[rows].float().transpose(0, 1)  # [Hq, t, D]
+            do_block = dout[rows].float().transpose(0, 1)
+            scores = torch.matmul(q_block, keys.transpose(1, 2)) * scale
+            scores.masked_fill_(~_block_mask(meta, rows)[None], float("-inf"))
+            probs = torch.exp(scores - lse[:, rows].nan_to_num(neginf=0.0)[..., None])
+            dvalues += torch.matmul(probs.transpose(1, 2), do_block)
+            dprobs = torch.matmul(do_block, values.transpose(1, 2))  # [Hq, t, S]
+            row_dot = (do_block * out[rows].float().transpose(0, 1)).sum(-1, keepdim=True)
+            dscores = probs * (dprobs - row_dot) * scale
+            dq[rows] = torch.matmul(dscores, keys).transpose(0, 1)
+            dkeys += torch.matmul(dscores.transpose(1, 2), q_block)
+        num_kv_heads = k.shape[1]
+        groups = num_heads // num_kv_heads
+        # [Hq, S, D] -> [Hkv, groups, S, D] -> sum over the group -> [S, Hkv, D]
+        dk = dkeys.view(num_kv_heads, groups, *dkeys.shape[1:]).sum(1).transpose(0, 1)
+        dv = dvalues.view(num_kv_heads, groups, *dvalues.shape[1:]).sum(1).transpose(0, 1)
+        return dq, dk.contiguous(), dv.contiguous()

@@ -1,0 +1,355 @@
+"""Model configuration: frozen dataclasses for the vision tower, the projector and the LLM.
+
+Three presets: ``tiny`` (CPU tests and the demo: the real 448-px tile and 256 tokens per tile,
+the real vocabulary, a few-dozen-wide network), ``qwen2.5-0.5b`` (the Qwen2.5-0.5B decoder shape
+with the Long-VITA vision side, for benchmarks) and ``long-vita-14b`` (the released model:
+InternViT-300M-448px + Qwen2.5-14B, reference section 1). `load_config` takes a preset name or a
+directory / ``config.json`` of a Hugging Face checkpoint:
+
+- a Long-VITA checkpoint: Qwen2 fields at the top level plus a ``vision_config`` (InternViT fields),
+- a plain Qwen2 / Qwen2.5 checkpoint (``model_type: qwen2``): language model only,
+- an InternViT checkpoint (``architectures: [InternVisionModel]``): vision tower only.
+
+Unknown fields of a Hugging Face config are ignored (those files carry many training-only
+fields), but the fields that fix the architecture are required and checked; a shape we do not
+implement (rope scaling, sliding windows, QK normalization, RMSNorm in the ViT) is an error
+rather than a silently different model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model configuration that is malformed or describes an architecture we do not build."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VisionConfig:
+    """InternViT (v1 / 300M-448px layout): pre-norm ViT with layer scale and a CLS token."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    hidden_act: str = "gelu"
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "image_size",
+            "patch_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+        )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision image_size {self.image_size} is not a multiple of "
+                f"patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} is not divisible by "
+                f"num_heads {self.num_heads}"
+            )
+        if self.hidden_act != "gelu":
+            raise ConfigError(f"vision hidden_act {self.hidden_act!r}: only 'gelu' is built")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side (448 / 14 = 32)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProjectorConfig:
+    """Pixel shuffle (space-to-depth) -> LayerNorm -> Linear -> GELU -> Linear, no biases."""
+
+    downsample_ratio: float = 0.5
+    layer_norm_eps: float = 1e-5
+    """torch.nn.LayerNorm's default, as in the original `ResamplerProjector`."""
+
+    def __post_init__(self) -> None:
+        if self.downsample_ratio != 0.5:
+            raise ConfigError(
+                f"projector downsample_ratio {self.downsample_ratio}: only 0.5 is "
+                "built (Long-VITA's pixel shuffle)"
+            )
+
+    @property
+    def shuffle_stride(self) -> int:
+        return round(1 / self.downsample_ratio)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LLMConfig:
+    """Qwen2 decoder: GQA with qkv bias, RMSNorm, SwiGLU, RoPE from explicit position ids."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+        )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"llm hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"llm num_heads {self.num_heads} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads} (GQA groups)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LongVitaConfig:
+    """The whole model; `vision` is None for a language-model-only configuration."""
+
+    llm: LLMConfig
+    vision: VisionConfig | None = VisionConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    vision_chunk_tiles: int = 256
+    """Tiles per call of the vision tower (the Megatron path's 256): bounds activation memory
+    for thousands of frames."""
+
+    def __post_init__(self) -> None:
+        if self.vision_chunk_tiles <= 0:
+            raise ConfigError(f"vision_chunk_tiles must be > 0, got {self.vision_chunk_tiles}")
+        if self.vision is not None and self.vision.grid_size % self.projector.shuffle_stride:
+            raise ConfigError(
+                f"vision grid {self.vision.grid_size} is not divisible by the "
+                f"pixel-shuffle stride {self.projector.shuffle_stride}"
+            )
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Vision tokens per tile after the pixel shuffle (256 for 448-px tiles)."""
+        if self.vision is None:
+            raise ConfigError("a language-model-only configuration has no vision tokens")
+        return (self.vision.grid_size // self.projector.shuffle_stride) ** 2
+
+    @property
+    def projector_input_size(self) -> int:
+        assert self.vision is not None
+        return self.vision.hidden_size * self.projector.shuffle_stride**2
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(
+                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+
+LONG_VITA_VOCAB = 152064
+"""Qwen2.5's embedding rows (151,643 BPE + specials, padded); Long-VITA's added tokens fit."""
+
+_TINY_VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+
+PRESETS: dict[str, LongVitaConfig] = {
+    "tiny": LongVitaConfig(
+        llm=LLMConfig(
+            vocab_size=LONG_VITA_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+        ),
+        vision=_TINY_VISION,
+    ),
+    "qwen2.5-0.5b": LongVitaConfig(
+        llm=LLMConfig(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_layers=24,
+            num_heads=14,
+            num_kv_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "long-vita-14b": LongVitaConfig(
+        llm=LLMConfig(
+            vocab_size=LONG_VITA_VOCAB,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_layers=48,
+            num_heads=40,
+            num_kv_heads=8,
+            max_position_embeddings=1_310_720,
+        ),
+    ),
+}
+
+
+def load_config(name_or_path: str | Path) -> LongVitaConfig:
+    """A preset name, a checkpoint directory or a ``config.json`` path."""
+    if str(name_or_path) in PRESETS:
+        return PRESETS[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{name_or_path}: neither a preset ({', '.join(PRESETS)}) nor a "
+            "checkpoint directory or config.json"
+        )
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    try:
+        return from_hf_config(hf)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face config.json <-> dataclasses
+
+
+def from_hf_config(hf: dict[str, Any]) -> LongVitaConfig:
+    """Read a Long-VITA, Qwen2 or InternViT ``config.json`` (see the module docstring)."""
+    architectures = hf.get("architectures") or []
+    if "InternVisionModel" in architectures or hf.get("model_type") == "intern_vit_6b":
+        raise ConfigError(
+            "an InternViT-only checkpoint has no language model: build the "
+            "vision tower with vision_config_from_hf() and load it with "
+            "load_vision_weights()"
+        )
+    llm = _llm_from_hf(hf)
+    vision_hf = hf.get("vision_config")
+    vision = vision_config_from_hf(vision_hf) if vision_hf else None
+    return LongVitaConfig(llm=llm, vision=vision)
+
+
+def _llm_from_hf(hf: dict[str, Any]) -> LLMConfig:
+    if hf.get("rope_scaling"):
+        raise ConfigError(f"rope_scaling {hf['rope_scaling']!r} is not supported")
+    if hf.get("use_sliding_window"):
+        raise ConfigError("use_sliding_window: sliding-window attention is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {hf['hidden_act']!r}: the Qwen2 decoder uses 'silu'")
+    num_heads = _required(hf, "num_attention_heads")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * num_heads != _required(hf, "hidden_size"):
+        raise ConfigError(f"head_dim {head_dim} * num_attention_heads {num_heads} != hidden_size")
+    return LLMConfig(
+        vocab_size=_required(hf, "vocab_size"),
+        hidden_size=_required(hf, "hidden_size"),
+        intermediate_size=_required(hf, "intermediate_size"),
+        num_layers=_required(hf, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads", num_heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
+    """InternViT fields (``InternVisionConfig``)."""
+    if hf.get("qk_normalization"):
+        raise ConfigError("vision qk_normalization (InternViT-6B) is not supported")
+    if hf.get("norm_type", "layer_norm") != "layer_norm":
+        raise ConfigError(f"vision norm_type {hf['norm_type']!r}: only 'layer_norm' is built")
+    return VisionConfig(
+        image_size=_required(hf, "image_size"),
+        patch_size=_required(hf, "patch_size"),
+        hidden_size=_required(hf, "hidden_size"),
+        intermediate_size=_required(hf, "intermediate_size"),
+        num_layers=_required(hf, "num_hidden_layers"),
+        num_heads=_required(hf, "num_attention_heads"),
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)),
+        qkv_bias=bool(hf.get("qkv_bias", True)),
+        hidden_act=hf.get("hidden_act", "gelu"),
+    )
+
+
+def to_hf_config(config: LongVitaConfig) -> dict[str, Any]:
+    """The ``config.json`` written next to saved weights (read back by `from_hf_config`)."""
+    llm = config.llm
+    hf: dict[str, Any] = {
+        "architectures": ["LongVitaForCausalLM" if config.vision else "Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": llm.vocab_size,
+        "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.intermediate_size,
+        "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads,
+        "num_key_value_heads": llm.num_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": llm.rms_norm_eps,
+        "rope_theta": llm.rope_theta,
+        "max_position_embeddings": llm.max_position_embeddings,
+        "tie_word_embeddings": llm.tie_word_embeddings,
+    }
+    if config.vision is not None:
+        vision = config.vision
+        hf["vision_config"] = {
+            "architectures": ["InternVisionModel"],
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size,
+            "num_hidden_layers": vision.num_layers,
+            "num_attention_heads": vision.num_heads,
+            "layer_norm_eps": vision.layer_norm_eps,
+            "qkv_bias": vision.qkv_bias,
+            "hidden_act": vision.hidden_act,
+            "norm_type": "layer_norm",
+            "qk_normalization": False,
+        }
+        hf["vision_downsample_ratio"] = config.projector.downsample_ratio
+    return hf
+
+
+def _required(hf: dict[str, Any], key: str) -> Any:
+    if key not in hf:
+        raise ConfigError(f"config field {key!r} is missing")
+    return hf[key]
