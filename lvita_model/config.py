@@ -28,6 +28,15 @@ class ConfigError(ValueError):
     """A model configuration that is malformed or describes an architecture we do not build."""
 
 
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(
+                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class VisionConfig:
     """InternViT (v1 / 300M-448px layout): pre-norm ViT with layer scale and a CLS token."""
@@ -172,15 +181,6 @@ class LongVitaConfig:
         return self.vision.hidden_size * self.projector.shuffle_stride**2
 
 
-def _positive(config: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(
-                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
-            )
-
-
 # --------------------------------------------------------------------------------------------
 # Presets
 
@@ -268,8 +268,11 @@ def from_hf_config(hf: dict[str, Any]) -> LongVitaConfig:
 
 
 def _llm_from_hf(hf: dict[str, Any]) -> LLMConfig:
-    if hf.get("rope_scaling"):
-        raise ConfigError(f"rope_scaling {hf['rope_scaling']!r} is not supported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"rope type {rope_type!r} (rope scaling) is not supported")
+    rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     if hf.get("use_sliding_window"):
         raise ConfigError("use_sliding_window: sliding-window attention is not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -286,7 +289,7 @@ def _llm_from_hf(hf: dict[str, Any]) -> LLMConfig:
         num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads", num_heads),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
