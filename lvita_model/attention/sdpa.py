@@ -3,7 +3,8 @@
 The mask comes from per-token document ids and sequence order (`AttnMeta.doc_*`, `order_*`), so
 the same code is exact for a whole packed sequence, any slice of it, a zigzag CP shard or a
 chunk of a prefill. Scores are computed in fp32 in blocks of `block_rows` query rows
-(memory O(block_rows * S * Hq) instead of O(T * S * Hq)); a query row that sees no key gets
+(memory O(block_rows * S * Hq) instead of O(T * S * Hq)), and only over the keys of the
+block's documents when key document ids are sorted; a query row that sees no key gets
 ``lse = -inf`` and ``out = 0`` (torch's SDPA would return lse = 0 there).
 
 Backward recomputes the probabilities from the given `lse` (P = exp(S * scale - lse)), so a
@@ -21,12 +22,27 @@ from torch import Tensor
 from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
 
 
-def _block_mask(meta: AttnMeta, rows: slice) -> Tensor:
-    """bool [t, S]: which keys the query rows may see."""
-    mask = meta.doc_q[rows, None] == meta.doc_k[None, :]
+def _block_keys(meta: AttnMeta, rows: slice) -> tuple[slice, Tensor]:
+    """(key span, bool mask [t, span]): the keys the query rows may see.
+
+    When the key document ids do not decrease (a packed sequence, a slice of one, a zigzag
+    shard), only the span of keys of the block's documents is scored: the cost of a block is
+    its documents' length, not S (a ViT call of 256 tiles scores 1 tile, not 256)."""
+    docs = meta.doc_q[rows]
+    keys = slice(0, meta.doc_k.shape[0])
+    if _sorted(meta.doc_k) and docs.numel():
+        bounds = torch.stack([docs.min(), docs.max()])
+        first = int(torch.searchsorted(meta.doc_k, bounds[:1], side="left"))
+        last = int(torch.searchsorted(meta.doc_k, bounds[1:], side="right"))
+        keys = slice(first, last)
+    mask = docs[:, None] == meta.doc_k[None, keys]
     if meta.causal:
-        mask &= meta.order_k[None, :] <= meta.order_q[rows, None]
-    return mask
+        mask &= meta.order_k[None, keys] <= meta.order_q[rows, None]
+    return keys, mask
+
+
+def _sorted(ids: Tensor) -> bool:
+    return ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all())
 
 
 def _group_kv(x: Tensor, num_q_heads: int) -> Tensor:
@@ -58,11 +74,13 @@ class SdpaBackend(AttentionBackend):
         lse = torch.empty(num_heads, num_rows, dtype=torch.float32, device=q.device)
         for start in range(0, num_rows, self.block_rows):
             rows = slice(start, min(start + self.block_rows, num_rows))
-            scores = torch.matmul(q[rows].float().transpose(0, 1), keys.transpose(1, 2)) * scale
-            scores.masked_fill_(~_block_mask(meta, rows)[None], float("-inf"))  # [Hq, t, S]
+            span, mask = _block_keys(meta, rows)
+            scores = torch.matmul(q[rows].float().transpose(0, 1), keys[:, span].transpose(1, 2))
+            scores = scores * scale
+            scores.masked_fill_(~mask[None], float("-inf"))  # [Hq, t, span]
             block_lse = torch.logsumexp(scores, dim=-1)  # [Hq, t]; -inf for empty rows
             probs = torch.exp(scores - block_lse.nan_to_num(neginf=0.0)[..., None])
-            out[rows] = torch.matmul(probs, values).transpose(0, 1).to(q.dtype)
+            out[rows] = torch.matmul(probs, values[:, span]).transpose(0, 1).to(q.dtype)
             lse[:, rows] = block_lse
         return out, lse
 
@@ -86,15 +104,16 @@ class SdpaBackend(AttentionBackend):
             rows = slice(start, min(start + self.block_rows, num_rows))
             q_block = q[rows].float().transpose(0, 1)  # [Hq, t, D]
             do_block = dout[rows].float().transpose(0, 1)
-            scores = torch.matmul(q_block, keys.transpose(1, 2)) * scale
-            scores.masked_fill_(~_block_mask(meta, rows)[None], float("-inf"))
+            span, mask = _block_keys(meta, rows)
+            scores = torch.matmul(q_block, keys[:, span].transpose(1, 2)) * scale
+            scores.masked_fill_(~mask[None], float("-inf"))  # [Hq, t, span]
             probs = torch.exp(scores - lse[:, rows].nan_to_num(neginf=0.0)[..., None])
-            dvalues += torch.matmul(probs.transpose(1, 2), do_block)
-            dprobs = torch.matmul(do_block, values.transpose(1, 2))  # [Hq, t, S]
+            dvalues[:, span] += torch.matmul(probs.transpose(1, 2), do_block)
+            dprobs = torch.matmul(do_block, values[:, span].transpose(1, 2))  # [Hq, t, span]
             row_dot = (do_block * out[rows].float().transpose(0, 1)).sum(-1, keepdim=True)
             dscores = probs * (dprobs - row_dot) * scale
-            dq[rows] = torch.matmul(dscores, keys).transpose(0, 1)
-            dkeys += torch.matmul(dscores.transpose(1, 2), q_block)
+            dq[rows] = torch.matmul(dscores, keys[:, span]).transpose(0, 1)
+            dkeys[:, span] += torch.matmul(dscores.transpose(1, 2), q_block)
         num_kv_heads = k.shape[1]
         groups = num_heads // num_kv_heads
         # [Hq, S, D] -> [Hkv, groups, S, D] -> sum over the group -> [S, Hkv, D]
