@@ -12,16 +12,26 @@ from lvita_model.attention.base import (
     Capabilities,
     packed_meta,
 )
+from lvita_model.attention.flash import FlashBackend
+from lvita_model.attention.npu import NpuBackend
+from lvita_model.attention.registry import BACKENDS, assert_supports, get_backend
 from lvita_model.attention.sdpa import SdpaBackend
+from lvita_model.attention.torch_varlen import TorchVarlenBackend
 
 __all__ = [
+    "BACKENDS",
     "AttentionBackend",
     "AttentionBackendError",
     "AttnMeta",
     "Capabilities",
+    "FlashBackend",
+    "NpuBackend",
     "PackedAttention",
     "SdpaBackend",
+    "TorchVarlenBackend",
+    "assert_supports",
     "attend",
+    "get_backend",
     "packed_meta",
 ]
 
