@@ -33,9 +33,10 @@ for such rows (a merged LSE of -inf would give inf / NaN otherwise).
 
 Head dims that are not a multiple of 8 are zero-padded (the private API does not pad since
 2.7); flash-attn supports head dims up to 256. Only fp16 / bf16 on CUDA (`capabilities`).
-Verified here: the glue, against fake modules with both signatures (tests/model/
-test_attention_glue.py); not verified: a real flash-attn kernel (no flash-attn on the GPU
-machine; tests/model/test_attention_gpu.py runs it wherever it is installed).
+Verified: the glue, against fake modules with both signatures (tests/model/
+test_attention_glue.py), and the same FA2 kernel family through torch's vendored copy
+(`torch_varlen`, on an H100). Not verified: a real flash-attn install (none on the GPU machine;
+tests/model/test_attention_gpu.py runs it wherever flash-attn is importable).
 """
 
 from __future__ import annotations
