@@ -137,6 +137,7 @@ def load_state(
                     mismatched.append(
                         f"{key}: checkpoint {tuple(tensor.shape)}, model {expected[name]}"
                     )
+                    loaded.add(name)  # present: reported as a mismatch, not as missing
                     continue
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
