@@ -96,7 +96,7 @@ def bench_ours(config, ids: torch.Tensor, cu_seqlens: list[int], steps: int, che
         model.zero_grad(set_to_none=True)
 
     result = timed(step, steps)
-    name = model.attention_backend.name
+    name = model.backend_for(ids.device, torch.bfloat16).name
     del model
     torch.cuda.empty_cache()
     return result, name

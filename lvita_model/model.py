@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lvita_model.attention import AttentionBackend, PackedAttention, packed_meta
+from lvita_model.attention import AttentionBackend, PackedAttention, SdpaBackend, packed_meta
 from lvita_model.attention.registry import get_backend
 from lvita_model.config import LongVitaConfig, load_config
 from lvita_model.head import last_position_logits, masked_lm_loss
@@ -93,11 +93,10 @@ class LongVitaForCausalLM(nn.Module):
         self.model = LongVitaModel(config)
         if not config.llm.tie_word_embeddings:
             self.lm_head = nn.Linear(config.llm.hidden_size, config.llm.vocab_size, bias=False)
-        self.attention_backend = (
-            get_backend(attention_backend)
-            if isinstance(attention_backend, str)
-            else attention_backend
-        )
+        self.attention_backend = attention_backend
+        """A backend, or a name resolved per device and dtype on first use ("auto": the fastest
+        available backend that supports the dtype, see `lvita_model.attention.registry`)."""
+        self._resolved_backends: dict[tuple[str, torch.dtype], AttentionBackend] = {}
 
     @property
     def head_weight(self) -> Tensor:
@@ -122,15 +121,26 @@ class LongVitaForCausalLM(nn.Module):
         document ``[0, T]`` for Long-VITA's stages 3-4); or pass a prepared `attention` callable
         (context parallelism, KV caches).
         """
+        backend = self.backend_for(input_ids.device, self.model.embed_tokens.weight.dtype)
         if attention is None:
             if cu_seqlens is None:
                 cu_seqlens = [0, int(input_ids.shape[0])]
             meta = packed_meta(cu_seqlens, causal=True, device=input_ids.device)
-            attention = PackedAttention(meta, self.attention_backend)
-        embeds = self.model.embed(
-            input_ids, pixel_values, image_token_positions, self.attention_backend
-        )
+            attention = PackedAttention(meta, backend)
+        embeds = self.model.embed(input_ids, pixel_values, image_token_positions, backend)
         return self.model.decode(embeds, position_ids, attention)
+
+    def backend_for(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+        """The attention backend used for tensors on `device` in `dtype`."""
+        if isinstance(self.attention_backend, AttentionBackend):
+            return self.attention_backend
+        key = (device.type, dtype)
+        if key not in self._resolved_backends:
+            backend = get_backend(self.attention_backend, device)
+            if self.attention_backend == "auto" and dtype not in backend.capabilities.dtypes:
+                backend = SdpaBackend()  # e.g. fp32 on CUDA: the flash kernels take 16-bit
+            self._resolved_backends[key] = backend
+        return self._resolved_backends[key]
 
     def loss(
         self, hidden: Tensor, targets: Tensor, chunk_rows: int = 4096
