@@ -56,14 +56,18 @@ def bench_transformers(config, ids: torch.Tensor, steps: int, checkpoint: bool):
 
     llm = config.llm
     hf_config = transformers.Qwen2Config(
-        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
-        intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
-        num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-        rope_theta=llm.rope_theta, tie_word_embeddings=llm.tie_word_embeddings,
+        vocab_size=llm.vocab_size,
+        hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads,
+        rope_theta=llm.rope_theta,
+        tie_word_embeddings=llm.tie_word_embeddings,
         max_position_embeddings=max(llm.max_position_embeddings, ids.numel()),
     )
     model = transformers.Qwen2ForCausalLM._from_config(
-        hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16
+        hf_config, attn_implementation="sdpa", dtype=torch.bfloat16
     ).cuda()
     if checkpoint:
         model.gradient_checkpointing_enable()
@@ -74,18 +78,19 @@ def bench_transformers(config, ids: torch.Tensor, steps: int, checkpoint: bool):
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    result = timed(step, steps)
-    del model
-    torch.cuda.empty_cache()
-    return result
+    return timed(step, steps)
 
 
 def bench_ours(config, ids: torch.Tensor, cu_seqlens: list[int], steps: int, checkpoint: bool):
     model = build_model(config, device="cuda", dtype=torch.bfloat16)
     model.model.checkpoint_layers = checkpoint
     model.train()
-    positions = torch.cat([torch.arange(b - a, device="cuda")
-                           for a, b in zip(cu_seqlens, cu_seqlens[1:], strict=True)])
+    positions = torch.cat(
+        [
+            torch.arange(b - a, device="cuda")
+            for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True)
+        ]
+    )
     labels = torch.where(torch.rand(ids.shape, device="cuda") < 0.1, ids, -100)
     targets = next_token_targets(labels, cu_seqlens)
 
@@ -95,11 +100,7 @@ def bench_ours(config, ids: torch.Tensor, cu_seqlens: list[int], steps: int, che
         (loss_sum / count.clamp(min=1)).backward()
         model.zero_grad(set_to_none=True)
 
-    result = timed(step, steps)
-    name = model.backend_for(ids.device, torch.bfloat16).name
-    del model
-    torch.cuda.empty_cache()
-    return result, name
+    return timed(step, steps), model.backend_for(ids.device, torch.bfloat16).name
 
 
 def main() -> None:
@@ -116,13 +117,20 @@ def main() -> None:
     ids = torch.randint(0, 151_000, (args.tokens,), device="cuda")
     doc = args.tokens // 8
     rows = []
-    hf_time, hf_mem = bench_transformers(config, ids, args.steps, args.checkpoint)
+    try:
+        hf_time, hf_mem = bench_transformers(config, ids, args.steps, args.checkpoint)
+    except torch.OutOfMemoryError:
+        hf_time = hf_mem = float("nan")  # reported as out of memory
+    torch.cuda.empty_cache()
     rows.append(("transformers Qwen2 (sdpa), 1 causal sequence", hf_time, hf_mem))
-    (one_time, one_mem), backend = bench_ours(config, ids, [0, args.tokens], args.steps,
-                                              args.checkpoint)
+    (one_time, one_mem), backend = bench_ours(
+        config, ids, [0, args.tokens], args.steps, args.checkpoint
+    )
     rows.append((f"ours ({backend}), 1 causal sequence", one_time, one_mem))
+    torch.cuda.empty_cache()
     (packed_time, packed_mem), _ = bench_ours(
-        config, ids, [i * doc for i in range(8)] + [args.tokens], args.steps, args.checkpoint)
+        config, ids, [i * doc for i in range(8)] + [args.tokens], args.steps, args.checkpoint
+    )
     rows.append((f"ours ({backend}), 8 packed documents", packed_time, packed_mem))
 
     lines = [
@@ -136,8 +144,13 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name, seconds, peak in rows:
-        lines.append(f"| {name} | {seconds:.3f} | {args.tokens / seconds:,.0f} | "
-                     f"{hf_time / seconds:.2f}x | {peak:.1f} |")
+        if seconds != seconds:  # NaN: out of memory
+            lines.append(f"| {name} | out of memory (80 GB) | | | |")
+            continue
+        ratio = "" if hf_time != hf_time else f"{hf_time / seconds:.2f}x"
+        lines.append(
+            f"| {name} | {seconds:.3f} | {args.tokens / seconds:,.0f} | {ratio} | {peak:.1f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
