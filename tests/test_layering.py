@@ -23,3 +23,15 @@ def test_lvita_data_never_imports_lvita_model():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_lvita_model_imports_torch_and_safetensors_only():
+    """The model package runs where only torch is installed (e.g. a GPU box without lvita_data's
+    media and tokenizer stack): no lvita_data module, no transformers."""
+    code = (
+        "import sys, lvita_model.model, lvita_model.weights, lvita_model.attention.registry; "
+        "print([m for m in sys.modules if m.startswith(('lvita_data', 'transformers', 'av', "
+        "'PIL', 'tokenizers'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

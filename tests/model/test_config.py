@@ -92,10 +92,17 @@ def test_missing_fields_and_bad_paths(tmp_path):
 
 def test_shape_checks():
     with pytest.raises(ConfigError, match="not divisible"):
-        LLMConfig(vocab_size=8, hidden_size=10, intermediate_size=8, num_layers=1,
-                  num_heads=3, num_kv_heads=1)
+        LLMConfig(
+            vocab_size=8,
+            hidden_size=10,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=3,
+            num_kv_heads=1,
+        )
     with pytest.raises(ConfigError, match="multiple of patch_size"):
         VisionConfig(image_size=450)
     with pytest.raises(ConfigError, match="qk_normalization"):
-        from_hf_config(to_hf_config(PRESETS["tiny"])
-                       | {"vision_config": {"qk_normalization": True}})
+        from_hf_config(
+            to_hf_config(PRESETS["tiny"]) | {"vision_config": {"qk_normalization": True}}
+        )

@@ -17,8 +17,9 @@ from lvita_model.weights import load_pretrained, save_pretrained
 VOCAB = 512
 
 
-def make_sample(generator: torch.Generator, num_text: int, num_tiles: int, tokens_per_tile: int,
-                image_size: int):
+def make_sample(
+    generator: torch.Generator, num_text: int, num_tiles: int, tokens_per_tile: int, image_size: int
+):
     """(ids [n], positions of its placeholders [num_tiles, tokens_per_tile], tiles)."""
     ids = torch.randint(0, VOCAB, (num_text + num_tiles * tokens_per_tile,), generator=generator)
     placeholder = torch.arange(num_tiles * tokens_per_tile).view(num_tiles, tokens_per_tile) + 3
@@ -42,8 +43,11 @@ def model_and_samples(small_config):
     model = build_model(small_config, seed=1, attention_backend=SdpaBackend()).eval()
     generator = torch.Generator().manual_seed(0)
     size, per_tile = small_config.vision.image_size, small_config.tokens_per_tile
-    samples = [make_sample(generator, 9, 2, per_tile, size), make_sample(generator, 20, 0,
-               per_tile, size), make_sample(generator, 5, 3, per_tile, size)]
+    samples = [
+        make_sample(generator, 9, 2, per_tile, size),
+        make_sample(generator, 20, 0, per_tile, size),
+        make_sample(generator, 5, 3, per_tile, size),
+    ]
     return model, samples
 
 
@@ -51,12 +55,18 @@ def test_packed_forward_equals_samples_run_separately(model_and_samples):
     model, samples = model_and_samples
     ids, positions, tiles, placeholders, cu = pack(samples)
     with torch.no_grad():
-        packed = model(ids, positions, cu_seqlens=cu, pixel_values=tiles,
-                       image_token_positions=placeholders)
-        for (sample_ids, placeholder, sample_tiles), start, end in zip(samples, cu[:-1], cu[1:],
-                                                                        strict=True):
-            alone = model(sample_ids, torch.arange(len(sample_ids)), pixel_values=sample_tiles,
-                          image_token_positions=placeholder)
+        packed = model(
+            ids, positions, cu_seqlens=cu, pixel_values=tiles, image_token_positions=placeholders
+        )
+        for (sample_ids, placeholder, sample_tiles), start, end in zip(
+            samples, cu[:-1], cu[1:], strict=True
+        ):
+            alone = model(
+                sample_ids,
+                torch.arange(len(sample_ids)),
+                pixel_values=sample_tiles,
+                image_token_positions=placeholder,
+            )
             assert (packed[start:end] - alone).abs().max().item() <= 1e-5
 
 
@@ -66,8 +76,13 @@ def test_vision_features_overwrite_placeholders_and_only_there(model_and_samples
     with torch.no_grad():
         embeds = model.model.embed(ids, tiles, placeholders, SdpaBackend())
         text = model.model.embed_tokens(ids)
-        features, _ = encode_tiles(model.model.vision_model, model.model.vision_projection,
-                                   tiles, chunk_tiles=8, backend=SdpaBackend())
+        features, _ = encode_tiles(
+            model.model.vision_model,
+            model.model.vision_projection,
+            tiles,
+            chunk_tiles=8,
+            backend=SdpaBackend(),
+        )
     is_placeholder = torch.zeros(len(ids), dtype=torch.bool)
     is_placeholder[placeholders.reshape(-1)] = True
     assert torch.equal(embeds[~is_placeholder], text[~is_placeholder])
@@ -80,15 +95,17 @@ def test_changing_a_tile_changes_only_its_own_sample(model_and_samples):
     changed = tiles.clone()
     changed[3] += 1.0  # the first tile of the third sample
     with torch.no_grad():
-        before = model(ids, positions, cu_seqlens=cu, pixel_values=tiles,
-                       image_token_positions=placeholders)
-        after = model(ids, positions, cu_seqlens=cu, pixel_values=changed,
-                      image_token_positions=placeholders)
+        before = model(
+            ids, positions, cu_seqlens=cu, pixel_values=tiles, image_token_positions=placeholders
+        )
+        after = model(
+            ids, positions, cu_seqlens=cu, pixel_values=changed, image_token_positions=placeholders
+        )
     difference = (after - before).abs().amax(-1)
     assert difference[: cu[2]].max().item() == 0.0
     first_token = placeholders[3, 0].item()
     assert difference[first_token:].min().item() > 0.0  # causal: every later token sees it
-    assert difference[cu[2]:first_token].max().item() == 0.0
+    assert difference[cu[2] : first_token].max().item() == 0.0
 
 
 def test_text_only_batch_still_touches_every_vision_parameter(small_config):
@@ -111,8 +128,9 @@ def test_loss_equals_full_logits_cross_entropy_with_next_token_targets(model_and
     labels[placeholders.reshape(-1)] = -100
     labels[::3] = -100
     targets = next_token_targets(labels, cu)
-    hidden = model(ids, positions, cu_seqlens=cu, pixel_values=tiles,
-                   image_token_positions=placeholders)
+    hidden = model(
+        ids, positions, cu_seqlens=cu, pixel_values=tiles, image_token_positions=placeholders
+    )
     loss_sum, count = model.loss(hidden, targets, chunk_rows=5)
     reference_sum, reference_count = full_logits_loss(hidden, model.head_weight, targets)
     assert count.item() == reference_count.item() == int((targets != -100).sum())
@@ -127,10 +145,12 @@ def test_long_vita_layout_round_trip_gives_the_same_logits(tmp_path, model_and_s
     save_pretrained(model, tmp_path, max_shard_bytes=300_000)
     loaded = load_pretrained(tmp_path, attention_backend=SdpaBackend()).eval()
     with torch.no_grad():
-        before = model(ids, positions, cu_seqlens=cu, pixel_values=tiles,
-                       image_token_positions=placeholders)
-        after = loaded(ids, positions, cu_seqlens=cu, pixel_values=tiles,
-                       image_token_positions=placeholders)
+        before = model(
+            ids, positions, cu_seqlens=cu, pixel_values=tiles, image_token_positions=placeholders
+        )
+        after = loaded(
+            ids, positions, cu_seqlens=cu, pixel_values=tiles, image_token_positions=placeholders
+        )
         # the weights are bit-identical (test_weights); BLAS may round differently for
         # tensors at other memory alignments, hence 1e-6 rather than exact equality
         assert (before - after).abs().max().item() <= 1e-6
@@ -142,8 +162,7 @@ def test_long_vita_layout_round_trip_gives_the_same_logits(tmp_path, model_and_s
 def test_build_model_is_deterministic_and_materialized(small_config):
     first = build_model(small_config, seed=5, attention_backend=SdpaBackend())
     second = build_model(small_config, seed=5, attention_backend=SdpaBackend())
-    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert not a.is_meta and torch.equal(a, b), name
     other = build_model(small_config, seed=6, attention_backend=SdpaBackend())
     assert not torch.equal(first.lm_head.weight, other.lm_head.weight)
@@ -154,8 +173,9 @@ def test_tiny_preset_runs_a_real_448_tile_forward_and_backward():
     model = build_model(config, attention_backend=SdpaBackend())
     generator = torch.Generator().manual_seed(0)
     ids, placeholder, tiles = make_sample(generator, 12, 2, 256, 448)
-    hidden = model(ids, torch.arange(len(ids)), pixel_values=tiles,
-                   image_token_positions=placeholder)
+    hidden = model(
+        ids, torch.arange(len(ids)), pixel_values=tiles, image_token_positions=placeholder
+    )
     labels = torch.where(torch.arange(len(ids)) > 520, ids, -100)
     loss_sum, count = model.loss(hidden, next_token_targets(labels, [0, len(ids)]))
     (loss_sum / count).backward()

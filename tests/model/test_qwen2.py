@@ -41,14 +41,18 @@ def hf_model(tie: bool, seed: int = 0):
 def ours_from(hf) -> LongVitaForCausalLM:
     config = from_hf_config(hf.config.to_dict())
     model = LongVitaForCausalLM(config, attention_backend=SdpaBackend())
-    state = {k: v for k, v in hf.state_dict().items()
-             if not (config.llm.tie_word_embeddings and k == "lm_head.weight")}
+    state = {
+        k: v
+        for k, v in hf.state_dict().items()
+        if not (config.llm.tie_word_embeddings and k == "lm_head.weight")
+    }
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def our_logits(model: LongVitaForCausalLM, ids: torch.Tensor, positions: torch.Tensor,
-               cu_seqlens: list[int]) -> torch.Tensor:
+def our_logits(
+    model: LongVitaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int]
+) -> torch.Tensor:
     hidden = model(ids, positions, cu_seqlens=cu_seqlens)
     return hidden @ model.head_weight.T
 
@@ -99,11 +103,13 @@ def test_gradients_equal_transformers():
     ours = ours_from(hf).train()
     ids = torch.randint(0, HF_TINY["vocab_size"], (33,))
     targets = torch.randint(0, HF_TINY["vocab_size"], (33,))
-    hf_loss = torch.nn.functional.cross_entropy(hf(input_ids=ids[None]).logits[0], targets,
-                                                reduction="sum")
+    hf_loss = torch.nn.functional.cross_entropy(
+        hf(input_ids=ids[None]).logits[0], targets, reduction="sum"
+    )
     hf_loss.backward()
     our_loss = torch.nn.functional.cross_entropy(
-        our_logits(ours, ids, torch.arange(33), [0, 33]), targets, reduction="sum")
+        our_logits(ours, ids, torch.arange(33), [0, 33]), targets, reduction="sum"
+    )
     our_loss.backward()
     assert abs(our_loss.item() - hf_loss.item()) <= 1e-4 * abs(hf_loss.item())
     hf_grads = dict(hf.named_parameters())

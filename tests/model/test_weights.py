@@ -42,19 +42,24 @@ def test_long_vita_layout_names(tmp_path, small_config):
     model = build_model(small_config, attention_backend=SdpaBackend())
     save_pretrained(model, tmp_path)
     keys = saved_keys(tmp_path)
-    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.bias",
-                 "model.layers.0.mlp.gate_proj.weight", "model.norm.weight", "lm_head.weight",
-                 "model.vision_model.embeddings.class_embedding",
-                 "model.vision_model.embeddings.patch_embedding.weight",
-                 "model.vision_model.embeddings.position_embedding",
-                 "model.vision_model.encoder.layers.1.attn.qkv.weight",
-                 "model.vision_model.encoder.layers.0.ls1",
-                 "model.vision_projection.pre_proj_layernorm.weight",
-                 "model.vision_projection.pre_proj_layernorm.bias",
-                 "model.vision_projection.mlp.0.weight", "model.vision_projection.mlp.2.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.bias",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.vision_model.embeddings.class_embedding",
+        "model.vision_model.embeddings.patch_embedding.weight",
+        "model.vision_model.embeddings.position_embedding",
+        "model.vision_model.encoder.layers.1.attn.qkv.weight",
+        "model.vision_model.encoder.layers.0.ls1",
+        "model.vision_projection.pre_proj_layernorm.weight",
+        "model.vision_projection.pre_proj_layernorm.bias",
+        "model.vision_projection.mlp.0.weight",
+        "model.vision_projection.mlp.2.weight",
+    ):
         assert name in keys, name
-    assert not any(k.startswith("model.vision_projection.mlp") and k.endswith("bias")
-                   for k in keys)
+    assert not any(k.startswith("model.vision_projection.mlp") and k.endswith("bias") for k in keys)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["vision_config"]["hidden_size"] == 32 and config["model_type"] == "qwen2"
 
@@ -73,8 +78,7 @@ def test_round_trip_single_and_sharded(tmp_path, small_config, max_shard_bytes):
     loaded = load_pretrained(tmp_path, attention_backend=SdpaBackend())
     assert_same_state(model, loaded)
     assert not any(p.is_meta for p in loaded.parameters())
-    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad
-               for p in loaded.parameters())
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in loaded.parameters())
 
 
 def test_bf16_save_and_dtype_on_load(tmp_path, small_config):
@@ -89,8 +93,9 @@ def test_bf16_save_and_dtype_on_load(tmp_path, small_config):
 
 
 def test_tied_embeddings_save_no_lm_head(tmp_path, small_config):
-    tied = dataclasses.replace(small_config, llm=dataclasses.replace(
-        small_config.llm, tie_word_embeddings=True))
+    tied = dataclasses.replace(
+        small_config, llm=dataclasses.replace(small_config.llm, tie_word_embeddings=True)
+    )
     model = build_model(tied, attention_backend=SdpaBackend())
     save_pretrained(model, tmp_path)
     assert "lm_head.weight" not in saved_keys(tmp_path)
@@ -125,8 +130,10 @@ def test_missing_files_are_errors(tmp_path, small_config):
 @pytest.mark.parametrize("prefix", ["", "vision_model."])
 def test_internvit_checkpoint_loads_into_the_vision_tower(tmp_path, small_config, prefix):
     source = InternVisionModel(small_config.vision)
-    save_file({prefix + k: v.contiguous() for k, v in source.state_dict().items()},
-              str(tmp_path / SINGLE_FILE))
+    save_file(
+        {prefix + k: v.contiguous() for k, v in source.state_dict().items()},
+        str(tmp_path / SINGLE_FILE),
+    )
     with torch.device("meta"):
         target = InternVisionModel(small_config.vision)
     load_vision_weights(target, tmp_path)
