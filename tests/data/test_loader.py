@@ -542,3 +542,31 @@ def test_bad_build_directories(build, tmp_path):
     (copy / "index.json").write_text(json.dumps(index))
     with pytest.raises(LoaderError, match="shard format 99"):
         ShardLoader(copy)
+
+
+def test_a_loader_batch_is_the_model_input_contract(build):
+    """The README's path: a packed batch from the shards runs through the tiny Long-VITA model
+    (ids, positions, cu_seqlens, tiles scattered at their placeholders, next-token loss)."""
+    import torch
+
+    from lvita_model.attention import SdpaBackend
+    from lvita_model.head import next_token_targets
+    from lvita_model.model import build_model
+
+    loader = ShardLoader(build, batch_size=1)
+    batch = next(batch for batch in loader if batch.num_tiles > 0).to_torch()
+    model = build_model("tiny", attention_backend=SdpaBackend())
+    hidden = model(
+        batch["input_ids"][0],
+        batch["position_ids"][0],
+        cu_seqlens=batch["cu_seqlens"],
+        pixel_values=batch["pixel_values"],
+        image_token_positions=batch["image_token_positions"],
+    )
+    targets = next_token_targets(batch["labels"][0], batch["cu_seqlens"])
+    loss_sum, count = model.loss(hidden, targets)
+    assert count.item() > 0 and torch.isfinite(loss_sum)
+    # an untrained model is near uniform over the 152,064-token vocabulary
+    assert abs(loss_sum.item() / count.item() - np.log(152064)) < 1.0
+    (loss_sum / count).backward()
+    assert model.model.vision_projection.mlp[2].weight.grad.abs().sum().item() > 0
