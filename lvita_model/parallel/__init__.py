@@ -1,0 +1,1 @@
+"""Context parallelism: pure sharding (`sharding`), distributed attention and batch steps."""
