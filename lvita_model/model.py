@@ -6,8 +6,9 @@ One packed sequence in the THD layout (a loader batch of B packs is flattened to
 2. tiles [N, 3, 448, 448] run through the vision tower and the projector in chunks of
    `vision_chunk_tiles` (bounded memory for thousands of frames) -> [N, 256, H];
 3. the features **overwrite** the embeddings at ``image_token_positions`` [N, 256] (scatter by
-   index, as the original); a sequence without tiles adds a zero term connected to every vision
-   parameter, so data-parallel ranks reduce the same set of gradients;
+   index, as the original; -1 marks a placeholder held by another context-parallel rank, see
+   `lvita_model.parallel.batch`); a sequence without tiles adds a zero term connected to every
+   vision parameter, so data-parallel ranks reduce the same set of gradients;
 4. the decoder with explicit ``position_ids`` and an attention callable;
 5. the logits-masked head (`lvita_model.head`): loss from the hidden states at positions whose
    *next* token is supervised, or logits at chosen positions only.
@@ -79,7 +80,11 @@ class LongVitaModel(Qwen2Model):
                 f"{None if image_token_positions is None else tuple(image_token_positions.shape)}"
             )
         flat_features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [N*256, H]
-        return embeds.index_copy(0, image_token_positions.reshape(-1), flat_features)
+        flat_positions = image_token_positions.reshape(-1)
+        here = flat_positions >= 0  # -1: the placeholder lives on another CP rank
+        if not bool(here.all()):
+            flat_positions, flat_features = flat_positions[here], flat_features[here]
+        return embeds.index_copy(0, flat_positions, flat_features)
 
 
 class LongVitaForCausalLM(nn.Module):
