@@ -1,12 +1,13 @@
 """Run a function on P gloo ranks in forked processes (a helper for distributed CPU tests).
 
-``run_distributed(fn, world_size, *args)`` forks `world_size` processes (fork start: ~2 s for
-P = 2 and ~8 s for P = 4 on 2 cores, spawn is 4x slower), each initializes a gloo process group
-on a fresh TCP port, sets ``torch.set_num_threads(1)``, calls ``fn(rank, world_size, *args)``
-and sends its (picklable) return value back through a queue. Returns the values by rank. An
-exception in a rank is re-raised in the parent with that rank's traceback; a rank that does
-not answer within `timeout` seconds fails the call. Run many cases per launch: process start
-dominates.
+``run_distributed(fn, world_size, *args)`` forks `world_size` processes, each initializes a
+gloo process group on a fresh TCP port, sets ``torch.set_num_threads(1)``, calls
+``fn(rank, world_size, *args)`` and sends its (picklable) return value back through a queue.
+Returns the values by rank. An exception in a rank is re-raised in the parent with that rank's
+traceback; a rank that dies or does not answer within `timeout` seconds fails the call (the
+remaining ranks are killed by handle). Run many cases per launch: the whole P = 2 / P = 4 launch
+of test_cp_attention.py, 55 cases included, takes 0.8 s / 1.8 s on 2 vCPUs with fork (spawn
+re-imports torch in every rank and is several times slower).
 """
 
 from __future__ import annotations
