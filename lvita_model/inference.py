@@ -295,16 +295,25 @@ class CacheAttention:
         return gather_merge(out, lse, self.group)
 
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""torch >= 2.13 renames all_gather_into_tensor (the old name warns)."""
+
+
 def gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """All ranks' partials (out [c, Hq, D], lse [Hq, c]) merged by LSE; the same on every rank."""
+    """All ranks' partials (out [c, Hq, D], lse [Hq, c]) merged by LSE; the same on every rank.
+
+    One all-gather per layer: out and lse travel together as fp32 [c, Hq, D + 1]."""
     from lvita_model.parallel.merge import merge_partials
 
     size = dist.get_world_size(group)
-    outs = out.new_empty((size, *out.shape))  # [P, c, Hq, D]
-    lses = lse.new_empty((size, *lse.shape))  # [P, Hq, c]
-    dist.all_gather_into_tensor(outs, out.contiguous(), group=group)
-    dist.all_gather_into_tensor(lses, lse.contiguous(), group=group)
-    merged, _ = merge_partials(outs, lses)
+    num_rows, num_heads, head_dim = out.shape
+    payload = torch.cat([out.float(), lse.t().unsqueeze(-1)], dim=-1)  # [c, Hq, D + 1]
+    gathered = payload.new_empty((size * num_rows, num_heads, head_dim + 1))
+    _all_gather_single(gathered, payload, group=group)
+    gathered = gathered.view(size, num_rows, num_heads, head_dim + 1)
+    outs = gathered[..., :head_dim]  # [P, c, Hq, D]
+    lses = gathered[..., head_dim].transpose(1, 2)  # [P, c, Hq] -> [P, Hq, c]
+    merged, _ = merge_partials(list(outs), list(lses))
     return merged.to(out.dtype)
 
 
@@ -418,10 +427,11 @@ def prefill(
 def cp_prefill_attention(
     shard: CPShard, backend: AttentionBackend, group: dist.ProcessGroup
 ) -> Attention:
-    """The default context-parallel prefill attention over zigzag shards (the ring)."""
-    from lvita_model.parallel.ring import RingAttention
+    """The default context-parallel prefill attention: the zigzag ring (K/V travel P-1 hops;
+    `lvita_model.parallel.allgather.AllGatherKVAttention` has the same signature)."""
+    from lvita_model.parallel.ring import ZigzagRingAttention
 
-    return RingAttention(shard, backend, group, causal=True)
+    return ZigzagRingAttention(shard, backend, group, causal=True)
 
 
 def cp_prefill(
@@ -456,6 +466,7 @@ def cp_prefill(
         cp_rank=rank,
         pixel_values=pixel_values,
         image_token_positions=image_token_positions,
+        pad_id=0,  # any valid id: the pads are never attended to nor stored
     )
     index = local.shard.index.to(device)  # [T_pad / P] global index of each local token
     keep = index < num_tokens  # the pads come after the prompt: never seen, never stored

@@ -5,6 +5,7 @@
     lvita build MANIFEST --out DIR          packed WebDataset shards (resumable)
     lvita stats DIR [--json] [--html FILE]  packing quality report of a build
     lvita verify DIR                        checksums, per-sample invariants, accounting
+    lvita generate MODEL --prompt TEXT      generated text, KV cache (see pipelines.generate)
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from lvita_data.errors import ManifestError, RejectRateExceeded
+from pipelines.generate import add_parser as add_generate_parser
 
 EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS, EXIT_BUILD = 2, 3, 4, 5
 
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo_data)
+    add_generate_parser(commands)
     return parser
 
 

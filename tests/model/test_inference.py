@@ -150,3 +150,153 @@ def test_step_misuse_is_an_error(model_and_prompt):
         attention.step(torch.tensor([0, 1])),
     ):
         attention(q, k, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Context parallelism: P gloo ranks, one launch per P
+
+
+def _allgather_prefill(shard, backend, group):
+    from lvita_model.parallel.allgather import AllGatherKVAttention
+
+    return AllGatherKVAttention(shard, backend, group, causal=True)
+
+
+CP_NEW_TOKENS = 9
+
+
+def _cp_cases(config):
+    """(name, ids, tiles, placeholders, sampling, prefill factory): the 31-token prompt with two
+    tiles (tile 0 is cut by a chunk boundary for P = 2 and 4), a 3-token prompt (P = 4: rank 3
+    holds only pads, so it starts decoding with an empty cache), and sampling."""
+    ids, tiles, placeholders = make_prompt(config)
+    short = ids[:3]
+    greedy, sampled = Sampling(), Sampling(temperature=1.0, top_k=20, seed=5)
+    return [
+        ("ring", ids, tiles, placeholders, greedy, None),
+        ("allgather", ids, tiles, placeholders, greedy, _allgather_prefill),
+        ("short", short, None, None, greedy, None),
+        ("sampled", ids, tiles, placeholders, sampled, None),
+    ]
+
+
+def _generate_case(model, case, group=None):
+    _, ids, tiles, placeholders, sampling, factory = case
+    result = generate(
+        model,
+        ids,
+        pixel_values=tiles,
+        image_token_positions=placeholders,
+        max_new_tokens=CP_NEW_TOKENS,
+        sampling=sampling,
+        eos_token_id=None,
+        keep_logits=True,
+        group=group,
+        prefill_attention=factory,
+    )
+    # numpy: tensors sent back through a queue would travel as shared-memory handles that die
+    # with the worker process
+    return result.tokens, torch.stack(result.logits).numpy(), result.cache_bytes
+
+
+def _cp_worker(rank, world_size, config):
+    import torch.distributed as dist
+
+    model = build_model(config, seed=3, attention_backend=SdpaBackend()).eval()
+    return [_generate_case(model, case, dist.group.WORLD) for case in _cp_cases(config)]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_context_parallel_generation_equals_one_process(small_config, world_size):
+    from dist_utils import run_distributed
+
+    model = build_model(small_config, seed=3, attention_backend=SdpaBackend()).eval()
+    cases = _cp_cases(small_config)
+    expected = [_generate_case(model, case) for case in cases]
+    per_rank = run_distributed(_cp_worker, world_size, small_config)
+    for index, (name, ids, *_) in enumerate(cases):
+        tokens, logits, _ = expected[index]
+        for rank in range(world_size):
+            got_tokens, got_logits, _ = per_rank[rank][index]
+            assert got_tokens == tokens, (name, rank)
+            assert abs(got_logits - logits).max() <= TOL, (name, rank)
+            assert (got_logits == per_rank[0][index][1]).all(), (name, rank)  # bit-identical
+        # the cache is sharded: every rank holds a part, together exactly the sequence
+        row_bytes = expected[index][2] // (len(ids) + CP_NEW_TOKENS - 1)
+        held = [per_rank[rank][index][2] // row_bytes for rank in range(world_size)]
+        assert sum(held) == len(ids) + CP_NEW_TOKENS - 1, (name, held)
+        if len(ids) >= 2 * world_size:
+            assert max(held) - min(held) <= 2 + CP_NEW_TOKENS // world_size, (name, held)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_generate_with_a_random_preset(capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "tiny", "--prompt", "Hello there", "--max-new-tokens", "3"])
+    assert exit_info.value.code == 0
+    out, err = capsys.readouterr()
+    assert "RANDOM weights" in err and "generated 3 token(s)" in err
+    assert "prompt 10 token(s)" in err  # 3 + "Hello there" (2) + 2 + <|im_start|>assistant\n
+    assert out.endswith("\n")
+
+
+def test_prompt_layout_is_the_data_pipelines(tmp_path):
+    """ChatML user turn + assistant header; an image's and a video's tokens and tiles as
+    `lvita_data` lays them out (thumbnail first, 258 tokens per frame)."""
+    import numpy as np
+    from PIL import Image
+
+    from lvita_data.tiling import choose_grid, count_image_tokens, num_tiles
+    from lvita_data.tokenizer import load_tokenizer
+    from pipelines.generate import build_prompt
+
+    tokenizer = load_tokenizer()
+    special = tokenizer.special_ids
+    text = build_prompt(tokenizer, "Hello there").input_ids.tolist()
+    header = [special.im_start, *tokenizer.encode("assistant"), special.newline]
+    user = [special.im_start, *tokenizer.encode("user"), special.newline]
+    assert text == [
+        *user,
+        *tokenizer.encode("Hello there"),
+        special.im_end,
+        special.newline,
+        *header,
+    ]
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 700, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(frames / f"{i:03d}.png")
+    prompt = build_prompt(
+        tokenizer, "Compare.", images=[str(tmp_path / "a.png")], videos=[str(frames)], max_frames=2
+    )
+    grid = choose_grid(700, 300)
+    ids = prompt.input_ids
+    tiles = num_tiles(grid) + 2
+    assert prompt.pixel_values.shape == (tiles, 3, 448, 448)
+    assert prompt.image_token_positions.shape == (tiles, 256)
+    content = tokenizer.encode("<image>\n<video>\nCompare.")  # the tags are put in front
+    assert len(ids) == 8 + len(content) - 2 + count_image_tokens(grid) + 2 * 258
+    placeholders = ids[prompt.image_token_positions]
+    assert (placeholders[0] == special.img_context).all()  # the thumbnail comes first
+    assert (placeholders[1 : num_tiles(grid)] == special.patch_context).all()
+    assert (placeholders[-2:] == special.vid_context).all()
+    assert ids[-3:].tolist() == header
+
+
+def test_cli_generate_reports_a_bad_model(tmp_path, capsys):
+    from pipelines.cli import main
+
+    for bad in (str(tmp_path / "missing"), str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", bad, "--prompt", "hi", "--max-new-tokens", "1"])
+        assert exit_info.value.code == 3
+        assert "lvita generate:" in capsys.readouterr().err and bad in str(bad)

@@ -1,0 +1,335 @@
+"""`lvita generate`: a prompt (with images or a video) -> generated text, with a KV cache.
+
+    lvita generate MODEL --prompt TEXT [--image PATH ...] [--video PATH --max-frames N]
+                   [--max-new-tokens N] [--prefill-chunk N] [--backend auto]
+                   [--temperature T --top-k K --seed S] [--dtype auto] [--tokenizer SPEC]
+    torchrun --nproc-per-node P -m pipelines generate MODEL ...   (context parallel, CP = P)
+
+MODEL is a checkpoint directory (`lvita_model.weights.load_pretrained`: config.json +
+safetensors; its tokenizer.json is used when present) or a preset name (`tiny`, ...): a
+**randomly initialized** model, which the output says; its text is noise, useful to check the
+pipeline end to end.
+
+The prompt is laid out exactly as the data pipeline lays out a training sample (`lvita_data`):
+one user turn ``<|im_start|>user\\n{content}<|im_end|>\\n`` followed by
+``<|im_start|>assistant\\n``. Without ``<image>`` / ``<video>`` tags in the text, one
+``<image>\\n`` per image and one ``<video>\\n`` per video are put in front of it. Each tag is
+expanded by `lvita_data.samples.tokenize_record` (dynamic tiling up to 12 tiles + thumbnail for
+images; for a video, the original's frame sampling at 1 fps capped at ``--max-frames``, 258
+tokens per frame); the tiles come from `lvita_data.pixels` (bit-identical to the original's
+preprocessing) in the order of the tags, and the features overwrite the placeholder positions.
+
+Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set, WORLD_SIZE > 1) the run is context
+parallel over all ranks: gloo on CPU, nccl on CUDA (device ``cuda:LOCAL_RANK``); every rank
+builds the same prompt, prefill is zigzag-sharded, each rank keeps its KV shard, decoding merges
+partial attention by LSE (`lvita_model.inference`); rank 0 prints.
+
+stdout: the generated text (special tokens kept, e.g. the final ``<|im_end|>``). stderr: what
+was loaded, the prompt length, tokens generated, prefill time and decode speed.
+Exit codes (those of `pipelines.cli`): 0 ok, 2 bad arguments (an image for a model without a
+vision tower, a tag count that does not match the files), 3 missing or unreadable model or
+media.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay out of `lvita --help` and the other commands
+    import torch
+
+    from lvita_data.tokenizer import LongVitaTokenizer
+    from lvita_model.model import LongVitaForCausalLM
+
+EXIT_ARGS, EXIT_MISSING = 2, 3
+UNLIMITED_LENGTH = 1 << 40
+"""No packed-length cap at inference: the prompt is as long as its media make it."""
+
+
+class GenerateError(Exception):
+    """A problem reported as one line and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Prompt:
+    input_ids: torch.Tensor
+    """int64 [T]: the ChatML prompt, ending with ``<|im_start|>assistant\\n``."""
+    pixel_values: torch.Tensor | None
+    """float32 [N, 3, 448, 448] normalised tiles in placeholder order (None without media)."""
+    image_token_positions: torch.Tensor | None
+    """int64 [N, 256]: the placeholder positions of each tile."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt
+
+
+def _content(prompt: str, num_images: int, num_videos: int) -> str:
+    """The user turn's text: tags in front unless the prompt places them itself."""
+    if "<image>" in prompt or "<video>" in prompt:
+        return prompt
+    return "<image>\n" * num_images + "<video>\n" * num_videos + prompt
+
+
+def build_prompt(
+    tokenizer: LongVitaTokenizer,
+    prompt: str,
+    *,
+    images: list[str] = (),  # type: ignore[assignment]
+    videos: list[str] = (),  # type: ignore[assignment]
+    max_frames: int = 64,
+    tokens_per_tile: int = 256,
+) -> Prompt:
+    """Ids, tiles and placeholder positions of one user turn + the assistant header."""
+    import numpy as np
+
+    from lvita_data.errors import SkipSample
+    from lvita_data.manifest import ImageConfig, VideoConfig
+    from lvita_data.samples import SampleRules, tokenize_record
+    from lvita_data.schema import MediaRef, RawRecord, Turn
+    from lvita_data.template import ChatTemplate
+    from lvita_data.tokens import vision_placeholder_positions
+
+    content = _content(prompt, len(images), len(videos))
+    record = RawRecord(
+        dataset="cli",
+        source_file="<prompt>",
+        record_id="0",
+        turns=(Turn("user", content),),
+        images=tuple(MediaRef("image", path=os.path.abspath(p), name=p) for p in images),
+        videos=tuple(MediaRef("video", path=os.path.abspath(p), name=p) for p in videos),
+    )
+    template = ChatTemplate.from_encoder(tokenizer.special_ids, tokenizer.encode)
+    rules = SampleRules(
+        template=template,
+        max_seq_len=UNLIMITED_LENGTH,
+        image=ImageConfig(),
+        video=VideoConfig(max_frames=max_frames, fit_to_budget=False),
+    )
+    try:
+        sample = tokenize_record(record, [tokenizer.encode(content)], rules)
+        tiles = _tiles(sample)
+    except SkipSample as error:
+        code = EXIT_MISSING if error.reason in _MISSING_REASONS else EXIT_ARGS
+        raise GenerateError(str(error), code) from None
+    ids = np.concatenate([sample.input_ids, template.role_prefix["assistant"]])
+    positions = vision_placeholder_positions(ids, tokenizer.special_ids)
+    return _as_tensors(ids, tiles, positions, tokens_per_tile)
+
+
+_MISSING_REASONS = frozenset(
+    ("missing_media", "corrupt_image", "bad_video", "empty_frame_dir", "too_few_frames")
+)
+
+
+def _tiles(sample: Any) -> Any:
+    """uint8 [N, 448, 448, 3] tiles of the sample's media in tag order (None without media)."""
+    from lvita_data.pixels import plan_tiles, tiles_array, video_tiles
+
+    tiles = []
+    for kind, index in sample.media_order:
+        if kind == "image":
+            tiles.extend(plan_tiles(sample.plan.images[index]))
+        else:
+            tiles.extend(video_tiles(sample.plan.videos[index]))
+    return tiles_array(tiles) if tiles else None
+
+
+def _as_tensors(ids: Any, tiles: Any, positions: Any, tokens_per_tile: int) -> Prompt:
+    import torch
+
+    from lvita_data.pixels import normalize_tiles
+
+    input_ids = torch.from_numpy(ids.astype("int64"))
+    if tiles is None:
+        return Prompt(input_ids, None, None)
+    if positions.shape[0] != tiles.shape[0] * tokens_per_tile:
+        raise GenerateError(
+            f"{tiles.shape[0]} tiles need {tiles.shape[0] * tokens_per_tile} placeholders of "
+            f"the model's {tokens_per_tile} per tile; the prompt has {positions.shape[0]}",
+            EXIT_ARGS,
+        )
+    pixel_values = torch.from_numpy(normalize_tiles(tiles))  # [N, 3, 448, 448]
+    placeholders = torch.from_numpy(positions.astype("int64")).view(-1, tokens_per_tile)
+    return Prompt(input_ids, pixel_values, placeholders)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(
+    spec: str, *, device: torch.device, dtype: torch.dtype, backend: str, seed: int
+) -> tuple[LongVitaForCausalLM, bool]:
+    """(model in eval mode, whether its weights are random) from a preset or a checkpoint."""
+    from lvita_model.config import PRESETS, ConfigError
+    from lvita_model.model import build_model
+    from lvita_model.weights import WeightsError, load_pretrained
+
+    if spec in PRESETS:
+        model = build_model(spec, device=device, dtype=dtype, seed=seed, attention_backend=backend)
+        return model.eval(), True
+    if not Path(spec).exists():
+        raise GenerateError(
+            f"model {spec!r}: no such checkpoint directory and not a preset ({', '.join(PRESETS)})",
+            EXIT_MISSING,
+        )
+    try:
+        model = load_pretrained(spec, device=device, dtype=dtype, attention_backend=backend)
+    except (ConfigError, WeightsError, OSError) as error:
+        raise GenerateError(f"cannot load model {spec!r}: {error}", EXIT_MISSING) from None
+    return model.eval(), False
+
+
+def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
+    from lvita_data.errors import SourceError
+    from lvita_data.tokenizer import load_tokenizer
+
+    if spec is None:
+        has_own = (Path(model_spec) / "tokenizer.json").is_file()
+        spec = model_spec if has_own else "qwen2.5"
+    try:
+        return load_tokenizer(spec)
+    except SourceError as error:
+        raise GenerateError(f"tokenizer: {error}", EXIT_MISSING) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Context parallelism from torchrun's environment
+
+
+def _distributed() -> tuple[Any, torch.device]:
+    """(CP group or None, device): a process group over all ranks when WORLD_SIZE > 1."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.group.WORLD, device
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``generate`` on the `lvita` sub-command parser."""
+    generate = commands.add_parser("generate", help="generate text from a prompt (KV cache)")
+    generate.add_argument("model", help="checkpoint directory or preset name (random weights)")
+    generate.add_argument("--prompt", required=True, help="the user's message")
+    generate.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    generate.add_argument("--video", action="append", default=[], help="video file or frame dir")
+    generate.add_argument("--max-frames", type=int, default=64, help="frames per video (1 fps cap)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--prefill-chunk", type=int, help="prefill N prompt tokens at a time")
+    generate.add_argument("--backend", default="auto", help="attention backend (auto, sdpa, ...)")
+    generate.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k best (0: all)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling and random-model seed")
+    generate.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint's, qwen2.5)")
+    generate.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except GenerateError as error:
+        print(f"lvita generate: {error}", file=sys.stderr)
+        return error.code
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lvita_model.inference import Sampling, generate
+
+    if args.max_new_tokens < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
+        raise GenerateError("--max-new-tokens and --prefill-chunk must be >= 1", EXIT_ARGS)
+    group, device = _distributed()
+    dtype = _dtype(args.dtype, device)
+    model, random = load_model(
+        args.model, device=device, dtype=dtype, backend=args.backend, seed=args.seed
+    )
+    tokenizer = _tokenizer(args.tokenizer, args.model)
+    if (args.image or args.video) and model.config.vision is None:
+        raise GenerateError(f"model {args.model!r} has no vision tower: drop the media", EXIT_ARGS)
+    per_tile = model.config.tokens_per_tile if model.config.vision is not None else 256
+    prompt = build_prompt(
+        tokenizer,
+        args.prompt,
+        images=args.image,
+        videos=args.video,
+        max_frames=args.max_frames,
+        tokens_per_tile=per_tile,
+    )
+    result = generate(
+        model,
+        prompt.input_ids.to(device),
+        pixel_values=None if prompt.pixel_values is None else prompt.pixel_values.to(device),
+        image_token_positions=prompt.image_token_positions,
+        max_new_tokens=args.max_new_tokens,
+        prefill_chunk=args.prefill_chunk,
+        sampling=Sampling(args.temperature, args.top_k, args.seed),
+        eos_token_id=tokenizer.special_ids.im_end,
+        group=group,
+    )
+    if _is_main():
+        _report(args, result, tokenizer, random, dtype, prompt, world=_world_size())
+    if group is not None:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _report(args, result, tokenizer, random: bool, dtype, prompt: Prompt, world: int) -> None:
+    if random:
+        print(
+            f"note: {args.model!r} is a preset with RANDOM weights (seed {args.seed}); "
+            "the text is noise",
+            file=sys.stderr,
+        )
+    tiles = 0 if prompt.pixel_values is None else prompt.pixel_values.shape[0]
+    decode_steps = max(len(result.tokens) - 1, 1)
+    print(
+        f"prompt {result.prompt_tokens} token(s) ({tiles} tile(s)), generated "
+        f"{len(result.tokens)} token(s){' (EOS)' if result.stopped_at_eos else ''}; "
+        f"prefill {result.prefill_seconds:.2f} s, decode "
+        f"{1000 * result.decode_seconds / decode_steps:.1f} ms/token; {dtype}, CP={world}",
+        file=sys.stderr,
+    )
+    print(tokenizer.decode(result.tokens))
