@@ -22,14 +22,17 @@ loss, whatever the number of supervised tokens per rank; a rank with none still 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lvita_model.attention import AttentionBackend
 from lvita_model.head import IGNORE_INDEX, next_token_targets
+from lvita_model.parallel.allgather import AllGatherKVAttention
+from lvita_model.parallel.ring import ZigzagRingAttention
 from lvita_model.parallel.sharding import (
     CPShard,
     Layout,
@@ -111,3 +114,43 @@ def global_loss(
         dist.all_reduce(stats, group=group)
     total_count = stats[1].clamp(min=1)
     return loss_sum / total_count.to(loss_sum.dtype), stats[0] / total_count
+
+
+CP_ATTENTION = ("ring", "allgather")
+
+
+def context_parallel_inputs(
+    batch: dict[str, Tensor],
+    group: dist.ProcessGroup | None,
+    backend: AttentionBackend,
+    *,
+    method: str = "ring",
+    layout: Layout = "zigzag",
+    pad_id: int = PAD_ID,
+) -> tuple[LocalBatch, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """(this rank's inputs, the attention callable for `model(..., attention=...)`).
+
+    `batch` holds one packed sequence as `lvita_data.loader.PackedBatch.to_torch()` returns it
+    (``input_ids``, ``position_ids``, ``labels`` of shape [B, T] are flattened to B * T tokens
+    with ``cu_seqlens`` over them; ``pixel_values`` and ``image_token_positions`` optional).
+    `method`: "ring" (zigzag p2p ring, KV memory 1/P) or "allgather" (KV gathered per layer)."""
+    cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+    local = shard_batch(
+        batch["input_ids"].reshape(-1),
+        batch["position_ids"].reshape(-1),
+        batch["labels"].reshape(-1),
+        batch["cu_seqlens"],
+        cp_size=cp_size,
+        cp_rank=cp_rank,
+        pixel_values=batch.get("pixel_values"),
+        image_token_positions=batch.get("image_token_positions"),
+        layout=layout,
+        pad_id=pad_id,
+    )
+    if method == "ring":
+        attention = ZigzagRingAttention(local.shard, backend, group)
+    elif method == "allgather":
+        attention = AllGatherKVAttention(local.shard, backend, group)
+    else:
+        raise ValueError(f"unknown CP attention method {method!r}: one of {CP_ATTENTION}")
+    return local, attention
