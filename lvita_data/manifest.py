@@ -199,7 +199,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         (item_hint,) = get_args(hint)
         return [_convert(item, item_hint, f"{where}[{i}]") for i, item in enumerate(value)]
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return build_dataclass(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, bool, str):
@@ -209,7 +209,11 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported manifest type {hint} at {where}")
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
+    """`cls` from a parsed YAML mapping, strictly: unknown or missing keys and wrong types raise
+    `ManifestError` naming the field's path (`where` prefixes it). Nested dataclasses, lists,
+    unions and Literals are checked; `${ENV}` is expanded in strings. Also used by other strict
+    configs (`lvita train`)."""
     if not isinstance(data, dict):
         raise ManifestError(f"{where or 'manifest'}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -266,7 +270,7 @@ def load_manifest(path: str | os.PathLike[str]) -> StageManifest:
     except yaml.YAMLError as error:
         raise ManifestError(f"{path}: invalid YAML: {error}") from None
     try:
-        manifest = _build(StageManifest, data, "")
+        manifest = build_dataclass(StageManifest, data)
     except ManifestError as error:
         raise ManifestError(f"{path}: {error}") from None
     manifest = _resolve_paths(manifest, path.resolve().parent)
