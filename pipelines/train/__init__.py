@@ -1,0 +1,1 @@
+"""`lvita train`: stage recipes, data x context parallel training, checkpoints."""

@@ -1,0 +1,161 @@
+"""Training configuration: strict YAML -> frozen dataclasses (`lvita train CONFIG`).
+
+A config names the data (a stage manifest whose shards were built, or a shard directory), the
+model (a preset name or a Hugging Face checkpoint directory), the stage recipe (Long-VITA's four
+stages, reference section 4; any field can be overridden) and the parallel layout. Parsing is
+the manifests' (`lvita_data.manifest.build_dataclass`): unknown keys, missing keys and wrong
+types are errors naming the field; `${ENV:-default}` is expanded; relative paths resolve against
+the config file's directory. Example (configs/train/demo.yaml):
+
+    schema_version: 1
+    stage: 2
+    data: {shards: ../../demo_data/shards/stage2}
+    model: {name: tiny}
+    recipe: {iterations: 30, global_batch: 4, lr: 1.0e-3}
+    parallel: {cp: 2}
+    output: {dir: ../../demo_data/runs/stage2, save_every: 10}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from lvita_data.errors import ManifestError
+from lvita_data.manifest import build_dataclass
+
+SCHEMA_VERSION = 1
+
+
+class TrainConfigError(ManifestError):
+    """A training config that cannot be parsed or is inconsistent."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    shards: str | None = None
+    """A build directory of `lvita build` (index.json inside)."""
+    manifest: str | None = None
+    """A stage manifest; its shards are read from `shards` (required with it) after a check
+    that they were built from this manifest."""
+    packs_per_micro_batch: int = 1
+    """Packs per forward (each pack is one packed sequence of the stage's length)."""
+    shuffle: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shards is None:
+            raise TrainConfigError("data.shards: the shard directory is required")
+        if self.packs_per_micro_batch < 1 or self.num_workers < 0:
+            raise TrainConfigError("data.packs_per_micro_batch must be >= 1, num_workers >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    name: str
+    """A preset of `lvita_model.config.PRESETS` (random init) or a checkpoint directory."""
+    attention_backend: str = "auto"
+    activation_checkpointing: bool = True
+    compile: bool = False
+    """torch.compile each decoder layer."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecipeOverrides:
+    """Fields left None take the stage recipe's value (`pipelines.train.recipes`)."""
+
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_ratio: float | None = None
+    iterations: int | None = None
+    global_batch: int | None = None
+    """Packs per optimizer step over all data-parallel ranks."""
+    betas: list[float] | None = None
+    weight_decay: float | None = None
+    clip_grad_norm: float | None = None
+    vit_lr_scale: float | None = None
+    vit_layer_decay: float | None = None
+    trainable: list[Literal["vision", "projector", "llm"]] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelConfig:
+    cp: int = 1
+    """Context-parallel degree; data parallel = world size / cp."""
+    cp_method: Literal["ring", "allgather"] = "ring"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on accelerators, float32 on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.cp < 1:
+            raise TrainConfigError(f"parallel.cp must be >= 1, got {self.cp}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OutputConfig:
+    dir: str
+    save_every: int = 100
+    """Optimizer steps between checkpoints (and at the end)."""
+    keep_last: int = 2
+    log_every: int = 1
+    export_hf: bool = True
+    """Write the final model in the Long-VITA Hugging Face layout to dir/hf."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    schema_version: int
+    stage: Literal[1, 2, 3, 4]
+    data: DataConfig
+    model: ModelConfig
+    output: OutputConfig
+    recipe: RecipeOverrides = field(default_factory=RecipeOverrides)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int | None = None
+    """Default: the stage's seed (42 / 4242 / 424242 / 42424242)."""
+    source_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise TrainConfigError(f"schema_version must be {SCHEMA_VERSION}")
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    expanded = os.path.expanduser(path)
+    return expanded if os.path.isabs(expanded) else os.path.normpath(base / expanded)
+
+
+def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Parse a training config strictly; errors name the file and the field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = build_dataclass(TrainConfig, data)
+    except OSError as error:
+        raise TrainConfigError(f"{path}: cannot read: {error}") from None
+    except yaml.YAMLError as error:
+        raise TrainConfigError(f"{path}: invalid YAML: {error}") from None
+    except ManifestError as error:
+        raise TrainConfigError(f"{path}: {error}") from None
+    base = path.resolve().parent
+    model_name = config.model.name
+    if os.sep in model_name or model_name.startswith("."):
+        model_name = _resolve(model_name, base)
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(
+            config.data,
+            shards=_resolve(config.data.shards, base),
+            manifest=_resolve(config.data.manifest, base),
+        ),
+        model=dataclasses.replace(config.model, name=model_name),
+        output=dataclasses.replace(config.output, dir=_resolve(config.output.dir, base)),
+        source_path=str(path.resolve()),
+    )
