@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lvita_model.attention import AttentionBackend
-from lvita_model.config import load_config, to_hf_config
+from lvita_model.config import LongVitaConfig, load_config, to_hf_config
 from lvita_model.model import LongVitaForCausalLM
 
 SINGLE_FILE = "model.safetensors"
@@ -176,15 +176,30 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
 ) -> None:
     """Write ``config.json`` and the weights in the Hugging Face layout (see module docstring)."""
+    save_state_dict(
+        model.state_dict(), model.config, directory, max_shard_bytes=max_shard_bytes, dtype=dtype
+    )
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    config: LongVitaConfig,
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """`save_pretrained` for a state dict held apart from a model (e.g. one gathered from
+    FSDP-sharded ranks): its names must be the model's (``model.*``, ``lm_head.*``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, tensor in model.state_dict().items():
+    tensors = {}
+    for name, tensor in state.items():
         tensor = tensor.detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        state[name] = tensor.contiguous().cpu()
-    shards = _split_shards(state, max_shard_bytes)
+        tensors[name] = tensor.contiguous().cpu()
+    shards = _split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         _save_atomic(shards[0], directory / SINGLE_FILE)
         (directory / INDEX_FILE).unlink(missing_ok=True)
@@ -194,12 +209,12 @@ def save_pretrained(
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             _save_atomic(shard, directory / name)
             weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
         _write_json_atomic(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, directory / INDEX_FILE
         )
         (directory / SINGLE_FILE).unlink(missing_ok=True)
-    _write_json_atomic(to_hf_config(model.config), directory / CONFIG_FILE)
+    _write_json_atomic(to_hf_config(config), directory / CONFIG_FILE)
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict]:
