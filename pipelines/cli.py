@@ -6,6 +6,7 @@
     lvita stats DIR [--json] [--html FILE]  packing quality report of a build
     lvita verify DIR                        checksums, per-sample invariants, accounting
     lvita generate MODEL --prompt TEXT      generated text, KV cache (see pipelines.generate)
+    lvita train CONFIG [--no-resume]        train a stage (torchrun for DP x CP; pipelines.train)
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build
@@ -106,6 +107,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lvita_data.loader import LoaderError
+    from pipelines.train.checkpoint import CheckpointError
+    from pipelines.train.config import load_train_config
+    from pipelines.train.loop import train
+
+    config = load_train_config(args.config)
+    try:
+        train(config, resume=not args.no_resume)
+    except (LoaderError, CheckpointError) as error:
+        print(f"lvita train: {error}", file=sys.stderr)
+        return EXIT_MISSING
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from lvita_data.demo import make_demo_corpus
 
@@ -160,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo_data)
     add_generate_parser(commands)
+
+    train = commands.add_parser("train", help="train a stage on its packed shards (DP x CP)")
+    train.add_argument("config", help="training config YAML (configs/train/*.yaml)")
+    train.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="do not continue from the latest checkpoint (refused if output.dir has one)",
+    )
+    train.set_defaults(run=_cmd_train)
     return parser
 
 

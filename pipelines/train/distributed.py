@@ -1,0 +1,179 @@
+"""Training runtime: process group, DP x CP device mesh, dtype, and FSDP2 sharding.
+
+**Process group.** Under torchrun (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set) every rank
+joins the default group; a plain process joins a group of one (an in-memory ``HashStore``), so
+one code path (mesh, FSDP2, DCP checkpoints) serves both. A group that already exists (a test
+harness, a caller) is used as is and left alone at the end. Backends: gloo on CPU, nccl on CUDA,
+hccl on Ascend NPUs (``torch_npu`` imported under ``except Exception``: a broken CANN install
+raises more than ImportError); the device is ``{cuda,npu}:LOCAL_RANK``.
+
+**Mesh.** ``init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))``: CP is the
+inner dimension, so the ranks of a CP group are adjacent (global rank = dp_rank * cp + cp_rank,
+the layout of `lvita_model.parallel.groups`); all CP ranks of a DP group read the same packs.
+The world size must be a multiple of ``parallel.cp`` (`TrainConfigError` otherwise).
+
+**FSDP2.** Parameters are sharded with ``fully_shard`` over the flattened DP x CP mesh: each
+decoder layer, the vision tower, then the root (the module that computes the loss, so the root
+parameters, LM head included, are unsharded while the loss runs). Gradients must be the **sum**
+over all DP x CP ranks of the gradients of (local loss sum / global supervised count): CP ranks
+hold parts of the same pack, so averaging would divide by CP. FSDP2 averages by default; every
+FSDP module gets ``set_gradient_divide_factor(1.0)`` and ``set_force_sum_reduction_for_comms(
+True)``. Verified with torch 2.13 (CPU, gloo, 2 ranks): the default gives half the summed
+gradient; the divide factor alone on the root changes nothing (it applies to the module's own
+parameter group only); the factor on every module without forcing sums selects
+``ReduceOp.PREMUL_SUM``, which gloo rejects ("Cannot use ReduceOp.PREMUL_SUM with Gloo"); with
+both, the gradients equal the summed ones exactly (ratio 1.0). So FSDP2 runs on CPU too: there is
+no replicated fallback. Mixed precision (bf16 compute): ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)`` over fp32 master parameters (the optimizer state stays fp32).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from pipelines.train.config import TrainConfigError
+
+_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this rank sits: device, world, and the DP x CP mesh."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    dp_size: int
+    dp_rank: int
+    cp_size: int
+    cp_rank: int
+    mesh: DeviceMesh
+    """2-D ("dp", "cp")."""
+    shard_mesh: DeviceMesh
+    """1-D flattened DP x CP: FSDP2 shards over it; gradients and counts reduce over it."""
+    owns_process_group: bool
+    """This runtime created the default group (and destroys it in `shutdown`)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("cp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("dp")
+
+    @property
+    def world_group(self) -> dist.ProcessGroup:
+        return self.shard_mesh.get_group()
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401
+
+        return bool(torch.npu.is_available())
+    except Exception:  # noqa: BLE001 - a broken CANN install raises more than ImportError
+        return False
+
+
+def device_type() -> str:
+    """'npu', 'cuda' or 'cpu': the accelerator this process trains on."""
+    if _npu_available():
+        return "npu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"{kind}:{local_rank}")
+    getattr(torch, kind).set_device(device)
+    return device
+
+
+def _init_process_group(kind: str, device: torch.device) -> bool:
+    """Join (or create) the default group; True when this call created it."""
+    if dist.is_initialized():
+        return False
+    backend = _BACKENDS[kind]
+    timeout = timedelta(minutes=30)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(
+            backend, timeout=timeout, device_id=device if kind != "cpu" else None
+        )
+    else:
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    return True
+
+
+def init_runtime(cp: int) -> Runtime:
+    """The process group, device and DP x CP mesh of this rank (collective)."""
+    kind = device_type()
+    device = _device(kind)
+    owns = _init_process_group(kind, device)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if cp < 1 or world_size % cp:
+        if owns:
+            dist.destroy_process_group()
+        raise TrainConfigError(
+            f"parallel.cp = {cp} does not divide the world size {world_size}: the world is "
+            f"data parallel x context parallel (run a multiple of {cp} ranks)"
+        )
+    dp = world_size // cp
+    mesh = init_device_mesh(kind, (dp, cp), mesh_dim_names=("dp", "cp"))
+    shard_mesh = mesh["dp", "cp"]._flatten("dp_cp")
+    return Runtime(
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        dp_size=dp,
+        dp_rank=mesh.get_local_rank("dp"),
+        cp_size=cp,
+        cp_rank=mesh.get_local_rank("cp"),
+        mesh=mesh,
+        shard_mesh=shard_mesh,
+        owns_process_group=owns,
+    )
+
+
+def shutdown(runtime: Runtime) -> None:
+    """Destroy the default group if `init_runtime` created it."""
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``parallel.dtype``: auto is bfloat16 on accelerators, float32 on CPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def shard_model(
+    root: nn.Module, units: list[nn.Module], runtime: Runtime, dtype: torch.dtype
+) -> None:
+    """FSDP2 over the flattened DP x CP mesh: each of `units` (decoder layers, the vision
+    tower), then `root`; gradients summed, not averaged (see the module docstring)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
+    )
+    for unit in [*units, root]:
+        fully_shard(unit, mesh=runtime.shard_mesh, mp_policy=policy)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)

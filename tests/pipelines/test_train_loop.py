@@ -1,0 +1,311 @@
+"""`lvita train`: DP=2 and CP=2 steps equal the single-process step, a run killed with SIGKILL
+resumes to the same losses, bad configs fail with clear errors.
+
+Data: one small build of the demo corpus (2 packs of 2048 tokens, with tiles); model: a small
+random Long-VITA (real vocabulary and 448-px tiles: the demo ids reach ~151,700 and every tile
+has 256 placeholders; 1 decoder layer of width 32, 1 ViT layer) saved as a checkpoint directory.
+The equivalence runs fork gloo ranks (`dist_utils.run_distributed`, one thread per rank); the
+resume runs are `python -m pipelines train` subprocesses, one killed by the loop's test hook
+(``LVITA_TRAIN_KILL_AFTER_STEP``) after a step that is not a checkpoint step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from dist_utils import run_distributed  # noqa: E402
+
+from lvita_data.build import build_stage  # noqa: E402
+from lvita_model.config import LLMConfig, LongVitaConfig, VisionConfig  # noqa: E402
+from lvita_model.model import build_model  # noqa: E402
+from lvita_model.weights import save_pretrained  # noqa: E402
+from pipelines.train.config import TrainConfigError, load_train_config  # noqa: E402
+from pipelines.train.loop import KILL_ENV, accumulation_steps, train  # noqa: E402
+from pipelines.train.metrics import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+MANIFEST = """\
+schema_version: 1
+stage: traintest
+seed: 5
+tokenizer: qwen2.5
+pack:
+  max_seq_len: 2048
+  reset_attention: true
+  group_by: none
+image:
+  max_tiles: 1
+  min_tiles: 1
+video:
+  max_frames: 2
+  max_fps: 1.0
+  fit_to_budget: true
+rejects:
+  max_rate: 0.5
+  min_selected: 1
+shards:
+  packs_per_shard: 4
+datasets:
+  - name: lv_image_caption
+    format: longvita_jsonl
+    path: {root}/longvita/image_caption.jsonl
+    media_root: {root}/longvita
+    ratio: 0.25
+  - name: short_chat
+    format: text_jsonl
+    path: {root}/text/short_chat.jsonl
+    ratio: 0.5
+"""
+
+SMALL = LongVitaConfig(
+    llm=LLMConfig(
+        vocab_size=152064,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+    ),
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+)
+
+
+@pytest.fixture(scope="module")
+def shards(demo_corpus, tmp_path_factory) -> Path:
+    """2 packs of 2048 tokens (one with 2 tiles, one with 6)."""
+    work = tmp_path_factory.mktemp("train_shards")
+    manifest = work / "traintest.yaml"
+    manifest.write_text(MANIFEST.format(root=demo_corpus[0]), encoding="utf-8")
+    build_stage(str(manifest), str(work / "out"), workers=1, progress=False)
+    return work / "out"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("train_model")
+    save_pretrained(build_model(SMALL, seed=1), directory)
+    return directory
+
+
+LR = 1.0e-3
+
+
+def write_config(path: Path, shards: Path, model_dir: Path, **sections) -> Path:
+    """A stage-2 config (everything trains) without warm-up: the first step has the full LR."""
+    config = {
+        "schema_version": 1,
+        "stage": 2,
+        "data": {"shards": str(shards)},
+        "model": {"name": str(model_dir)},
+        "recipe": {"iterations": 1, "global_batch": 2, "lr": LR, "warmup_ratio": 0.0},
+        "parallel": {"cp": 1},
+        "output": {"dir": str(path.parent / "run"), "save_every": 100},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _train_rank(rank: int, world_size: int, config_path: str, out_dir: str) -> dict:
+    config = load_train_config(config_path)
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=out_dir))
+    result = train(config)
+    return {"losses": result.losses, "records": result.records}
+
+
+def run_ranks(config: Path, world_size: int, out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(rank 0's result, the exported parameters) of a run on `world_size` gloo ranks."""
+    results = run_distributed(_train_rank, world_size, str(config), str(out_dir), timeout=240)
+    return results[0], load_file(str(out_dir / "hf" / "model.safetensors"))
+
+
+NOISE_ONLY = ".self_attn.k_proj.bias"
+"""Its exact gradient is 0 (q . b_k is the same for every key of a query: softmax ignores it),
+so the computed one is rounding noise, which Adam's first step (update = lr * g / |g|) turns
+into +-lr of arbitrary sign: not comparable between two summation orders."""
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Worst max|a - b| over the tensors (but `NOISE_ONLY`), and its name."""
+    assert a.keys() == b.keys()
+    worst, name = 0.0, ""
+    for key in b:
+        if key.endswith(NOISE_ONLY):
+            continue
+        error = (a[key] - b[key]).abs().max().item()
+        if error > worst:
+            worst, name = error, key
+    return worst, name
+
+
+@pytest.fixture(scope="module")
+def reference(shards, model_dir, tmp_path_factory) -> tuple[dict, dict, dict]:
+    """One step of the whole global batch (2 packs) on one rank: (result, parameters after,
+    parameters before)."""
+    work = tmp_path_factory.mktemp("train_reference")
+    config = write_config(work / "train.yaml", shards, model_dir)
+    result, params = run_ranks(config, 1, work / "run")
+    return result, params, load_file(str(model_dir / "model.safetensors"))
+
+
+def assert_same_step(result: dict, params: dict, reference: tuple[dict, dict, dict]) -> None:
+    ref_result, ref_params, initial = reference
+    record, ref_record = result["records"][0], ref_result["records"][0]
+    assert record["supervised_tokens"] == ref_record["supervised_tokens"] > 0
+    assert record["loss"] == pytest.approx(ref_record["loss"], rel=1e-6)
+    # a gradient averaged instead of summed over DP or CP ranks would halve the norm
+    assert record["grad_norm"] == pytest.approx(ref_record["grad_norm"], rel=1e-5)
+    # Adam's first update is lr * g / (|g| + eps): elements whose |g| is near eps (1e-8) turn
+    # an absolute gradient difference d into up to lr * d / (4 eps): rounding noise of another
+    # summation order (1e-6 of a gradient of 1e-3) can reach 1e-2 lr there. A lost or doubled
+    # contribution of a rank changes signs: errors of the order of lr.
+    error, name = max_difference(params, ref_params)
+    print(
+        f"loss {record['loss'] - ref_record['loss']:+.2e}, parameters {error / LR:.2e} lr ({name})"
+    )
+    assert error <= 1e-2 * LR, (name, error)
+    moved, _ = max_difference(ref_params, initial)
+    assert moved == pytest.approx(LR, rel=1e-3)  # the step moved parameters by lr
+
+
+def test_dp2_step_equals_the_single_process_step(shards, model_dir, reference, tmp_path):
+    config = write_config(tmp_path / "train.yaml", shards, model_dir)
+    result, params = run_ranks(config, 2, tmp_path / "run")
+    assert_same_step(result, params, reference)
+
+
+def test_cp2_step_equals_the_single_process_step(shards, model_dir, reference, tmp_path):
+    config = write_config(tmp_path / "train.yaml", shards, model_dir, parallel={"cp": 2})
+    result, params = run_ranks(config, 2, tmp_path / "run")
+    assert_same_step(result, params, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact resume after kill -9
+
+
+def _cli(config: Path, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(KILL_ENV, None)
+    if kill_after is not None:
+        env[KILL_ENV] = str(kill_after)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", "train", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_killed_run_resumes_to_the_same_losses(shards, model_dir, tmp_path):
+    """5 steps of 1 pack (2 packs: the epochs wrap), checkpoints every 2 steps. Killed after
+    step 3, the restart resumes from step 2: metrics.jsonl holds steps 1-5 once each, with the
+    losses of the uninterrupted run."""
+    sections = {
+        "recipe": {"iterations": 5, "global_batch": 1, "warmup_ratio": 0.2},
+        "output": {"save_every": 2, "export_hf": False},
+    }
+    straight = write_config(tmp_path / "a" / "train.yaml", shards, model_dir, **sections)
+    killed = write_config(tmp_path / "b" / "train.yaml", shards, model_dir, **sections)
+
+    done = _cli(straight)
+    assert done.returncode == 0, done.stderr
+    crash = _cli(killed, kill_after=3)
+    assert crash.returncode == -signal.SIGKILL, crash.stderr
+    assert [r["step"] for r in read_metrics(killed.parent / "run" / "metrics.jsonl")] == [1, 2, 3]
+    resumed = _cli(killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "steps 3..5 of 5" in resumed.stderr
+
+    expected = read_metrics(straight.parent / "run" / "metrics.jsonl")
+    got = read_metrics(killed.parent / "run" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, expected, strict=True):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"])
+    assert len({r["loss"] for r in expected}) == 5  # the steps really differ
+
+    again = _cli(killed)  # finished: nothing to do; --no-resume refuses the used directory
+    assert again.returncode == 0 and "steps" not in again.stderr, again.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "pipelines", "train", str(killed), "--no-resume"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "holds checkpoints" in refused.stderr, refused.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Bad configs
+
+
+def test_cp_must_divide_the_world_size(shards, model_dir, tmp_path):
+    config = load_train_config(
+        write_config(tmp_path / "train.yaml", shards, model_dir, parallel={"cp": 2})
+    )
+    with pytest.raises(TrainConfigError, match=r"parallel.cp = 2 does not divide the world size 1"):
+        train(config)
+
+
+def test_global_batch_must_split_over_dp_and_micro_batches(shards, model_dir, tmp_path):
+    assert accumulation_steps(8, 2, 2) == 2
+    with pytest.raises(TrainConfigError, match=r"global_batch = 6 is not a multiple of .* = 4"):
+        accumulation_steps(6, 2, 2)
+    config = load_train_config(
+        write_config(
+            tmp_path / "train.yaml",
+            shards,
+            model_dir,
+            recipe={"global_batch": 3},
+            data={"packs_per_micro_batch": 2},
+        )
+    )
+    with pytest.raises(TrainConfigError, match=r"recipe.global_batch = 3 is not a multiple"):
+        train(config)
+
+
+def test_cli_exit_codes_config_errors_2_missing_shards_3(shards, model_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    bad_key = tmp_path / "bad.yaml"
+    write_config(bad_key, shards, model_dir)
+    bad_key.write_text(bad_key.read_text() + "learning_rate: 1.0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(bad_key)])
+    assert exit_info.value.code == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+    other = tmp_path / "other.yaml"
+    other.write_text("schema_version: 1\nstage: other\n")
+    wrong_build = write_config(
+        tmp_path / "wrong.yaml", shards, model_dir, data={"manifest": str(other)}
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(wrong_build)])
+    assert exit_info.value.code == 2
+    assert "was not built from" in capsys.readouterr().err
+
+    missing = write_config(
+        tmp_path / "missing.yaml", shards, model_dir, data={"shards": str(tmp_path / "nowhere")}
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(missing)])
+    assert exit_info.value.code == 3
+    assert "not a build directory" in capsys.readouterr().err
