@@ -27,6 +27,13 @@ demo: setup
 	  $(VENV)/bin/lvita stats $(DEMO_DIR)/shards/stage$$s \
 	    --html $(DEMO_DIR)/reports/stage$$s.html || exit 1; \
 	done
+	# train the tiny model on the stage-2 shards (2 ranks, CP = 2; prints the first and last
+	# loss), then generate from the exported checkpoint
+	rm -rf $(DEMO_DIR)/runs/demo
+	LVITA_DEMO_ROOT=$(abspath $(DEMO_DIR)) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun \
+	  --nproc-per-node 2 -m pipelines train configs/train/demo.yaml
+	$(VENV)/bin/lvita generate $(DEMO_DIR)/runs/demo/hf --prompt "Describe the picture." \
+	  --image $(DEMO_DIR)/longvita/images/img_2x2.png --max-new-tokens 8
 
 test: setup
 	$(PY) -m pytest -q

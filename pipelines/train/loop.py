@@ -56,6 +56,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,13 @@ def prepare_model(config: TrainConfig, recipe: Recipe, runtime: Runtime) -> Loss
     if vision is not None:
         units = [*layers, vision]
     root = LossModule(model, runtime, config.parallel.cp_method)
+    # The tower returns x[:, 1:] (CLS dropped), a view; its only consumer, the projector, does no
+    # in-place op on it (reshape, pixel shuffle, LayerNorm), so FSDP2's warning does not apply.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"FSDP2-wrapped module \(FSDPInternVisionModel\) returned a view tensor",
+        category=UserWarning,
+    )
     shard_model(root, units, runtime, compute_dtype(config.parallel.dtype, runtime.device))
     return root
 
