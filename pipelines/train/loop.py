@@ -57,7 +57,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,11 +157,19 @@ class LossModule(nn.Module):
     """model + logits-masked head as one forward: a packed micro-batch -> (local loss sum,
     local supervised count). The FSDP2 root, so the LM head is unsharded while the loss runs."""
 
-    def __init__(self, model: LongVitaForCausalLM, runtime: Runtime, cp_method: str) -> None:
+    def __init__(
+        self,
+        model: LongVitaForCausalLM,
+        runtime: Runtime,
+        cp_method: str,
+        eager_attention: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.runtime = runtime
         self.cp_method = cp_method
+        self.eager_attention = eager_attention
+        """Run the CP attention outside compiled layers (see `_eager`)."""
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         model = self.model
@@ -179,6 +187,8 @@ class LossModule(nn.Module):
         local, attention = context_parallel_inputs(
             batch, self.runtime.cp_group, backend, method=self.cp_method
         )
+        if self.eager_attention:
+            attention = _eager(attention)
         hidden = model(
             local.input_ids,
             local.position_ids,
@@ -187,6 +197,19 @@ class LossModule(nn.Module):
             image_token_positions=local.image_token_positions,
         )
         return model.loss(hidden, local.targets)
+
+
+def _eager(attention: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable:
+    """The CP attention (p2p ring / all-gather, an autograd.Function with communication) kept
+    out of ``torch.compile``d layers: compiled through, torch 2.13's inductor generated code
+    that fails at run time (``NameError: name 's24' is not defined`` in the ring's block
+    metadata, CPU, CP=2); with this graph break the layers compile around it."""
+
+    @torch.compiler.disable
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attention(q, k, v)
+
+    return attend
 
 
 def load_model(config: TrainConfig, recipe: Recipe, device: torch.device) -> LongVitaForCausalLM:
@@ -212,7 +235,7 @@ def prepare_model(config: TrainConfig, recipe: Recipe, runtime: Runtime) -> Loss
     vision = getattr(model.model, "vision_model", None)
     if vision is not None:
         units = [*layers, vision]
-    root = LossModule(model, runtime, config.parallel.cp_method)
+    root = LossModule(model, runtime, config.parallel.cp_method, config.model.compile)
     # The tower returns x[:, 1:] (CLS dropped), a view; its only consumer, the projector, does no
     # in-place op on it (reshape, pixel shuffle, LayerNorm), so FSDP2's warning does not apply.
     warnings.filterwarnings(

@@ -309,3 +309,36 @@ def test_cli_exit_codes_config_errors_2_missing_shards_3(shards, model_dir, tmp_
         main(["train", str(missing)])
     assert exit_info.value.code == 3
     assert "not a build directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_step_flops_and_peak_table():
+    from lvita_model.config import load_config
+    from pipelines.train.metrics import decoder_params, peak_flops, step_flops
+
+    config = load_config("qwen2.5-0.5b")  # 24 layers, hidden 896, 14 / 2 heads, MLP 4864
+    per_layer = 896 * 64 * (2 * 14 + 2 * 2) + 3 * 896 * 4864
+    assert decoder_params(config) == 24 * per_layer
+    flops = step_flops(
+        config, vision_parameters=0, tokens=1000, supervised=10, squared_lengths=10**6, tiles=0
+    )
+    assert flops == 6 * (24 * per_layer * 1000 + 151936 * 896 * 10 + 24 * 896 * 10**6)
+    assert peak_flops(torch.device("cpu")) is None  # no MFU on CPU
+
+
+def test_metrics_file_truncation_and_torn_lines(tmp_path):
+    from pipelines.train.metrics import MetricsFile, read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsFile(path)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": float(step)})
+    log.close()
+    with path.open("a") as file:
+        file.write('{"step": 4, "lo')  # a crash mid-line
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    truncate_metrics(path, 2)
+    assert read_metrics(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
