@@ -1,5 +1,5 @@
-"""`lvita train`: DP=2 and CP=2 steps equal the single-process step, a run killed with SIGKILL
-resumes to the same losses, bad configs fail with clear errors.
+"""`lvita train`: DP=2, CP=2 and DP=2 x CP=2 steps equal the single-process step, a run killed
+with SIGKILL resumes to the same losses, bad configs fail with clear errors.
 
 Data: one small build of the demo corpus (2 packs of 2048 tokens, with tiles); model: a small
 random Long-VITA (real vocabulary and 448-px tiles: the demo ids reach ~151,700 and every tile
@@ -7,6 +7,11 @@ has 256 placeholders; 1 decoder layer of width 32, 1 ViT layer) saved as a check
 The equivalence runs fork gloo ranks (`dist_utils.run_distributed`, one thread per rank); the
 resume runs are `python -m pipelines train` subprocesses, one killed by the loop's test hook
 (``LVITA_TRAIN_KILL_AFTER_STEP``) after a step that is not a checkpoint step.
+
+Measured (2 vCPUs, torch 2.13 CPU): DP=2 is bit-identical to one rank (loss and every
+parameter); CP=2 and DP=2 x CP=2 differ by 1.3e-7 in the loss (11.93) and by at most 5.2e-4 lr
+in a parameter after the Adam step (see `assert_same_step`); the resumed losses, gradient norms
+and LRs equal the uninterrupted run's exactly. The whole file takes about 60 s.
 """
 
 from __future__ import annotations
@@ -342,3 +347,9 @@ def test_metrics_file_truncation_and_torn_lines(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     truncate_metrics(path, 2)
     assert read_metrics(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+
+
+def test_dp2_cp2_step_equals_the_single_process_step(shards, model_dir, reference, tmp_path):
+    config = write_config(tmp_path / "train.yaml", shards, model_dir, parallel={"cp": 2})
+    result, params = run_ranks(config, 4, tmp_path / "run")
+    assert_same_step(result, params, reference)
