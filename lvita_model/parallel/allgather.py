@@ -41,15 +41,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lvita_model.attention.base import AttentionBackend
-from lvita_model.attention.registry import assert_supports
 from lvita_model.parallel.blocks import (
     Block,
     ContextParallelError,
     allgather_blocks,
-    check_local_inputs,
     take_rows,
 )
-from lvita_model.parallel.groups import check_shard_matches_group
+from lvita_model.parallel.ring import ContextParallelAttention
 from lvita_model.parallel.sharding import CPShard
 
 # torch >= 2.13 renamed the tensor collectives (the old names warn); older torch has only those.
@@ -185,7 +183,7 @@ def _block_backward(
     grads[:, 1].index_add_(0, block.k_rows, block_dv.float())
 
 
-class AllGatherKVAttention:
+class AllGatherKVAttention(ContextParallelAttention):
     """All-gather-KV attention for one batch: ``attention(q, k, v) -> out`` on this rank's
     tokens.
 
@@ -196,6 +194,8 @@ class AllGatherKVAttention:
     built once per device, on the first call.
     """
 
+    function = _AllGatherKVFn
+
     def __init__(
         self,
         shard: CPShard,
@@ -205,29 +205,10 @@ class AllGatherKVAttention:
         head_stride: int | None = None,
         scale: float | None = None,
     ) -> None:
-        check_shard_matches_group(shard, group)
-        assert_supports(backend, causal=causal, varlen=True, lse=True, block_backward=True)
         if head_stride is not None and head_stride < 1:
             raise ContextParallelError(f"head_stride must be >= 1 (or None), got {head_stride}")
-        self.shard = shard
-        self.backend = backend
-        self.group = group
-        self.causal = causal
+        super().__init__(shard, backend, group, causal, scale)
         self.head_stride = head_stride
-        self.scale = scale
-        self.cp_size, self.cp_rank = shard.cp_size, shard.cp_rank
-        self._blocks: dict[torch.device, list[Block]] = {}
 
-    def blocks(self, device: torch.device) -> list[Block]:
-        if device not in self._blocks:
-            self._blocks[device] = allgather_blocks(self.shard, self.causal, device)
-        return self._blocks[device]
-
-    def forward_with_lse(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """(out [T, Hq, D] in q's dtype, lse [Hq, T] fp32, not differentiable)."""
-        check_local_inputs(q, k, v, self.shard)
-        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        return _AllGatherKVFn.apply(q, k, v, self, scale)
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.forward_with_lse(q, k, v)[0]
+    def plan_blocks(self, device: torch.device) -> list[Block]:
+        return allgather_blocks(self.shard, self.causal, device)

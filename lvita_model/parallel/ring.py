@@ -169,14 +169,17 @@ def _block_backward(
         dkv[1].index_add_(0, block.k_rows, block_dv.float())
 
 
-class ZigzagRingAttention:
-    """Ring attention for one batch: ``attention(q, k, v) -> out`` on this rank's tokens.
+class ContextParallelAttention:
+    """The shared part of the CP attention callables: ``attention(q, k, v) -> out`` on this rank's
+    tokens of one batch.
 
     `shard` is this rank's `CPShard` (zigzag or contiguous), `group` the CP process group (None:
     the default group); its size and this rank's position must equal the shard's. `causal`:
     per-document causal (decoder) or bidirectional (ViT-like). `scale` defaults to D ** -0.5.
-    The per-step metas are built once per device, on the first call.
+    The blocks (`plan_blocks`) and their metas are built once per device, on the first call.
     """
+
+    function: type[torch.autograd.Function]
 
     def __init__(
         self,
@@ -196,17 +199,29 @@ class ZigzagRingAttention:
         self.cp_size, self.cp_rank = shard.cp_size, shard.cp_rank
         self._blocks: dict[torch.device, list[Block | None]] = {}
 
+    def plan_blocks(self, device: torch.device) -> list[Block | None]:
+        raise NotImplementedError
+
     def blocks(self, device: torch.device) -> list[Block | None]:
-        """The block computed with each source rank's K/V (None: nothing to compute)."""
         if device not in self._blocks:
-            self._blocks[device] = ring_blocks(self.shard, self.causal, device)
+            self._blocks[device] = self.plan_blocks(device)
         return self._blocks[device]
 
     def forward_with_lse(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(out [T, Hq, D] in q's dtype, lse [Hq, T] fp32, not differentiable)."""
         check_local_inputs(q, k, v, self.shard)
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        return _RingAttentionFn.apply(q, k, v, self, scale)
+        return self.function.apply(q, k, v, self, scale)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.forward_with_lse(q, k, v)[0]
+
+
+class ZigzagRingAttention(ContextParallelAttention):
+    """Ring attention (see the module docstring and `ContextParallelAttention`)."""
+
+    function = _RingAttentionFn
+
+    def plan_blocks(self, device: torch.device) -> list[Block | None]:
+        """The block computed with each source rank's K/V (None: nothing to compute)."""
+        return ring_blocks(self.shard, self.causal, device)
