@@ -109,6 +109,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lvita_data.loader import LoaderError
+    from lvita_model.config import ConfigError
+    from lvita_model.weights import WeightsError
     from pipelines.train.checkpoint import CheckpointError
     from pipelines.train.config import load_train_config
     from pipelines.train.loop import train
@@ -116,7 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config)
     try:
         train(config, resume=not args.no_resume)
-    except (LoaderError, CheckpointError) as error:
+    except (LoaderError, CheckpointError, ConfigError, WeightsError) as error:
         print(f"lvita train: {error}", file=sys.stderr)
         return EXIT_MISSING
     return 0

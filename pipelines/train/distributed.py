@@ -120,20 +120,36 @@ def _init_process_group(kind: str, device: torch.device) -> bool:
     return True
 
 
+def expected_world_size() -> int:
+    """The world size this process will train in, before any group exists (torchrun's
+    ``WORLD_SIZE``, else 1; an existing default group's size)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def check_layout(world_size: int, cp: int) -> int:
+    """The data-parallel size; `TrainConfigError` unless cp divides the world size."""
+    if cp < 1 or world_size % cp:
+        raise TrainConfigError(
+            f"parallel.cp = {cp} does not divide the world size {world_size}: the world is "
+            f"data parallel x context parallel (run a multiple of {cp} ranks)"
+        )
+    return world_size // cp
+
+
 def init_runtime(cp: int) -> Runtime:
     """The process group, device and DP x CP mesh of this rank (collective)."""
     kind = device_type()
     device = _device(kind)
     owns = _init_process_group(kind, device)
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    if cp < 1 or world_size % cp:
+    try:
+        dp = check_layout(world_size, cp)
+    except TrainConfigError:
         if owns:
             dist.destroy_process_group()
-        raise TrainConfigError(
-            f"parallel.cp = {cp} does not divide the world size {world_size}: the world is "
-            f"data parallel x context parallel (run a multiple of {cp} ranks)"
-        )
-    dp = world_size // cp
+        raise
     mesh = init_device_mesh(kind, (dp, cp), mesh_dim_names=("dp", "cp"))
     shard_mesh = mesh["dp", "cp"]._flatten("dp_cp")
     return Runtime(

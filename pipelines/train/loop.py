@@ -3,7 +3,8 @@
 **Setup** (`pipelines.train.distributed`): the process group (torchrun or a single process), a
 DP x CP device mesh, the model (a preset with random init from the recipe seed, or a checkpoint
 directory) in fp32 master weights, the stage's trainable parts (`recipes.apply_trainable`),
-activation checkpointing per decoder layer, optional ``torch.compile`` per decoder layer, then
+activation checkpointing per decoder layer, optional ``torch.compile`` per decoder layer (the CP
+attention, with its communication, stays eager between the compiled parts), then
 FSDP2 over the flattened DP x CP mesh with summed (not averaged) gradients, the recipe's AdamW
 and warm-up + cosine schedule. Every DP rank reads its own slice of the packs
 (`lvita_data.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP group
@@ -69,6 +70,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lvita_data.loader import LoaderError, PackedBatch, ShardLoader
+from lvita_model.config import load_config
 from lvita_model.head import IGNORE_INDEX, next_token_targets
 from lvita_model.model import LongVitaForCausalLM, build_model
 from lvita_model.parallel.batch import context_parallel_inputs
@@ -82,7 +84,9 @@ from pipelines.train.checkpoint import (
 from pipelines.train.config import TrainConfig, TrainConfigError
 from pipelines.train.distributed import (
     Runtime,
+    check_layout,
     compute_dtype,
+    expected_world_size,
     init_runtime,
     shard_model,
     shutdown,
@@ -135,6 +139,18 @@ def check_data(config: TrainConfig) -> Path:
                 f"data.manifest: {shards} was not built from {manifest} (its manifest.yaml "
                 "differs): rebuild the shards with `lvita build` or point data.shards elsewhere"
             )
+    return shards
+
+
+def preflight(config: TrainConfig, recipe: Recipe) -> Path:
+    """Every check that needs no process group, before one is created: the data
+    (`check_data`), the model's configuration (`lvita_model.config.ConfigError`), the parallel
+    layout and the accumulation against the world size torchrun announces. Returns the shard
+    directory."""
+    shards = check_data(config)
+    load_config(config.model.name)
+    dp = check_layout(expected_world_size(), config.parallel.cp)
+    accumulation_steps(recipe.global_batch, dp, config.data.packs_per_micro_batch)
     return shards
 
 
@@ -322,11 +338,11 @@ def train_step(
     stats = torch.stack([_batch_stats(batch) for batch in batches]).sum(0)
     dist.all_reduce(stats, group=runtime.dp_group)
     total = stats[0].clamp(min=1).to(torch.float32)
-    local_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    local_sum = torch.zeros((), dtype=torch.float32, device=runtime.device)  # HCCL: no fp64
     for batch in batches:
         loss_sum, _ = module(batch)
         (loss_sum / total).backward()
-        local_sum += loss_sum.detach().double()
+        local_sum += loss_sum.detach().float()
     dist.all_reduce(local_sum, group=runtime.world_group)
     trainable = [p for p in module.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
@@ -334,7 +350,7 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(
-        loss=float(local_sum / total.double()),
+        loss=float(local_sum / total),
         grad_norm=_scalar(grad_norm),
         supervised=int(stats[0]),
         squared_lengths=int(stats[1]),
@@ -349,7 +365,7 @@ def train_step(
 def train(config: TrainConfig, *, resume: bool = True) -> TrainResult:
     """Train per `config` (see the module docstring); collective under torchrun."""
     recipe = resolve_recipe(config)
-    shards = check_data(config)
+    shards = preflight(config, recipe)
     runtime = init_runtime(config.parallel.cp)
     try:
         return Trainer(config, recipe, shards, runtime).run(resume)

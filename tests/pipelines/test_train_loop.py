@@ -267,6 +267,7 @@ def test_cp_must_divide_the_world_size(shards, model_dir, tmp_path):
     )
     with pytest.raises(TrainConfigError, match=r"parallel.cp = 2 does not divide the world size 1"):
         train(config)
+    assert not torch.distributed.is_initialized()  # refused before any process group exists
 
 
 def test_global_batch_must_split_over_dp_and_micro_batches(shards, model_dir, tmp_path):
@@ -284,6 +285,7 @@ def test_global_batch_must_split_over_dp_and_micro_batches(shards, model_dir, tm
     )
     with pytest.raises(TrainConfigError, match=r"recipe.global_batch = 3 is not a multiple"):
         train(config)
+    assert not torch.distributed.is_initialized()
 
 
 def test_cli_exit_codes_config_errors_2_missing_shards_3(shards, model_dir, tmp_path, capsys):
@@ -353,3 +355,13 @@ def test_dp2_cp2_step_equals_the_single_process_step(shards, model_dir, referenc
     config = write_config(tmp_path / "train.yaml", shards, model_dir, parallel={"cp": 2})
     result, params = run_ranks(config, 4, tmp_path / "run")
     assert_same_step(result, params, reference)
+
+
+def test_cli_missing_model_exit_code_3(shards, tmp_path, capsys):
+    from pipelines.cli import main
+
+    config = write_config(tmp_path / "train.yaml", shards, tmp_path / "no_model")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(config)])
+    assert exit_info.value.code == 3
+    assert "no_model" in capsys.readouterr().err
