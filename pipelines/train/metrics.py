@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from lvita_model.config import LongVitaConfig
+from lvita_model.parallel.analysis import layer_params
 
 if TYPE_CHECKING:
     from lvita_model.model import LongVitaForCausalLM
@@ -66,11 +67,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def decoder_params(config: LongVitaConfig) -> int:
     """Parameters of the decoder layers (no embeddings, no head)."""
-    llm = config.llm
-    head_dim = llm.hidden_size // llm.num_heads
-    attention = llm.hidden_size * head_dim * (2 * llm.num_heads + 2 * llm.num_kv_heads)
-    mlp = 3 * llm.hidden_size * llm.intermediate_size
-    return llm.num_layers * (attention + mlp)
+    return layer_params(config.llm) * config.llm.num_layers
 
 
 def vision_params(model: torch.nn.Module) -> int:

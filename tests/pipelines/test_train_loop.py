@@ -327,7 +327,8 @@ def test_step_flops_and_peak_table():
     from pipelines.train.metrics import decoder_params, peak_flops, step_flops
 
     config = load_config("qwen2.5-0.5b")  # 24 layers, hidden 896, 14 / 2 heads, MLP 4864
-    per_layer = 896 * 64 * (2 * 14 + 2 * 2) + 3 * 896 * 4864
+    # q/k/v/o weights, q/k/v biases, SwiGLU, two RMSNorms
+    per_layer = 896 * 64 * (2 * 14 + 2 * 2) + 64 * (14 + 2 * 2) + 3 * 896 * 4864 + 2 * 896
     assert decoder_params(config) == 24 * per_layer
     flops = step_flops(
         config, vision_parameters=0, tokens=1000, supervised=10, squared_lengths=10**6, tiles=0
