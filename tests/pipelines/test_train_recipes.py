@@ -306,7 +306,8 @@ def test_shipped_train_configs_parse(name: str, monkeypatch: pytest.MonkeyPatch)
     if name == "demo":
         assert config.stage == 2 and config.model.name == "tiny" and config.parallel.cp == 2
         assert config.data.shards == str(repo / "demo_data" / "shards" / "stage2")
-        assert (recipe.iterations, recipe.lr, config.output.save_every) == (30, 1e-3, 10)
+        assert (recipe.iterations, recipe.lr, config.output.save_every) == (24, 2e-3, 8)
+        assert recipe.global_batch == 1 and not config.model.activation_checkpointing
         return
     stage = int(name[-1])
     assert config.stage == stage and recipe == STAGE_RECIPES[stage]
