@@ -53,7 +53,7 @@ from lvita_data.errors import LvitaError, SkipSample
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.packed import assemble_pack
 from lvita_data.packing import plan_packs
-from lvita_data.pixels import encode_tiles, plan_tiles, video_tiles
+from lvita_data.pixels import encode_tiles, sample_tiles
 from lvita_data.planner import StagePlan, _tokenizer_and_template, plan_stage
 from lvita_data.samples import SampleRules, tokenize_record
 from lvita_data.schema import RawRecord, Reject, RejectReason, TokenizedSample
@@ -215,16 +215,6 @@ def _open(ref: FileRef):
     return _open_cached(ref, identity)
 
 
-def _tiles_of(sample: TokenizedSample) -> list:
-    tiles = []
-    for kind, index in sample.media_order:
-        if kind == "image":
-            tiles.extend(plan_tiles(sample.plan.images[index]))
-        else:
-            tiles.extend(video_tiles(sample.plan.videos[index]))
-    return tiles
-
-
 def _sample_meta(sample: TokenizedSample, ref: FileRef, offset: int, num_tiles: int) -> dict:
     return {
         "dataset": sample.dataset,
@@ -333,7 +323,7 @@ def build_shard(task: ShardTask, context: BuildContext) -> dict:
                     rejects.append(sample)
                     continue
                 try:
-                    tiles = encode_tiles(_tiles_of(sample), fmt=manifest.shards.tile_format)
+                    tiles = encode_tiles(sample_tiles(sample), fmt=manifest.shards.tile_format)
                 except SkipSample as skip:
                     rejects.append(_reject(ref, row, skip))
                     continue

@@ -88,7 +88,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lvita_data.errors import SkipSample
 from lvita_data.media import open_image
-from lvita_data.schema import ImagePlan, MediaRef, RejectReason, VideoPlan
+from lvita_data.schema import ImagePlan, MediaRef, RejectReason, TokenizedSample, VideoPlan
 from lvita_data.tiling import TILE_SIZE
 from lvita_data.video import decode_frames, list_frame_dir
 
@@ -254,6 +254,17 @@ def video_frames(plan: VideoPlan) -> list[Image.Image]:
 def video_tiles(plan: VideoPlan) -> list[Image.Image]:
     """`frame_tile` of every planned frame; full-size frames are released one by one."""
     return [frame_tile(frame) for frame in _iter_frames(plan)]
+
+
+def sample_tiles(sample: TokenizedSample) -> list[Image.Image]:
+    """The tiles of a tokenized sample's images and videos in placeholder (tag) order."""
+    tiles: list[Image.Image] = []
+    for kind, index in sample.media_order:
+        if kind == "image":
+            tiles.extend(plan_tiles(sample.plan.images[index]))
+        else:
+            tiles.extend(video_tiles(sample.plan.videos[index]))
+    return tiles
 
 
 def _iter_frames(plan: VideoPlan) -> Iterator[Image.Image]:

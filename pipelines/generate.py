@@ -133,14 +133,9 @@ _MISSING_REASONS = frozenset(
 
 def _tiles(sample: Any) -> Any:
     """uint8 [N, 448, 448, 3] tiles of the sample's media in tag order (None without media)."""
-    from lvita_data.pixels import plan_tiles, tiles_array, video_tiles
+    from lvita_data.pixels import sample_tiles, tiles_array
 
-    tiles = []
-    for kind, index in sample.media_order:
-        if kind == "image":
-            tiles.extend(plan_tiles(sample.plan.images[index]))
-        else:
-            tiles.extend(video_tiles(sample.plan.videos[index]))
+    tiles = sample_tiles(sample)
     return tiles_array(tiles) if tiles else None
 
 
