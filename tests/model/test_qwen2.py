@@ -119,11 +119,14 @@ def test_gradients_equal_transformers():
         assert (param.grad - reference).abs().max().item() <= 1e-4 * scale, name
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_transformers_checkpoint_loads_with_load_pretrained(tmp_path, tie):
-    """A checkpoint written by transformers' own save_pretrained (safetensors) loads as is."""
+@pytest.mark.parametrize(("tie", "max_shard_size"), [(False, None), (True, None), (False, "200KB")])
+def test_transformers_checkpoint_loads_with_load_pretrained(tmp_path, tie, max_shard_size):
+    """A checkpoint written by transformers' own save_pretrained (safetensors, single or
+    sharded with model.safetensors.index.json) loads as is."""
     hf = hf_model(tie, seed=4)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
+    options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    hf.save_pretrained(tmp_path, safe_serialization=True, **options)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (max_shard_size is not None)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
     ours = load_pretrained(tmp_path, attention_backend=SdpaBackend()).eval()
     ids = torch.randint(0, HF_TINY["vocab_size"], (21,))
