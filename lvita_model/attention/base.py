@@ -28,6 +28,7 @@ torch-npu's backward kernels work the same way).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -60,26 +61,38 @@ class AttnMeta:
     """int64 [S]"""
 
 
+def host_cu_seqlens(cu_seqlens: Tensor | Sequence[int]) -> tuple[int, ...]:
+    """Document boundaries as host ints, checked: start at 0, never decrease."""
+    host = tuple(
+        int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
+    )
+    if len(host) < 2 or host[0] != 0 or any(b < a for a, b in zip(host, host[1:], strict=False)):
+        raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {host[:8]}...")
+    return host
+
+
+def document_ids(
+    host: Sequence[int], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """(int32 [T] document of every token, int64 [N] document lengths) for checked boundaries."""
+    lengths = torch.tensor([b - a for a, b in zip(host, host[1:], strict=False)], device=device)
+    ids = torch.arange(len(host) - 1, dtype=torch.int32, device=device)
+    return torch.repeat_interleave(ids, lengths), lengths
+
+
 def packed_meta(
-    cu_seqlens: Tensor | list[int] | tuple[int, ...],
+    cu_seqlens: Tensor | Sequence[int],
     *,
     causal: bool,
     device: torch.device | str | None = None,
 ) -> AttnMeta:
     """Self-attention over one packed sequence: documents ``[cu[i], cu[i+1])`` see only
     themselves (pass ``[0, T]`` for one document over the whole pack)."""
-    host = tuple(
-        int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
-    )
-    if len(host) < 2 or host[0] != 0 or any(b < a for a, b in zip(host, host[1:], strict=False)):
-        raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {host[:8]}...")
+    host = host_cu_seqlens(cu_seqlens)
     if device is None and isinstance(cu_seqlens, Tensor):
         device = cu_seqlens.device
     cu = torch.tensor(host, dtype=torch.int32, device=device)
-    lengths = torch.tensor([b - a for a, b in zip(host, host[1:], strict=False)], device=device)
-    doc = torch.repeat_interleave(
-        torch.arange(len(host) - 1, dtype=torch.int32, device=device), lengths
-    )  # [T]
+    doc, lengths = document_ids(host, device)  # [T], [N]
     order = torch.arange(host[-1], dtype=torch.int64, device=device)
     max_len = int(lengths.max()) if len(host) > 1 else 0
     return AttnMeta(cu, cu, host, host, max_len, max_len, causal, doc, doc, order, order)

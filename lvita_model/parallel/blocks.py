@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import AttnMeta
-from lvita_model.parallel.sharding import CPShard, document_ids, plan_shard
+from lvita_model.attention.base import AttnMeta, document_ids
+from lvita_model.parallel.sharding import CPShard, plan_shard
 
 
 class ContextParallelError(ValueError):
@@ -116,7 +116,7 @@ def ring_blocks(shard: CPShard, causal: bool, device: torch.device | str) -> lis
     """The block rank `shard.cp_rank` computes with the K/V of each source rank (index = source
     rank), None where it computes nothing (see the module docstring)."""
     size, rank = shard.cp_size, shard.cp_rank
-    doc_of = document_ids(shard.cu_seqlens)
+    doc_of = document_ids(shard.cu_seqlens)[0]
     blocks: list[Block | None] = []
     for src in range(size):
         other = shard if src == rank else plan_shard(shard.cu_seqlens, size, src, shard.layout)
@@ -193,7 +193,7 @@ def gathered_index(shard: CPShard) -> Tensor:
 def allgather_blocks(shard: CPShard, causal: bool, device: torch.device | str) -> list[Block]:
     """The calls of all-gather-KV attention; `k_rows` index the rank-major gathered buffer."""
     cu = shard.cu_seqlens
-    doc_of = document_ids(cu)
+    doc_of = document_ids(cu)[0]
     gathered = gathered_index(shard)
     row_of = torch.empty_like(gathered)
     row_of[gathered] = torch.arange(gathered.numel())  # global index -> gathered row

@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lvita_model.attention.base import host_cu_seqlens
+
 Layout = Literal["zigzag", "contiguous"]
 
 
@@ -41,12 +43,10 @@ class ShardingError(ValueError):
 
 
 def _host(cu_seqlens: Tensor | Sequence[int]) -> tuple[int, ...]:
-    host = tuple(
-        int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
-    )
-    if len(host) < 2 or host[0] != 0 or any(b < a for a, b in zip(host, host[1:], strict=False)):
-        raise ShardingError(f"cu_seqlens must start at 0 and not decrease, got {host[:8]}")
-    return host
+    try:
+        return host_cu_seqlens(cu_seqlens)
+    except ValueError as error:
+        raise ShardingError(str(error)) from None
 
 
 def required_multiple(cp_size: int, layout: Layout) -> int:
@@ -200,10 +200,3 @@ def unshard(pieces: Sequence[Tensor], shards: Sequence[CPShard], dim: int = 0) -
     for piece, shard in zip(pieces, shards, strict=True):
         out.index_copy_(dim, shard.index.to(out.device), piece)
     return out
-
-
-def document_ids(cu_seqlens: Sequence[int]) -> Tensor:
-    """int32 [T]: the document of every global token."""
-    host = _host(cu_seqlens)
-    lengths = torch.tensor([b - a for a, b in zip(host, host[1:], strict=False)])
-    return torch.repeat_interleave(torch.arange(len(host) - 1, dtype=torch.int32), lengths)
