@@ -30,11 +30,9 @@ from lvita_model.config import LongVitaConfig, load_config
 from lvita_model.head import last_position_logits, masked_lm_loss
 from lvita_model.projector import VisionProjector
 from lvita_model.qwen2 import Attention, Qwen2Model
-from lvita_model.vision import InternVisionModel, encode_tiles
+from lvita_model.vision import LAYER_SCALE_INIT, InternVisionModel, encode_tiles
 
 INIT_STD = 0.02
-LAYER_SCALE_INIT = 0.1
-"""InternViT's `initializer_factor`: ls1 / ls2 start at 0.1."""
 
 
 class LongVitaModel(Qwen2Model):
