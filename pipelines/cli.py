@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,10 @@ EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS, EXIT_BUILD = 2, 3, 4, 5
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
+    from lvita_data.shards import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
-    os.replace(temporary, path)
+    write_text_atomic(str(path), json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

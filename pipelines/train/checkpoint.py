@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lvita_data.shards import write_text_atomic
 from lvita_model.weights import save_state_dict
 
 CHECKPOINTS = "checkpoints"
@@ -143,12 +144,6 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
             return named
     complete = _complete_steps(directory)
     return complete[-1] if complete else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +258,7 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _write_text_atomic(final.parent / LATEST, final.name + "\n")
+    write_text_atomic(str(final.parent / LATEST), final.name + "\n")
 
 
 def _prune(directory: Path, keep_last: int) -> None:

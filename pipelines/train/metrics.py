@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
+from lvita_data.shards import write_text_atomic
 from lvita_model.config import LongVitaConfig
 from lvita_model.parallel.analysis import layer_params
 
@@ -141,9 +142,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
-    os.replace(temporary, path)
+    write_text_atomic(str(path), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
 
 
 @dataclass
