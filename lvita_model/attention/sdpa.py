@@ -22,15 +22,16 @@ from torch import Tensor
 from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
 
 
-def _block_keys(meta: AttnMeta, rows: slice) -> tuple[slice, Tensor]:
+def _block_keys(meta: AttnMeta, rows: slice, keys_sorted: bool) -> tuple[slice, Tensor]:
     """(key span, bool mask [t, span]): the keys the query rows may see.
 
     When the key document ids do not decrease (a packed sequence, a slice of one, a zigzag
     shard), only the span of keys of the block's documents is scored: the cost of a block is
-    its documents' length, not S (a ViT call of 256 tiles scores 1 tile, not 256)."""
+    its documents' length, not S (a ViT call of 256 tiles scores 1 tile, not 256).
+    `keys_sorted` is `_sorted(meta.doc_k)`, computed once per call rather than per block."""
     docs = meta.doc_q[rows]
     keys = slice(0, meta.doc_k.shape[0])
-    if _sorted(meta.doc_k) and docs.numel():
+    if keys_sorted and docs.numel():
         bounds = torch.stack([docs.min(), docs.max()])
         first = int(torch.searchsorted(meta.doc_k, bounds[:1], side="left"))
         last = int(torch.searchsorted(meta.doc_k, bounds[1:], side="right"))
@@ -72,9 +73,10 @@ class SdpaBackend(AttentionBackend):
         keys, values = _group_kv(k, num_heads), _group_kv(v, num_heads)  # [Hq, S, D]
         out = torch.empty_like(q)
         lse = torch.empty(num_heads, num_rows, dtype=torch.float32, device=q.device)
+        keys_sorted = _sorted(meta.doc_k)
         for start in range(0, num_rows, self.block_rows):
             rows = slice(start, min(start + self.block_rows, num_rows))
-            span, mask = _block_keys(meta, rows)
+            span, mask = _block_keys(meta, rows, keys_sorted)
             scores = torch.matmul(q[rows].float().transpose(0, 1), keys[:, span].transpose(1, 2))
             scores = scores * scale
             scores.masked_fill_(~mask[None], float("-inf"))  # [Hq, t, span]
@@ -100,11 +102,12 @@ class SdpaBackend(AttentionBackend):
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkeys = torch.zeros_like(keys)
         dvalues = torch.zeros_like(values)
+        keys_sorted = _sorted(meta.doc_k)
         for start in range(0, num_rows, self.block_rows):
             rows = slice(start, min(start + self.block_rows, num_rows))
             q_block = q[rows].float().transpose(0, 1)  # [Hq, t, D]
             do_block = dout[rows].float().transpose(0, 1)
-            span, mask = _block_keys(meta, rows)
+            span, mask = _block_keys(meta, rows, keys_sorted)
             scores = torch.matmul(q_block, keys[:, span].transpose(1, 2)) * scale
             scores.masked_fill_(~mask[None], float("-inf"))  # [Hq, t, span]
             probs = torch.exp(scores - lse[:, rows].nan_to_num(neginf=0.0)[..., None])
