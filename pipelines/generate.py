@@ -20,9 +20,9 @@ tokens per frame); the tiles come from `lvita_data.pixels` (bit-identical to the
 preprocessing) in the order of the tags, and the features overwrite the placeholder positions.
 
 Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set, WORLD_SIZE > 1) the run is context
-parallel over all ranks: gloo on CPU, nccl on CUDA (device ``cuda:LOCAL_RANK``); every rank
-builds the same prompt, prefill is zigzag-sharded, each rank keeps its KV shard, decoding merges
-partial attention by LSE (`lvita_model.inference`); rank 0 prints.
+parallel over all ranks: gloo on CPU, nccl on CUDA, hccl on NPU (device ``LOCAL_RANK``); every
+rank builds the same prompt, prefill is zigzag-sharded, each rank keeps its KV shard, decoding
+merges partial attention by LSE (`lvita_model.inference`); rank 0 prints.
 
 stdout: the generated text (special tokens kept, e.g. the final ``<|im_end|>``). stderr: what
 was loaded, the prompt length, tokens generated, prefill time and decode speed.
@@ -211,20 +211,17 @@ def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
 
 
 def _distributed() -> tuple[Any, torch.device]:
-    """(CP group or None, device): a process group over all ranks when WORLD_SIZE > 1."""
-    import torch
+    """(CP group or None, device): a process group over all ranks when WORLD_SIZE > 1 (gloo on
+    CPU, nccl on CUDA, hccl on NPU: `lvita train`'s process-group set-up)."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    from pipelines.train.distributed import device_type, join_process_group, select_device
+
+    kind = device_type()
+    device = select_device(kind)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, device
+    join_process_group(kind, device)
     return dist.group.WORLD, device
 
 

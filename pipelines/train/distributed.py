@@ -94,7 +94,8 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _device(kind: str) -> torch.device:
+def select_device(kind: str) -> torch.device:
+    """This rank's device of `kind` (``cuda:LOCAL_RANK`` / ``npu:LOCAL_RANK``), made current."""
     if kind == "cpu":
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -103,7 +104,7 @@ def _device(kind: str) -> torch.device:
     return device
 
 
-def _init_process_group(kind: str, device: torch.device) -> bool:
+def join_process_group(kind: str, device: torch.device) -> bool:
     """Join (or create) the default group; True when this call created it."""
     if dist.is_initialized():
         return False
@@ -141,8 +142,8 @@ def check_layout(world_size: int, cp: int) -> int:
 def init_runtime(cp: int) -> Runtime:
     """The process group, device and DP x CP mesh of this rank (collective)."""
     kind = device_type()
-    device = _device(kind)
-    owns = _init_process_group(kind, device)
+    device = select_device(kind)
+    owns = join_process_group(kind, device)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     try:
         dp = check_layout(world_size, cp)
