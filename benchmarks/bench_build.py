@@ -8,7 +8,7 @@ repetition:
 
   1. floor: one loop over the same images in record order: read the file's bytes, decode them
      (`Image.open` + `load`, RGB), choose the grid and cut the tiles exactly as
-     `lvita_data.pixels` (`choose_grid` + `image_tiles`), encode every tile as PNG level 1
+     `lvita_data.media.tiles` (`choose_grid` + `image_tiles`), encode every tile as PNG level 1
      (`encode_tiles`). Nothing else: no text, no packing, no tar, no disk writes.
   2. lvita: `python -m pipelines build MANIFEST --out DIR --workers 1 --quiet` in a fresh
      process, timed end to end: interpreter start, imports, tokenizer load, planning (parse,
@@ -48,8 +48,8 @@ import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lvita_data.pixels import PNG_COMPRESS_LEVEL, encode_tiles, image_tiles  # noqa: E402
-from lvita_data.tiling import choose_grid, num_tiles  # noqa: E402
+from lvita_data.media.tiles import PNG_COMPRESS_LEVEL, encode_tiles, image_tiles  # noqa: E402
+from lvita_data.samples.tiling import choose_grid, num_tiles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "build.md"
@@ -194,7 +194,7 @@ def profile(manifest: Path, out: Path) -> dict[str, float]:
     import cProfile
     import pstats
 
-    from lvita_data.build import build_stage
+    from lvita_data.build.run import build_stage
 
     shutil.rmtree(out, ignore_errors=True)
     profiler = cProfile.Profile()
@@ -249,7 +249,7 @@ CHANGES = (
 
 def startup_seconds() -> float:
     """Wall seconds of a fresh interpreter importing what `lvita build` imports (best of 3)."""
-    command = [sys.executable, "-c", "import pipelines.cli, lvita_data.build"]
+    command = [sys.executable, "-c", "import pipelines.cli, lvita_data.build.run"]
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
@@ -361,7 +361,7 @@ def main() -> None:
         f"in {len(index['shards'])} shards, {shard_bytes / 1e6:.1f} MB.",
         "",
         "- **floor** = one loop over the images: read the bytes, decode (Pillow, RGB), "
-        "`choose_grid` + `lvita_data.pixels.image_tiles`, `encode_tiles` as PNG level 1. Only "
+        "`choose_grid` + `lvita_data.media.tiles.image_tiles`, `encode_tiles` as PNG level 1. Only "
         "the pixel work, nothing written.",
         "- **lvita** = `python -m pipelines build MANIFEST --out DIR --workers 1 --quiet` in a "
         "fresh process, end to end (start-up, imports, tokenizer load, planning, packing, shard "

@@ -11,7 +11,7 @@ inputs exist, then VmHWM minus VmRSS at that point; glibc returns freed blocks a
 system (mallopt M_MMAP_THRESHOLD), as a GPU caching allocator's max_memory_allocated would not
 count them. The goal (issue 5): peak per rank at CP = 4 <= 0.35x CP = 1.
 
-The analytic table comes from `lvita_model.parallel.analysis` (no hand-typed numbers).
+The analytic table comes from `lvita_model.flops` (no hand-typed numbers).
 
     python benchmarks/bench_cp.py [--tokens 8192] [--layers 4] [--out benchmarks/results/cp.md]
 """
@@ -37,9 +37,9 @@ from dist_utils import run_distributed  # noqa: E402
 
 from lvita_model.attention import SdpaBackend  # noqa: E402
 from lvita_model.config import PRESETS, LLMConfig, LongVitaConfig  # noqa: E402
+from lvita_model.context_parallel.batch import context_parallel_inputs, global_loss  # noqa: E402
+from lvita_model.flops import format_cp_table  # noqa: E402
 from lvita_model.model import build_model  # noqa: E402
-from lvita_model.parallel.analysis import format_cp_table  # noqa: E402
-from lvita_model.parallel.batch import context_parallel_inputs, global_loss  # noqa: E402
 
 M_MMAP_THRESHOLD = -3
 
@@ -140,7 +140,7 @@ def main() -> None:
         "",
         "## Analytic costs, Long-VITA 14B (Qwen2.5-14B decoder), bf16 KV",
         "",
-        "`lvita_model.parallel.analysis.format_cp_table`; training FLOPs = 3x dense + 3.5x "
+        "`lvita_model.flops.format_cp_table`; training FLOPs = 3x dense + 3.5x "
         "causal attention; logits at every position in fp32 vs one 4,096-row chunk of the "
         "logits-masked head; traffic per layer per rank, forward.",
         "",

@@ -29,8 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import orjson  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from lvita_data.build.plan import _tokenizer_and_template, plan_file  # noqa: E402
 from lvita_data.manifest import DatasetEntry, PackConfig, StageManifest  # noqa: E402
-from lvita_data.planner import _tokenizer_and_template, plan_file  # noqa: E402
 
 WORDS = (
     "the a image shows chart of revenue growth over time with blue bars and red line axis "

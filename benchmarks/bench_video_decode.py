@@ -100,7 +100,7 @@ def frame_number(rgb) -> int:
 
 def _decode(method: str, path: str, idx: list[int], threads: int):
     if method in ("lvita", "lvita_noskip"):
-        from lvita_data import video
+        from lvita_data.media import video
 
         if method == "lvita_noskip":  # ablation: decode non-reference frames too
             video._SKIP_NONREF_CODECS = frozenset()
@@ -132,7 +132,7 @@ def worker(method: str, path: str, idx: list[int], threads: int) -> dict:
     import psutil
 
     if method.startswith("lvita"):
-        import lvita_data.video  # noqa: F401  (imports are not measured)
+        import lvita_data.media.video  # noqa: F401  (imports are not measured)
     elif method == "decord":
         import decord  # noqa: F401
     import av  # noqa: F401
@@ -257,8 +257,8 @@ def prepare_videos(work: Path) -> dict[str, Path]:
 
 
 def run_task(task, paths, methods, threads: int, repeats: int):
-    from lvita_data.frames import video_frame_indices  # Long-VITA's sampling rule
-    from lvita_data.video import probe_video
+    from lvita_data.media.video import probe_video
+    from lvita_data.samples.frames import video_frame_indices  # Long-VITA's sampling rule
 
     name, video, max_frames = task
     info = probe_video(str(paths[video]))
@@ -285,7 +285,7 @@ def run_task(task, paths, methods, threads: int, repeats: int):
 def probe_costs(paths: dict[str, Path]) -> list[str]:
     import av
 
-    from lvita_data.video import DecodeStats, _index_packets, probe_video
+    from lvita_data.media.video import DecodeStats, _index_packets, probe_video
 
     out = []
     for name, path in paths.items():

@@ -5,7 +5,7 @@ datasets of its mixture. Parsing is strict, as Megatron-Energon's: an unknown ke
 is a `ManifestError` naming the YAML path of the field and the file. `${ENV}` and
 `${ENV:-default}` are expanded in string values; relative paths resolve against the manifest's
 own directory. Mixture semantics follow the original exactly: `ratio` and `max_samples` apply
-*per file* of an entry (see `lvita_data.mixture`).
+*per file* of an entry (see `lvita_data.records.mixture`).
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ logits agree within 1e-5 (fp32, measured max 1.2e-7).
 context-parallel.md):
 
 1. Prefill: the prompt is zigzag-sharded like a training sequence
-   (`lvita_model.parallel.batch.shard_batch`: one document padded at its end to a multiple of 2P,
+   (`lvita_model.context_parallel.batch.shard_batch`: one document padded at its end to a multiple of 2P,
    rank r holds chunks r and 2P-1-r). The prefill attention is a context-parallel callable over
-   the shards (the ring / all-gather implementations of `lvita_model.parallel`), wrapped by the
+   the shards (the ring / all-gather implementations of `lvita_model.context_parallel`), wrapped by the
    step so each layer's *local* k/v are also stored: rank r's cache holds its shard's K/V only,
    with the shard's global indices as ``order``. The pad tokens sit after the prompt's last token,
    so causality keeps them out of every real token's attention; they are not stored.
@@ -54,7 +54,7 @@ context-parallel.md):
 2. Decoding: the new token is replicated (every rank runs the same one-token forward). In each
    layer every rank attends q over its local cache (a partial result (out, lse) over its keys; a
    rank with no visible key returns out = 0, lse = -inf), the partials are all-gathered over the
-   CP group and merged by their fp32 LSE (`lvita_model.parallel.merge`), so all ranks continue
+   CP group and merged by their fp32 LSE (`lvita_model.context_parallel.merge`), so all ranks continue
    with the same attention output. The new token's k/v are stored by one rank only, round-robin
    over steps (rank ``step % P``), so shards stay balanced; that rank's partial includes the new
    key (causal bottom-right with c = 1 sees every key), the others' are non-causal over older keys.
@@ -85,9 +85,9 @@ from torch import Tensor
 
 from lvita_model.attention import AttentionBackend, AttnMeta
 from lvita_model.config import LLMConfig
+from lvita_model.context_parallel.sharding import CPShard
 from lvita_model.head import last_position_logits
 from lvita_model.model import LongVitaForCausalLM
-from lvita_model.parallel.sharding import CPShard
 from lvita_model.qwen2 import Attention
 from lvita_model.vision import encode_tiles
 
@@ -312,7 +312,7 @@ def gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tensor:
     """All ranks' partials (out [c, Hq, D], lse [Hq, c]) merged by LSE; the same on every rank.
 
     One all-gather per layer: out and lse travel together as fp32 [c, Hq, D + 1]."""
-    from lvita_model.parallel.merge import merge_partials
+    from lvita_model.context_parallel.merge import merge_partials
 
     size = dist.get_world_size(group)
     num_rows, num_heads, head_dim = out.shape
@@ -437,8 +437,8 @@ def cp_prefill_attention(
     shard: CPShard, backend: AttentionBackend, group: dist.ProcessGroup
 ) -> Attention:
     """The default context-parallel prefill attention: the zigzag ring (K/V travel P-1 hops;
-    `lvita_model.parallel.allgather.AllGatherKVAttention` has the same signature)."""
-    from lvita_model.parallel.ring import ZigzagRingAttention
+    `lvita_model.context_parallel.allgather.AllGatherKVAttention` has the same signature)."""
+    from lvita_model.context_parallel.ring import ZigzagRingAttention
 
     return ZigzagRingAttention(shard, backend, group, causal=True)
 
@@ -455,7 +455,7 @@ def cp_prefill(
     """Context-parallel prefill of the whole prompt [T] (every rank passes all of it): this
     rank's zigzag shard of K/V goes into its cache; fp32 logits [V] of the next token, on every
     rank. `prefill_attention(shard, backend, group)` builds the CP attention (default: ring)."""
-    from lvita_model.parallel.batch import shard_batch
+    from lvita_model.context_parallel.batch import shard_batch
 
     group = attention.group
     if group is None:

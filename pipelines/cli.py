@@ -28,15 +28,15 @@ EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS, EXIT_BUILD = 2, 3, 4, 5
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    from lvita_data.shards import write_text_atomic
+    from lvita_data.shards.writer import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(str(path), json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from lvita_data.build.plan import MissingInputs, format_report, plan_stage
     from lvita_data.manifest import load_manifest
-    from lvita_data.planner import MissingInputs, format_report, plan_stage
 
     manifest = load_manifest(args.manifest)
     started = time.perf_counter()
@@ -62,8 +62,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from lvita_data.build import BuildError, build_stage
-    from lvita_data.planner import MissingInputs
+    from lvita_data.build.plan import MissingInputs
+    from lvita_data.build.run import BuildError, build_stage
 
     started = time.perf_counter()
     try:
@@ -93,13 +93,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from lvita_data.stats import main_stats
+    from lvita_data.stats.compute import main_stats
 
     return main_stats(args.dir, json_out=args.json, html=args.html)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from lvita_data.verify import main_verify
+    from lvita_data.verify.verify import main_verify
 
     return main_verify(
         args.dir, json_out=args.json, workers=args.workers, decode_tiles=not args.no_decode
@@ -107,7 +107,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lvita_data.loader import LoaderError
+    from lvita_data.loader.loader import LoaderError
     from lvita_model.config import ConfigError
     from lvita_model.weights import WeightsError
     from pipelines.train.checkpoint import CheckpointError

@@ -14,9 +14,9 @@ The prompt is laid out exactly as the data pipeline lays out a training sample (
 one user turn ``<|im_start|>user\\n{content}<|im_end|>\\n`` followed by
 ``<|im_start|>assistant\\n``. Without ``<image>`` / ``<video>`` tags in the text, one
 ``<image>\\n`` per image and one ``<video>\\n`` per video are put in front of it. Each tag is
-expanded by `lvita_data.samples.tokenize_record` (dynamic tiling up to 12 tiles + thumbnail for
+expanded by `lvita_data.samples.tokenize.tokenize_record` (dynamic tiling up to 12 tiles + thumbnail for
 images; for a video, the original's frame sampling at 1 fps capped at ``--max-frames``, 258
-tokens per frame); the tiles come from `lvita_data.pixels` (bit-identical to the original's
+tokens per frame); the tiles come from `lvita_data.media.tiles` (bit-identical to the original's
 preprocessing) in the order of the tags, and the features overwrite the placeholder positions.
 
 Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set, WORLD_SIZE > 1) the run is context
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy imports stay out of `lvita --help` and the other commands
     import torch
 
-    from lvita_data.tokenizer import LongVitaTokenizer
+    from lvita_data.tokenizer.tokenizer import LongVitaTokenizer
     from lvita_model.model import LongVitaForCausalLM
 
 EXIT_ARGS, EXIT_MISSING = 2, 3
@@ -94,10 +94,10 @@ def build_prompt(
 
     from lvita_data.errors import SkipSample
     from lvita_data.manifest import ImageConfig, VideoConfig
-    from lvita_data.samples import SampleRules, tokenize_record
+    from lvita_data.samples.template import ChatTemplate
+    from lvita_data.samples.tokenize import SampleRules, tokenize_record
+    from lvita_data.samples.vision_tokens import vision_placeholder_positions
     from lvita_data.schema import MediaRef, RawRecord, Turn
-    from lvita_data.template import ChatTemplate
-    from lvita_data.tokens import vision_placeholder_positions
 
     content = _content(prompt, len(images), len(videos))
     record = RawRecord(
@@ -133,7 +133,7 @@ _MISSING_REASONS = frozenset(
 
 def _tiles(sample: Any) -> Any:
     """uint8 [N, 448, 448, 3] tiles of the sample's media in tag order (None without media)."""
-    from lvita_data.pixels import sample_tiles, tiles_array
+    from lvita_data.media.tiles import sample_tiles, tiles_array
 
     tiles = sample_tiles(sample)
     return tiles_array(tiles) if tiles else None
@@ -142,7 +142,7 @@ def _tiles(sample: Any) -> Any:
 def _as_tensors(ids: Any, tiles: Any, positions: Any, tokens_per_tile: int) -> Prompt:
     import torch
 
-    from lvita_data.pixels import normalize_tiles
+    from lvita_data.media.tiles import normalize_tiles
 
     input_ids = torch.from_numpy(ids.astype("int64"))
     if tiles is None:
@@ -195,7 +195,7 @@ def load_model(
 
 def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
     from lvita_data.errors import SourceError
-    from lvita_data.tokenizer import load_tokenizer
+    from lvita_data.tokenizer.tokenizer import load_tokenizer
 
     if spec is None:
         has_own = (Path(model_spec) / "tokenizer.json").is_file()

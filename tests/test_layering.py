@@ -6,8 +6,8 @@ import sys
 
 def test_pure_data_modules_import_neither_torch_nor_model():
     code = (
-        "import sys, lvita_data.tiling, lvita_data.frames, lvita_data.tokens, lvita_data.mixture, "
-        "lvita_data.template, lvita_data.manifest; print(sorted(sys.modules))"
+        "import sys, lvita_data.samples.tiling, lvita_data.samples.frames, lvita_data.samples.vision_tokens, lvita_data.records.mixture, "
+        "lvita_data.samples.template, lvita_data.manifest; print(sorted(sys.modules))"
     )
     modules = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -18,7 +18,7 @@ def test_pure_data_modules_import_neither_torch_nor_model():
 
 def test_lvita_data_never_imports_lvita_model():
     code = (
-        "import sys, lvita_data.planner; "
+        "import sys, lvita_data.build.plan; "
         "print([m for m in sys.modules if 'lvita_model' in m or m == 'torch'])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

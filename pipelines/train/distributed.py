@@ -9,7 +9,7 @@ raises more than ImportError); the device is ``{cuda,npu}:LOCAL_RANK``.
 
 **Mesh.** ``init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))``: CP is the
 inner dimension, so the ranks of a CP group are adjacent (global rank = dp_rank * cp + cp_rank,
-the layout of `lvita_model.parallel.groups`); all CP ranks of a DP group read the same packs.
+the layout of `lvita_model.context_parallel.groups`); all CP ranks of a DP group read the same packs.
 The world size must be a multiple of ``parallel.cp`` (`TrainConfigError` otherwise).
 
 **FSDP2.** Parameters are sharded with ``fully_shard`` over the flattened DP x CP mesh: each

@@ -7,9 +7,9 @@ activation checkpointing per decoder layer, optional ``torch.compile`` per decod
 attention, with its communication, stays eager between the compiled parts), then
 FSDP2 over the flattened DP x CP mesh with summed (not averaged) gradients, the recipe's AdamW
 and warm-up + cosine schedule. Every DP rank reads its own slice of the packs
-(`lvita_data.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP group
+(`lvita_data.loader.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP group
 read the same packs and each computes on its zigzag shard of every pack
-(`lvita_model.parallel.batch.context_parallel_inputs`).
+(`lvita_model.context_parallel.batch.context_parallel_inputs`).
 
 **One optimizer step** consumes ``global_batch`` packs over all DP ranks: each rank runs
 ``accumulation = global_batch / (dp * packs_per_micro_batch)`` micro-batches (an error if not a
@@ -69,11 +69,11 @@ import yaml
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lvita_data.loader import LoaderError, PackedBatch, ShardLoader
+from lvita_data.loader.loader import LoaderError, PackedBatch, ShardLoader
 from lvita_model.config import load_config
+from lvita_model.context_parallel.batch import context_parallel_inputs
 from lvita_model.head import IGNORE_INDEX, next_token_targets
 from lvita_model.model import LongVitaForCausalLM, build_model
-from lvita_model.parallel.batch import context_parallel_inputs
 from lvita_model.weights import load_pretrained
 from pipelines.train.checkpoint import (
     export_hf,

@@ -30,9 +30,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from lvita_data.shards import write_text_atomic
+from lvita_data.shards.writer import write_text_atomic
 from lvita_model.config import LongVitaConfig
-from lvita_model.parallel.analysis import layer_params
+from lvita_model.flops import layer_params
 
 if TYPE_CHECKING:
     from lvita_model.model import LongVitaForCausalLM

@@ -1,4 +1,4 @@
-"""`lvita build` (lvita_data.build, lvita_data.shards): determinism across worker counts and
+"""`lvita build` (lvita_data.build.run, lvita_data.shards.writer): determinism across worker counts and
 executors, the shard format's invariants, crash safety (kill -9, then --resume) and refusals.
 
 One small mixed manifest over the session demo corpus (captions, parquet with embedded images,
@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvita_data.build import STATE_DIR, BuildError, build_stage, remove_temporaries
-from lvita_data.pixels import decode_tile, encode_tiles
-from lvita_data.planner import _tokenizer_and_template
+from lvita_data.build.plan import _tokenizer_and_template
+from lvita_data.build.run import STATE_DIR, BuildError, build_stage, remove_temporaries
+from lvita_data.media.tiles import decode_tile, encode_tiles
+from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards import (
+from lvita_data.shards.writer import (
     ARRAY_MEMBERS,
     TEMP_MARKER,
     load_npy,
@@ -35,7 +36,6 @@ from lvita_data.shards import (
     write_json_atomic,
     write_shard,
 )
-from lvita_data.tiling import TOKENS_PER_TILE, num_tiles
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BUILD = 5
@@ -337,7 +337,7 @@ def test_kill_9_then_resume_is_byte_identical(
     finally:
         process.wait(timeout=60)
     _, alive = psutil.wait_procs(children, timeout=10)
-    for leftover in alive:  # the planner's pool workers (lvita_data.planner) outlive a kill -9
+    for leftover in alive:  # the planner's pool workers (lvita_data.build.plan) outlive a kill -9
         leftover.kill()
     if point != "planning":  # the shard workers notice that the build died and stop writing
         assert not alive, f"workers outlived the killed build: {alive}"
@@ -387,7 +387,7 @@ def test_a_broken_shard_is_redone(
 def test_a_failing_task_leaves_no_temporaries_and_resume_finishes(
     workers: int, manifest: Path, reference_tree: dict[str, str], tmp_path: Path, monkeypatch
 ) -> None:
-    import lvita_data.build as build
+    import lvita_data.build.run as build
 
     calls = []
 
@@ -448,7 +448,7 @@ def test_foreign_directory_is_refused(manifest: Path, tmp_path: Path) -> None:
 def test_a_second_build_into_the_same_directory_is_refused(
     reference: Path, manifest: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import lvita_data.build as build
+    import lvita_data.build.run as build
 
     out = tmp_path / "out"
     shutil.copytree(reference, out)

@@ -22,7 +22,7 @@ from lvita_data.demo import (
 )
 from lvita_data.errors import SkipSample
 from lvita_data.manifest import expand_dataset_files, load_manifest
-from lvita_data.sources import open_source
+from lvita_data.records import open_source
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = [REPO / "manifests" / "demo" / f"stage{n}.yaml" for n in range(1, 5)]
@@ -298,7 +298,7 @@ def test_demo_manifest_default_root_is_repo_demo_data(monkeypatch: pytest.Monkey
 
 
 def test_demo_stages_plan_within_the_reject_policy(demo_root: Path) -> None:
-    from lvita_data.planner import plan_stage
+    from lvita_data.build.plan import plan_stage
 
     plans = {
         n: plan_stage(load_manifest(path), verify_media=True, progress=False)

@@ -1,4 +1,4 @@
-"""Energon compatibility (lvita_data.energon): the `.nv-meta/` and `*.tar.idx` lvita writes let
+"""Energon compatibility (lvita_data.shards.energon): the `.nv-meta/` and `*.tar.idx` lvita writes let
 the real `megatron-energon` open a build directory without `energon prepare`, agree with what
 `energon prepare` writes, and are byte-reproducible. Skipped without megatron-energon."""
 
@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lvita_data.build as build_module
-from lvita_data.build import build_stage
-from lvita_data.energon import (
+import lvita_data.build.run as build_module
+from lvita_data.build.run import build_stage
+from lvita_data.shards.energon import (
     DATASET_YAML,
     check_energon_metadata,
     index_uuid,
     read_layout,
     write_energon_metadata,
 )
-from lvita_data.shards import ShardInfo
-from lvita_data.verify import verify_build
+from lvita_data.shards.writer import ShardInfo
+from lvita_data.verify.verify import verify_build
 
 energon = pytest.importorskip("megatron.energon")
 

@@ -3,7 +3,7 @@
 import pytest
 
 from lvita_data.errors import SkipSample
-from lvita_data.frames import (
+from lvita_data.samples.frames import (
     fit_frames_to_budget,
     frame_dir_fps,
     frame_dir_indices,

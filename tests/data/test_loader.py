@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvita_data.build import build_stage
-from lvita_data.loader import (
+from lvita_data.build.run import build_stage
+from lvita_data.loader.loader import (
     ARRAY_NAMES,
     SHARD_FORMAT,
     LoaderError,
@@ -27,9 +27,9 @@ from lvita_data.loader import (
     normalize_tiles_torch,
     scan_tar,
 )
-from lvita_data.pixels import decode_tiles, normalize_tiles
-from lvita_data.special_tokens import SpecialIds
-from lvita_data.tokenizer import load_tokenizer
+from lvita_data.media.tiles import decode_tiles, normalize_tiles
+from lvita_data.tokenizer.special_tokens import SpecialIds
+from lvita_data.tokenizer.tokenizer import load_tokenizer
 
 MANIFEST = """\
 schema_version: 1
@@ -130,7 +130,7 @@ def assert_batches_equal(a: list[PackedBatch], b: list[PackedBatch]) -> None:
 
 
 def test_constants_match_the_shard_writer():
-    from lvita_data import shards
+    from lvita_data.shards import writer as shards
 
     assert shards.SHARD_FORMAT_VERSION == SHARD_FORMAT == 1
     assert tuple(shards.ARRAY_MEMBERS) == ARRAY_NAMES
@@ -200,7 +200,7 @@ def test_samples_match_webdataset(build):
 
 def test_import_and_numpy_iteration_do_not_import_torch(build):
     code = (
-        "import sys; from lvita_data.loader import ShardLoader; "
+        "import sys; from lvita_data.loader.loader import ShardLoader; "
         f"assert 'torch' not in sys.modules; loader = ShardLoader({str(build)!r}, shuffle=False); "
         "batch = next(iter(loader)); print('torch' in sys.modules, 'webdataset' in sys.modules)"
     )

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lvita_data.errors import SkipSample
-from lvita_data.media import probe_image
+from lvita_data.media.probe import probe_image
 from lvita_data.schema import MediaRef
 
 

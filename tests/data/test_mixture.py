@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lvita_data.mixture import select_rows, selected_count
+from lvita_data.records.mixture import select_rows, selected_count
 
 
 def original_selection(num_rows: int, ratio: float, cap: int | None, seed: int) -> list[int]:

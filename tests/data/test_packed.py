@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lvita_data.packed import aligned_length, assemble_pack
+from lvita_data.packing.assemble import aligned_length, assemble_pack
 from lvita_data.schema import IGNORE_INDEX
 
 

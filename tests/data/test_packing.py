@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lvita_data.packing import (
+from lvita_data.packing.plan import (
     LEFT_IN_BUFFER,
     TOO_LONG,
     TOO_MANY_TILES,
@@ -279,7 +279,7 @@ def test_greedy_knapsack_hand_case_and_ffd_invariants():
 
 
 def test_packing_imports_neither_torch_nor_media_libraries():
-    code = "import sys, lvita_data.packing; print(sorted(sys.modules))"
+    code = "import sys, lvita_data.packing.plan; print(sorted(sys.modules))"
     modules = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

@@ -1,4 +1,4 @@
-"""lvita_data.pixels against an independent transcription of Long-VITA's image processor.
+"""lvita_data.media.tiles against an independent transcription of Long-VITA's image processor.
 
 The transcription below follows the original's steps as described in
 shared/reference/long-vita.md section 2 and the pixels module docstring: open + convert("RGB"),
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvita_data import pixels
 from lvita_data.errors import SkipSample
-from lvita_data.pixels import (
+from lvita_data.media import tiles as pixels
+from lvita_data.media.tiles import (
     decode_tile,
     decode_tiles,
     encode_tiles,
@@ -35,8 +35,8 @@ from lvita_data.pixels import (
     video_frames,
     video_tiles,
 )
+from lvita_data.samples.tiling import candidate_grids, choose_grid, count_image_tokens, num_tiles
 from lvita_data.schema import ImagePlan, MediaRef, VideoPlan
-from lvita_data.tiling import candidate_grids, choose_grid, count_image_tokens, num_tiles
 
 S = 448
 MEAN = [0.485, 0.456, 0.406]
@@ -517,6 +517,6 @@ def test_video_errors(tmp_path):
 
 
 def test_pixels_does_not_import_torch():
-    code = "import sys, lvita_data.pixels; print('torch' in sys.modules)"
+    code = "import sys, lvita_data.media.tiles; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from lvita_data.build.plan import MissingInputs, _tokenizer_and_template, plan_stage
 from lvita_data.errors import RejectRateExceeded
 from lvita_data.manifest import load_manifest
-from lvita_data.planner import MissingInputs, _tokenizer_and_template, plan_stage
-from lvita_data.samples import SampleRules, tokenize_record
-from lvita_data.sources import open_source
+from lvita_data.records import open_source
+from lvita_data.samples.tokenize import SampleRules, tokenize_record
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFESTS = [REPO / "manifests" / "demo" / f"stage{n}.yaml" for n in (1, 2, 3, 4)]

@@ -1,4 +1,4 @@
-"""Readers of native formats (`lvita_data.sources`) on small hand-made files."""
+"""Readers of native formats (`lvita_data.records`) on small hand-made files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvita_data.errors import SkipSample, SourceError
+from lvita_data.records import READERS, Source, open_source
 from lvita_data.schema import MediaRef, RawRecord, Turn
-from lvita_data.sources import READERS, Source, open_source
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 CAULDRON_SCHEMA = pa.schema(

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from lvita_data.build import build_stage
+from lvita_data.build.plan import plan_stage
+from lvita_data.build.run import build_stage
 from lvita_data.manifest import load_manifest
-from lvita_data.planner import plan_stage
-from lvita_data.report_html import PACKED, render_html, write_html
 from lvita_data.schema import IGNORE_INDEX, Reject, RejectReason
-from lvita_data.shards import ShardInfo, load_npy
-from lvita_data.stats import (
+from lvita_data.shards.writer import ShardInfo, load_npy
+from lvita_data.stats.compute import (
     EXIT_STATS,
     StatsError,
     compute_stats,
@@ -27,7 +26,8 @@ from lvita_data.stats import (
     main_stats,
     sample_modality,
 )
-from lvita_data.tokenizer import load_tokenizer
+from lvita_data.stats.html import PACKED, render_html, write_html
+from lvita_data.tokenizer.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE1 = REPO / "manifests" / "demo" / "stage1.yaml"

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from lvita_data.errors import SkipSample
-from lvita_data.schema import IGNORE_INDEX, ImagePlan, MediaRef, Turn, VideoPlan
-from lvita_data.special_tokens import SpecialIds
-from lvita_data.template import (
+from lvita_data.samples.template import (
     ChatTemplate,
     check_tag_counts,
     expand_vision,
@@ -16,7 +14,9 @@ from lvita_data.template import (
     media_order,
     summarize_conversation,
 )
-from lvita_data.tiling import count_image_tokens
+from lvita_data.samples.tiling import count_image_tokens
+from lvita_data.schema import IGNORE_INDEX, ImagePlan, MediaRef, Turn, VideoPlan
+from lvita_data.tokenizer.special_tokens import SpecialIds
 
 IDS = SpecialIds(
     pad=1,

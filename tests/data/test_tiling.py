@@ -5,9 +5,13 @@ import itertools
 import numpy as np
 import pytest
 
-from lvita_data.special_tokens import SpecialIds
-from lvita_data.tiling import candidate_grids, choose_grid, count_image_tokens, num_tiles
-from lvita_data.tokens import image_token_ids, video_token_ids, vision_placeholder_positions
+from lvita_data.samples.tiling import candidate_grids, choose_grid, count_image_tokens, num_tiles
+from lvita_data.samples.vision_tokens import (
+    image_token_ids,
+    video_token_ids,
+    vision_placeholder_positions,
+)
+from lvita_data.tokenizer.special_tokens import SpecialIds
 
 IDS = SpecialIds(*range(1000, 1015))
 

@@ -1,4 +1,4 @@
-"""Tests of lvita_data.tokenizer: tiktoken parity over the same ranks, ids, cache, local dirs."""
+"""Tests of lvita_data.tokenizer.tokenizer: tiktoken parity over the same ranks, ids, cache, local dirs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from lvita_data import tokenizer as tokmod
 from lvita_data.errors import SourceError
-from lvita_data.special_tokens import LONGVITA_SPECIAL_TOKENS, QWEN25_SPECIAL_TOKENS, SpecialIds
+from lvita_data.tokenizer import tokenizer as tokmod
+from lvita_data.tokenizer.special_tokens import (
+    LONGVITA_SPECIAL_TOKENS,
+    QWEN25_SPECIAL_TOKENS,
+    SpecialIds,
+)
 
 tiktoken = pytest.importorskip("tiktoken")
 load_tiktoken_bpe = pytest.importorskip("tiktoken.load").load_tiktoken_bpe
@@ -406,7 +410,7 @@ def test_cache_file_used_by_fresh_process(converted, cache_dir):
     assert files[0].name.endswith(f"-v{tokmod.FORMAT_VERSION}.json")
     mtime = files[0].stat().st_mtime_ns
     child = (
-        "import time, lvita_data.tokenizer as m\n"
+        "import time, lvita_data.tokenizer.tokenizer as m\n"
         "def boom(*a, **k):\n"
         "    raise AssertionError('converted again instead of reading the cache')\n"
         "m.convert_tiktoken = boom\n"

@@ -1,4 +1,4 @@
-"""`lvita verify` (lvita_data.verify): an intact build passes; a flipped byte anywhere in a shard
+"""`lvita verify` (lvita_data.verify.verify): an intact build passes; a flipped byte anywhere in a shard
 is reported with the shard and the sample key; invariant and accounting breaks are reported.
 
 One small mixed build over the session demo corpus (captions, multi-image, parquet with embedded
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lvita_data.build as build_module
-from lvita_data.build import STATE_DIR, build_stage
-from lvita_data.energon import write_energon_metadata
-from lvita_data.shards import load_npy, npy_bytes, sha256_file, write_shard
-from lvita_data.verify import (
+import lvita_data.build.run as build_module
+from lvita_data.build.run import STATE_DIR, build_stage
+from lvita_data.shards.energon import write_energon_metadata
+from lvita_data.shards.writer import load_npy, npy_bytes, sha256_file, write_shard
+from lvita_data.verify.verify import (
     EXIT_OK,
     EXIT_PROBLEMS,
     check_sample,

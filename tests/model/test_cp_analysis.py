@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lvita_model.config import PRESETS
-from lvita_model.parallel.analysis import GIB, cp_costs, format_cp_table, layer_params
+from lvita_model.flops import GIB, cp_costs, format_cp_table, layer_params
 
 LLM = PRESETS["long-vita-14b"].llm
 ONE_M = 1_048_576

@@ -23,19 +23,24 @@ import torch.distributed as dist
 from dist_utils import DistributedTestError, run_distributed
 
 from lvita_model.attention import AttnMeta, SdpaBackend, attend, packed_meta
-from lvita_model.parallel.allgather import AllGatherKVAttention
-from lvita_model.parallel.blocks import (
+from lvita_model.context_parallel.allgather import AllGatherKVAttention
+from lvita_model.context_parallel.blocks import (
     ContextParallelError,
     allgather_blocks,
     gathered_index,
     ring_blocks,
     take_rows,
 )
-from lvita_model.parallel.groups import init_cp_groups, mesh_ranks
-from lvita_model.parallel.merge import empty_accumulator, merge_into_, merge_partials, merge_two
-from lvita_model.parallel.ring import ZigzagRingAttention
-from lvita_model.parallel.sharding import ShardingError, pad_documents, plan_shard
-from lvita_model.parallel.ulysses import UlyssesAttention
+from lvita_model.context_parallel.groups import init_cp_groups, mesh_ranks
+from lvita_model.context_parallel.merge import (
+    empty_accumulator,
+    merge_into_,
+    merge_partials,
+    merge_two,
+)
+from lvita_model.context_parallel.ring import ZigzagRingAttention
+from lvita_model.context_parallel.sharding import ShardingError, pad_documents, plan_shard
+from lvita_model.context_parallel.ulysses import UlyssesAttention
 
 RAW_LENGTHS = (13, 3, 0, 24, 1, 6)
 HEAD_DIM = 8

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lvita_model.attention import SdpaBackend
+from lvita_model.context_parallel.batch import PAD_ID, global_loss, shard_batch
+from lvita_model.context_parallel.sharding import pad_documents, padded_positions
 from lvita_model.head import next_token_targets
 from lvita_model.model import build_model
-from lvita_model.parallel.batch import PAD_ID, global_loss, shard_batch
-from lvita_model.parallel.sharding import pad_documents, padded_positions
 
 PER_TILE = 4  # small_config: 56-px tiles
 

@@ -10,9 +10,9 @@ from dist_utils import run_distributed
 
 from lvita_model.attention import SdpaBackend
 from lvita_model.config import LLMConfig, LongVitaConfig, VisionConfig
+from lvita_model.context_parallel.batch import context_parallel_inputs, global_loss
 from lvita_model.head import next_token_targets
 from lvita_model.model import build_model
-from lvita_model.parallel.batch import context_parallel_inputs, global_loss
 
 CONFIG = LongVitaConfig(
     llm=LLMConfig(

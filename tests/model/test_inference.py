@@ -157,7 +157,7 @@ def test_step_misuse_is_an_error(model_and_prompt):
 
 
 def _allgather_prefill(shard, backend, group):
-    from lvita_model.parallel.allgather import AllGatherKVAttention
+    from lvita_model.context_parallel.allgather import AllGatherKVAttention
 
     return AllGatherKVAttention(shard, backend, group, causal=True)
 
@@ -251,8 +251,8 @@ def test_prompt_layout_is_the_data_pipelines(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from lvita_data.tiling import choose_grid, count_image_tokens, num_tiles
-    from lvita_data.tokenizer import load_tokenizer
+    from lvita_data.samples.tiling import choose_grid, count_image_tokens, num_tiles
+    from lvita_data.tokenizer.tokenizer import load_tokenizer
     from pipelines.generate import build_prompt
 
     tokenizer = load_tokenizer()

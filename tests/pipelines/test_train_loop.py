@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from dist_utils import run_distributed  # noqa: E402
 
-from lvita_data.build import build_stage  # noqa: E402
+from lvita_data.build.run import build_stage  # noqa: E402
 from lvita_model.config import LLMConfig, LongVitaConfig, VisionConfig  # noqa: E402
 from lvita_model.model import build_model  # noqa: E402
 from lvita_model.weights import save_pretrained  # noqa: E402

@@ -1,0 +1,1 @@
+"""`lvita plan` and `lvita build`: planning a stage (`plan`) and writing its shards (`run`)."""

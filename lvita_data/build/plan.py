@@ -1,0 +1,411 @@
+"""Planning pass: a stage manifest -> one exact token length per selected sample, or a reject.
+
+For each dataset entry and each of its files (in manifest order): open the native source, select
+rows with the original per-file mixture rule (`mixture.select_rows`), read the selected rows
+once each (ascending), batch-tokenize their turns, and turn every record into an exact sample
+from media *metadata* only (`samples.tokenize_record`). Up-sampled rows repeat their outcome, so
+per dataset `selected == samples + rejects` always holds. Files run in parallel worker processes
+(`workers`); results are merged in manifest order, so the plan does not depend on the worker count.
+
+Missing inputs are loud: a pattern that matches no file is listed per dataset, and `plan_stage`
+raises unless `allow_missing`. A dataset whose reject rate passes `rejects.max_rate` stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from tqdm import tqdm
+
+from lvita_data.errors import LvitaError, RejectRateExceeded, SkipSample, SourceError
+from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
+from lvita_data.pool import watch_parent
+from lvita_data.records import open_source
+from lvita_data.records.mixture import select_rows
+from lvita_data.samples.template import ChatTemplate
+from lvita_data.samples.tokenize import SampleRules, plan_record
+from lvita_data.schema import RawRecord, Reject, RejectReason, SamplePlan
+from lvita_data.tokenizer.tokenizer import LongVitaTokenizer, load_tokenizer
+
+ENCODE_CHUNK = 2048
+"""Records whose (deduplicated) turns are tokenized in one `encode_batch` call."""
+
+
+class MissingInputs(LvitaError):
+    """Dataset files named by the manifest do not exist or cannot be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """What the plan keeps of one sample: enough to pack it and to find it again."""
+
+    record: str
+    length: int
+    modality: str
+    num_tiles: int
+    num_frames: int
+    requested_frames: int
+
+
+@dataclass(slots=True)
+class FilePlan:
+    dataset: str
+    path: str
+    num_rows: int = 0
+    num_selected: int = 0
+    samples: list[SampleRow] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    error: str = ""
+    """Set when the whole file could not be read (SourceError)."""
+
+
+@dataclass(slots=True)
+class DatasetReport:
+    name: str
+    format: str
+    files_found: int = 0
+    files_missing: list[str] = field(default_factory=list)
+    files_failed: list[str] = field(default_factory=list)
+    records: int = 0
+    selected: int = 0
+    samples: int = 0
+    tokens: int = 0
+    modalities: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)
+    frames_requested: int = 0
+    frames_chosen: int = 0
+    videos_fitted: int = 0
+
+    @property
+    def reject_rate(self) -> float:
+        return sum(self.rejects.values()) / self.selected if self.selected else 0.0
+
+    def add(self, plan: FilePlan) -> None:
+        if plan.error:
+            self.files_failed.append(f"{plan.path}: {plan.error}")
+            return
+        self.records += plan.num_rows
+        self.selected += plan.num_selected
+        self.samples += len(plan.samples)
+        for row in plan.samples:
+            self.tokens += row.length
+            self.modalities[row.modality] += 1
+            self.frames_requested += row.requested_frames
+            self.frames_chosen += row.num_frames
+            self.videos_fitted += row.num_frames < row.requested_frames
+        self.rejects.update(str(r.reason) for r in plan.rejects)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "files_found": self.files_found,
+            "files_missing": self.files_missing,
+            "files_failed": self.files_failed,
+            "records": self.records,
+            "selected": self.selected,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "modalities": dict(sorted(self.modalities.items())),
+            "rejects": dict(sorted(self.rejects.items())),
+            "reject_rate": round(self.reject_rate, 6),
+            "frames_requested": self.frames_requested,
+            "frames_chosen": self.frames_chosen,
+            "videos_fitted": self.videos_fitted,
+        }
+
+
+@dataclass(slots=True)
+class StagePlan:
+    manifest: StageManifest
+    datasets: list[DatasetReport]
+    files: list[FilePlan]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(d.samples for d in self.datasets)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(d.tokens for d in self.datasets)
+
+    def lengths(self) -> np.ndarray:
+        return np.array([s.length for f in self.files for s in f.samples], dtype=np.int64)
+
+    def rejects(self) -> Iterator[Reject]:
+        for plan in self.files:
+            yield from plan.rejects
+
+    def to_json(self) -> dict:
+        files = [f for f in self.files if not f.error]
+        return {
+            "stage": self.manifest.stage,
+            "manifest": self.manifest.source_path,
+            "seed": self.manifest.seed,
+            "tokenizer": self.manifest.tokenizer,
+            "max_seq_len": self.manifest.pack.max_seq_len,
+            "reset_attention": self.manifest.pack.reset_attention,
+            "num_samples": self.num_samples,
+            "num_tokens": self.num_tokens,
+            "datasets": [d.to_json() for d in self.datasets],
+            "files": [
+                {
+                    "dataset": f.dataset,
+                    "path": f.path,
+                    "rows": f.num_rows,
+                    "selected": f.num_selected,
+                }
+                for f in files
+            ],
+            # Columnar, one entry per selected sample in selection order (17M rows stay compact).
+            "samples": {
+                "file": [i for i, f in enumerate(files) for _ in f.samples],
+                "record": [s.record for f in files for s in f.samples],
+                "length": [s.length for f in files for s in f.samples],
+                "modality": [s.modality for f in files for s in f.samples],
+                "tiles": [s.num_tiles for f in files for s in f.samples],
+                "frames": [s.num_frames for f in files for s in f.samples],
+            },
+            "rejects": [r.to_json() for r in self.rejects()],
+        }
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_and_template(spec: str) -> tuple[LongVitaTokenizer, ChatTemplate]:
+    tokenizer = load_tokenizer(spec)
+    return tokenizer, ChatTemplate.from_encoder(tokenizer.special_ids, tokenizer.encode)
+
+
+def _read_rows(source, rows: np.ndarray, plan: FilePlan) -> dict[int, RawRecord | Reject]:
+    outcomes: dict[int, RawRecord | Reject] = {}
+    for row in np.unique(rows).tolist():
+        try:
+            outcomes[row] = source.read(row)
+        except SkipSample as skip:
+            outcomes[row] = Reject(
+                plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail
+            )
+    return outcomes
+
+
+def _tokenize_rows(
+    outcomes: dict[int, RawRecord | Reject],
+    tokenizer: LongVitaTokenizer,
+    rules: SampleRules,
+    plan: FilePlan,
+) -> dict[int, tuple[RawRecord, SamplePlan] | Reject]:
+    records = [(row, r) for row, r in outcomes.items() if isinstance(r, RawRecord)]
+    results: dict[int, tuple[RawRecord, SamplePlan] | Reject] = {
+        row: r for row, r in outcomes.items() if isinstance(r, Reject)
+    }
+    for start in range(0, len(records), ENCODE_CHUNK):
+        chunk = records[start : start + ENCODE_CHUNK]
+        # Prompts repeat a lot in real sets ("Describe the image."): encode each text once.
+        unique = list(dict.fromkeys(turn.content for _, record in chunk for turn in record.turns))
+        encoded = dict(zip(unique, tokenizer.encode_batch(unique), strict=True))
+        for row, record in chunk:
+            contents = [encoded[turn.content] for turn in record.turns]
+            try:
+                results[row] = (record, plan_record(record, contents, rules))
+            except SkipSample as skip:
+                results[row] = Reject(
+                    plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail
+                )
+    return results
+
+
+def _sample_row(record: RawRecord, plan: SamplePlan) -> SampleRow:
+    return SampleRow(
+        record=record.record_id,
+        length=plan.length,
+        modality=plan.modality,
+        num_tiles=plan.num_tiles,
+        num_frames=sum(len(v.frame_indices) for v in plan.videos),
+        requested_frames=sum(v.requested_frames for v in plan.videos),
+    )
+
+
+def plan_file(
+    entry: DatasetEntry, path: str, manifest: StageManifest, *, verify_media: bool = False
+) -> FilePlan:
+    """Plan one file of one dataset entry (runs in a worker process)."""
+    plan = FilePlan(dataset=entry.name, path=path)
+    try:
+        source = open_source(
+            path, fmt=entry.format, dataset=entry.name, media_root=entry.media_root
+        )
+    except SourceError as error:
+        plan.error = str(error)
+        return plan
+    tokenizer, template = _tokenizer_and_template(manifest.tokenizer)
+    rules = SampleRules.from_manifest(manifest, template, verify_media=verify_media)
+    plan.num_rows = len(source)
+    rows = select_rows(
+        plan.num_rows, ratio=entry.ratio, max_samples=entry.max_samples, seed=manifest.seed
+    )
+    plan.num_selected = int(rows.shape[0])
+    results = _tokenize_rows(_read_rows(source, rows, plan), tokenizer, rules, plan)
+    summaries = {row: _sample_row(*r) for row, r in results.items() if not isinstance(r, Reject)}
+    for row in rows.tolist():
+        outcome = results[row]
+        if isinstance(outcome, Reject):
+            plan.rejects.append(outcome)
+        else:
+            plan.samples.append(summaries[row])
+    return plan
+
+
+def _plan_file_task(args: tuple[DatasetEntry, str, StageManifest, bool]) -> FilePlan:
+    entry, path, manifest, verify_media = args
+    return plan_file(entry, path, manifest, verify_media=verify_media)
+
+
+def check_reject_rate(report: DatasetReport, manifest: StageManifest) -> None:
+    policy = manifest.rejects
+    if report.selected >= policy.min_selected and report.reject_rate > policy.max_rate:
+        top = ", ".join(f"{reason} x{count}" for reason, count in report.rejects.most_common(5))
+        rejected = sum(report.rejects.values())
+        raise RejectRateExceeded(
+            f"dataset {report.name!r}: {rejected} of {report.selected} selected records rejected "
+            f"({report.reject_rate:.1%} > rejects.max_rate {policy.max_rate:.1%}); top reasons: "
+            f"{top}. Fix the data or raise rejects.max_rate in {manifest.source_path}"
+        )
+
+
+def plan_stage(
+    manifest: StageManifest,
+    *,
+    workers: int = 1,
+    verify_media: bool = False,
+    allow_missing: bool = False,
+    progress: bool = True,
+) -> StagePlan:
+    """Plan every dataset of a stage; see the module docstring for the guarantees."""
+    reports: list[DatasetReport] = []
+    tasks: list[tuple[DatasetEntry, str, StageManifest, bool]] = []
+    for entry in manifest.datasets:
+        files, missing = expand_dataset_files(entry)
+        reports.append(
+            DatasetReport(entry.name, entry.format, files_found=len(files), files_missing=missing)
+        )
+        tasks.extend((entry, path, manifest, verify_media) for path in files)
+    missing_all = [(r.name, m) for r in reports for m in r.files_missing]
+    if missing_all and not allow_missing:
+        listing = "\n".join(f"  {name}: {path}" for name, path in missing_all)
+        raise MissingInputs(
+            f"{len(missing_all)} dataset input(s) of {manifest.source_path} not found:\n{listing}\n"
+            "(pass --allow-missing to plan without them; they stay listed in the report)"
+        )
+    by_name = {r.name: r for r in reports}
+    file_plans: list[FilePlan] = []
+    bar = tqdm(total=len(tasks), desc=f"plan {manifest.stage}", unit="file", disable=not progress)
+    if workers > 1 and len(tasks) > 1:
+        pool_size = min(workers, len(tasks))
+        with ProcessPoolExecutor(max_workers=pool_size, initializer=watch_parent) as pool:
+            results = pool.map(_plan_file_task, tasks)
+            file_plans = _collect(results, by_name, manifest, bar)
+    else:
+        file_plans = _collect(map(_plan_file_task, tasks), by_name, manifest, bar)
+    bar.close()
+    failed = [(r.name, f) for r in reports for f in r.files_failed]
+    if failed and not allow_missing:
+        listing = "\n".join(f"  {name}: {problem}" for name, problem in failed)
+        raise MissingInputs(f"{len(failed)} dataset file(s) could not be read:\n{listing}")
+    for report in reports:
+        check_reject_rate(report, manifest)
+    return StagePlan(manifest=manifest, datasets=reports, files=file_plans)
+
+
+def _collect(
+    results, by_name: dict[str, DatasetReport], manifest: StageManifest, bar
+) -> list[FilePlan]:
+    plans = []
+    for plan in results:
+        by_name[plan.dataset].add(plan)
+        plans.append(plan)
+        bar.update(1)
+        bar.set_postfix(samples=sum(r.samples for r in by_name.values()))
+    return plans
+
+
+def format_report(plan: StagePlan) -> str:
+    """A terminal table (one row per dataset, then totals), rejects by reason, problems."""
+    header = (
+        "dataset",
+        "files",
+        "missing",
+        "records",
+        "selected",
+        "samples",
+        "tokens",
+        "rejects",
+        "modality",
+    )
+    rows = [header]
+    for d in plan.datasets:
+        missing = len(d.files_missing) + len(d.files_failed)
+        counts = (d.files_found, missing, d.records, d.selected, d.samples)
+        mix = " + ".join(f"{k} {v}" for k, v in sorted(d.modalities.items())) or "-"
+        rows.append((d.name, *map(str, counts), f"{d.tokens:,}", str(sum(d.rejects.values())), mix))
+    totals = [
+        sum(d.files_found for d in plan.datasets),
+        sum(len(d.files_missing) + len(d.files_failed) for d in plan.datasets),
+        sum(d.records for d in plan.datasets),
+        sum(d.selected for d in plan.datasets),
+        plan.num_samples,
+    ]
+    rejected = sum(sum(d.rejects.values()) for d in plan.datasets)
+    modality: Counter = Counter()
+    for d in plan.datasets:
+        modality.update(d.modalities)
+    mix = " + ".join(f"{k} {v}" for k, v in sorted(modality.items())) or "-"
+    rows.append(("TOTAL", *map(str, totals), f"{plan.num_tokens:,}", str(rejected), mix))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [
+            c.rjust(w) if 0 < i < len(row) - 1 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index in (0, len(rows) - 2):
+            lines.append(rule)
+    for d in plan.datasets:
+        if d.rejects:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(d.rejects.items()))
+            lines.append(f"rejects {d.name}: {reasons}")
+    lines += [f"MISSING {d.name}: {m}" for d in plan.datasets for m in d.files_missing]
+    lines += [f"FAILED  {d.name}: {m}" for d in plan.datasets for m in d.files_failed]
+    fitted = sum(d.videos_fitted for d in plan.datasets)
+    requested = sum(d.frames_requested for d in plan.datasets)
+    chosen = sum(d.frames_chosen for d in plan.datasets)
+    summary = (
+        f"stage {plan.manifest.stage}: {plan.num_samples:,} samples, {plan.num_tokens:,} tokens, "
+        f"max_seq_len {plan.manifest.pack.max_seq_len:,}; video frames {chosen:,} of {requested:,} "
+        f"requested ({fitted} sample(s) lowered to fit)"
+    )
+    return "\n".join([summary, *lines])
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1))
+
+
+__all__ = [
+    "DatasetReport",
+    "FilePlan",
+    "MissingInputs",
+    "SampleRow",
+    "StagePlan",
+    "check_reject_rate",
+    "format_report",
+    "plan_file",
+    "plan_stage",
+]

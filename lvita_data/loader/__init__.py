@@ -1,0 +1,1 @@
+"""Reading packed shards for training: the torch-facing `ShardLoader`."""

@@ -1,0 +1,1 @@
+"""Sequence packing: the pure plan (`plan`) and the pack assembler (`assemble`)."""

@@ -1,0 +1,331 @@
+"""Shared parts of the source readers: the `Source` base class and row-normalization helpers.
+
+Every reader turns one row of a native file into a `RawRecord` or raises
+`SkipSample(reason, detail)`; a file that cannot be used at all raises `SourceError` when it is
+opened. Rules common to all formats:
+
+- Roles: ``user``/``human`` -> user, ``assistant``/``gpt`` -> assistant, ``system`` -> system
+  (case-insensitive); anything else is ``unknown_role``. A system turn is only allowed first
+  (a later one is ``unknown_role`` too).
+- Content is kept verbatim (no stripping). No turns at all is ``empty_conversation``; no assistant
+  turn with non-blank content is ``no_assistant_turn``.
+- The number of ``<image>`` tags over all turns must equal the number of images, and the same for
+  ``<video>`` (``tag_mismatch``).
+- Media paths are resolved lexically (``os.path.normpath``, symlinks are not followed) against
+  ``media_root``. An absolute path, or one that leaves the root through ``..``, is
+  ``media_path_escape``. When no ``media_root`` is configured, relative paths resolve against the
+  directory of the source file instead, and must stay inside it. Whether the file exists is not
+  checked here (the media probe does that later and rejects with ``missing_media``).
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+
+from lvita_data.errors import SkipSample, SourceError
+from lvita_data.schema import MediaRef, RawRecord, RejectReason, Role, Turn
+from lvita_data.tokenizer.special_tokens import IMAGE_TAG, VIDEO_TAG
+
+ROLE_ALIASES: dict[str, Role] = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+}
+
+
+def skip(reason: RejectReason, detail: str = "") -> SkipSample:
+    """A `SkipSample` for `reason` (use as ``raise skip(...)``)."""
+    return SkipSample(str(reason), detail)
+
+
+def type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def normalize_role(raw: Any) -> Role:
+    """Map a native role name to ``system`` / ``user`` / ``assistant``."""
+    if not isinstance(raw, str):
+        raise skip(RejectReason.bad_field_type, f"role must be a string, got {type_name(raw)}")
+    role = ROLE_ALIASES.get(raw.strip().lower())
+    if role is None:
+        raise skip(RejectReason.unknown_role, f"unknown role {raw!r}")
+    return role
+
+
+def make_turns(pairs: Iterable[tuple[Any, Any]], *, where: str = "messages") -> list[Turn]:
+    """Turns from (role, content) pairs as found in the row; types and roles are checked."""
+    turns: list[Turn] = []
+    for i, (raw_role, content) in enumerate(pairs):
+        role = normalize_role(raw_role)
+        if not isinstance(content, str):
+            raise skip(
+                RejectReason.bad_field_type,
+                f"{where}[{i}] content must be a string, got {type_name(content)}",
+            )
+        turns.append(Turn(role=role, content=content))
+    return turns
+
+
+def turns_from_list(
+    value: Any, *, role_key: str, content_key: str, where: str = "messages"
+) -> list[Turn]:
+    """Turns from a list of ``{role_key: ..., content_key: ...}`` mappings."""
+    if not isinstance(value, list):
+        raise skip(RejectReason.bad_field_type, f"{where} must be a list, got {type_name(value)}")
+    pairs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise skip(
+                RejectReason.bad_field_type,
+                f"{where}[{i}] must be a mapping, got {type_name(item)}",
+            )
+        pairs.append((item.get(role_key), item.get(content_key)))
+    return make_turns(pairs, where=where)
+
+
+def turns_from_row(row: dict[str, Any]) -> list[Turn]:
+    """Turns of a JSON row: ``messages`` with role/content, else ``conversations`` with
+    from/value (LLaVA style); the keys of each item are chosen by the first item."""
+    if "messages" in row:
+        key, value = "messages", row["messages"]
+    elif "conversations" in row:
+        key, value = "conversations", row["conversations"]
+    else:
+        raise skip(RejectReason.bad_field_type, "row has neither 'messages' nor 'conversations'")
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+        return turns_from_list(value, role_key="from", content_key="value", where=key)
+    return turns_from_list(value, role_key="role", content_key="content", where=key)
+
+
+def validate_turns(turns: Sequence[Turn]) -> None:
+    """Structure checks: non-empty, system only first, one assistant turn with content."""
+    if not turns:
+        raise skip(RejectReason.empty_conversation, "no turns")
+    for i, turn in enumerate(turns):
+        if turn.role == "system" and i > 0:
+            raise skip(RejectReason.unknown_role, f"system turn at position {i} (only first)")
+    if not any(t.role == "assistant" and t.content.strip() for t in turns):
+        raise skip(RejectReason.no_assistant_turn, "no assistant turn with content")
+
+
+def count_tags(turns: Sequence[Turn], tag: str) -> int:
+    return sum(t.content.count(tag) for t in turns)
+
+
+def check_tags(turns: Sequence[Turn], num_images: int, num_videos: int) -> None:
+    for tag, expected in ((IMAGE_TAG, num_images), (VIDEO_TAG, num_videos)):
+        found = count_tags(turns, tag)
+        if found != expected:
+            raise skip(
+                RejectReason.tag_mismatch,
+                f"{found} {tag} tag(s) in the turns but {expected} {tag[1:-1]}(s)",
+            )
+
+
+def prepend_to_first_user_turn(turns: list[Turn], prefix: str) -> list[Turn]:
+    """Insert `prefix` at the start of the first user turn (copy of the list)."""
+    for i, turn in enumerate(turns):
+        if turn.role == "user":
+            out = list(turns)
+            out[i] = Turn(role="user", content=prefix + turn.content)
+            return out
+    raise skip(RejectReason.tag_mismatch, f"no user turn to attach {prefix.strip()!r} to")
+
+
+def str_list(value: Any, *, field: str) -> list[str]:
+    """A media field: absent/null -> [], a string -> [it], a list of strings -> it."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise skip(
+        RejectReason.bad_field_type,
+        f"{field} must be a string or a list of strings, got {type_name(value)}",
+    )
+
+
+def resolve_media(name: Any, kind: Literal["image", "video"], root: str) -> MediaRef:
+    """A `MediaRef` with the absolute path of `name` inside `root` (an absolute directory)."""
+    if not isinstance(name, str) or not name:
+        raise skip(RejectReason.bad_field_type, f"{kind} path must be a non-empty string")
+    if "\x00" in name:
+        raise skip(RejectReason.bad_field_type, f"{kind} path contains a NUL byte")
+    if os.path.isabs(name):
+        raise skip(RejectReason.media_path_escape, f"absolute {kind} path {name!r}")
+    path = os.path.normpath(os.path.join(root, name))
+    # root is absolute and normalized, so "inside" is a prefix test (commonpath is 5x slower).
+    if not path.startswith(root.rstrip(os.sep) + os.sep):
+        raise skip(RejectReason.media_path_escape, f"{kind} path {name!r} leaves {root}")
+    return MediaRef(kind=kind, path=path, name=name)
+
+
+def parse_json_line(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        raise skip(RejectReason.malformed_json, str(error)) from None
+
+
+def require_mapping(row: Any) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise skip(RejectReason.bad_field_type, f"row must be an object, got {type_name(row)}")
+    return row
+
+
+class Source(abc.ABC):
+    """One native file of a dataset entry: ``len()`` rows, ``read(row)`` normalizes one of them.
+
+    Every row counts in ``len()``, malformed ones included (the mixture shuffles the indices
+    ``0 .. len-1``). ``read`` raises `SkipSample` for a row that cannot become a record.
+    """
+
+    format: str = ""
+
+    def __init__(self, path: str, *, dataset: str, media_root: str | None) -> None:
+        self.path = os.path.abspath(path)
+        self.dataset = dataset
+        self.media_root = None if media_root is None else os.path.abspath(media_root)
+        self._media_base = self.media_root or os.path.dirname(self.path)
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def read(self, row: int) -> RawRecord:
+        """The normalized record of `row` (0-based), or `SkipSample`."""
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < len(self):
+            raise IndexError(f"{self.path}: row {row} out of range [0, {len(self)})")
+
+    def resolve(self, name: Any, kind: Literal["image", "video"]) -> MediaRef:
+        """Resolve a media path against ``media_root`` (or the source file's directory)."""
+        return resolve_media(name, kind, self._media_base)
+
+    def record(
+        self,
+        row: int,
+        turns: Sequence[Turn],
+        images: Sequence[MediaRef] = (),
+        videos: Sequence[MediaRef] = (),
+    ) -> RawRecord:
+        """Validate structure and tags, then build the `RawRecord` of `row`."""
+        validate_turns(turns)
+        check_tags(turns, len(images), len(videos))
+        return RawRecord(
+            dataset=self.dataset,
+            source_file=self.path,
+            record_id=str(row),
+            turns=tuple(turns),
+            images=tuple(images),
+            videos=tuple(videos),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, dataset={self.dataset!r}, rows={len(self)})"
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise SourceError(f"{path}: cannot read source file: {error}") from None
+
+
+class JsonRows:
+    """Rows of a JSONL file (raw line bytes, parsed lazily) or of a JSON array (loaded whole).
+
+    A ``.jsonl`` file is always JSON Lines. Another file whose content starts with ``[`` must be
+    one JSON array (else `SourceError`); one that parses as a single non-array value is a
+    `SourceError`; anything else is read as JSON Lines. JSON Lines are split on ``\\n``; only a
+    final empty line is dropped, so a blank line in the middle is a row (``malformed_json``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        data = read_bytes(path)
+        self._items: list[Any] | None = None
+        self._data = b""
+        self._starts: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._ends: np.ndarray = np.zeros(0, dtype=np.int64)
+        if not path.endswith(".jsonl") and data.lstrip()[:1] in (b"[", b"{"):
+            parsed = self._try_whole(data)
+            if parsed is not None:
+                return
+        self._split_lines(data)
+
+    def _try_whole(self, data: bytes) -> Any:
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError as error:
+            if data.lstrip()[:1] == b"[":
+                raise SourceError(f"{self.path}: invalid JSON array: {error}") from None
+            return None  # JSON Lines with several objects
+        if not isinstance(parsed, list):
+            raise SourceError(
+                f"{self.path}: top-level JSON must be an array, got {type_name(parsed)}"
+            )
+        self._items = parsed
+        return parsed
+
+    def _split_lines(self, data: bytes) -> None:
+        self._data = data
+        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A).astype(np.int64)
+        starts = np.concatenate([np.zeros(1, dtype=np.int64), newlines + 1])
+        ends = np.concatenate([newlines, np.array([len(data)], dtype=np.int64)])
+        if starts[-1] == len(data):  # the file ends with "\n" (or is empty): no last row
+            starts, ends = starts[:-1], ends[:-1]
+        self._starts, self._ends = starts, ends
+
+    @property
+    def is_array(self) -> bool:
+        return self._items is not None
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items is not None else len(self._starts)
+
+    def line(self, row: int) -> bytes:
+        """Raw bytes of a JSONL row (without the newline)."""
+        return self._data[int(self._starts[row]) : int(self._ends[row])]
+
+    def get(self, row: int) -> dict[str, Any]:
+        """The row as a mapping (`SkipSample` if it does not parse or is not an object)."""
+        if self._items is not None:
+            return require_mapping(self._items[row])
+        return require_mapping(parse_json_line(self.line(row)))
+
+
+class JsonSource(Source):
+    """Base of the JSON / JSONL readers: rows come from `JsonRows`."""
+
+    def __init__(self, path: str, *, dataset: str, media_root: str | None) -> None:
+        super().__init__(path, dataset=dataset, media_root=media_root)
+        self._rows = JsonRows(self.path)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def read(self, row: int) -> RawRecord:
+        self._check_row(row)
+        return self.normalize(row, self._rows.get(row))
+
+    @abc.abstractmethod
+    def normalize(self, row: int, data: dict[str, Any]) -> RawRecord:
+        """Turn one parsed row into a record (or `SkipSample`)."""
+
+
+def row_group_index(offsets: list[int], row: int) -> int:
+    """Index of the row group holding `row`, given the cumulative start offsets of the groups."""
+    return bisect.bisect_right(offsets, row) - 1

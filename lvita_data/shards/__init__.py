@@ -1,0 +1,1 @@
+"""The only owner of a build's on-disk bytes: tar members, the writer, Energon metadata."""

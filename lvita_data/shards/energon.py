@@ -1,0 +1,334 @@
+"""Megatron-Energon metadata for a build directory, written by lvita (no `energon prepare`).
+
+What Energon 7.x reads from a prepared WebDataset directory (megatron-energon 7.4.1 source:
+`flavors/webdataset/{prepare,metadata,indexing,itar,itar_reader,structs,config}.py`):
+- `.nv-meta/dataset.yaml`: the factory; `__module__: megatron.energon`, `__class__:
+  CrudeWebdataset` (samples are dicts of raw member bytes, turned into samples by the task
+  encoder's cookers; `subflavors` route them). Parsed strictly.
+- `.nv-meta/.info.json`: `{"energon_version"?: str, "shard_counts": {shard: samples}}`, parsed
+  strictly (no other keys). Its key order defines the `tar_file_id` of each shard.
+- `.nv-meta/split.yaml`: `split_parts: {train: [shards...]}` (names are brace-expanded) and
+  `exclude: []`.
+- `{shard}.tar.idx` next to each shard: little-endian uint64 byte offsets (native `struct` "Q")
+  of each sample's first header block, then the offset of the end-of-archive marker (n + 1
+  entries). The plain loader (`get_train_dataset` / `get_val_dataset` on the directory, via
+  `ShardInfosITarReader`) cannot open a shard without it; `energon lint` checks its length.
+- `.nv-meta/index.sqlite`: tables `samples(tar_file_id, sample_key UNIQUE, sample_index,
+  byte_offset, byte_size)` and `sample_parts(tar_file_id, sample_index, part_name,
+  content_byte_offset, content_byte_size)` with three indexes; needed for access by key
+  (metadataset `aux` references, joins, `energon mount`/`preview`). A sample's byte_size runs to
+  the next sample (or to the end marker); a part's offset and size are its data's.
+- `.nv-meta/index.uuid`: an id of the index, used in cache keys of joined datasets. `energon
+  prepare` writes a random uuid4; lvita derives a uuid5 from the index content, so the whole
+  directory stays byte-reproducible (same SQLite library assumed for `index.sqlite`).
+Offsets come from lvita's own tar parser (`lvita_data.verify.verify.scan_tar`), which agrees with
+`tarfile` on intact archives. A shard without samples is listed in `.info.json` but left out of
+the train split (Energon refuses empty shards when it prepares a directory itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import sqlite3
+import struct
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from lvita_data.errors import LvitaError
+from lvita_data.shards.writer import temporary_name, write_bytes_atomic, write_text_atomic
+from lvita_data.verify.verify import TarScan, scan_tar, split_member_name
+
+MAIN_FOLDER = ".nv-meta"
+ITAR_SUFFIX = ".idx"
+"""Energon's `Path(shard).with_suffix(".tar.idx")` for a `*.tar` shard."""
+DATASET_YAML = (
+    "__module__: megatron.energon\n__class__: CrudeWebdataset\nsubflavors:\n  lvita: packed\n"
+)
+INDEX_NAMESPACE = uuid.UUID("6f1c1d0e-3b1a-5c55-9a53-6c7669746131")
+
+# Statements as Energon's SqliteIndexWriter issues them (sqlite_master keeps their text).
+_CREATE_SAMPLES = """
+                CREATE TABLE IF NOT EXISTS samples (
+                    tar_file_id INTEGER NOT NULL,
+                    sample_key TEXT NOT NULL UNIQUE,
+                    sample_index INTEGER NOT NULL,
+                    byte_offset INTEGER,
+                    byte_size INTEGER
+                )
+                """
+_CREATE_PARTS = """
+                CREATE TABLE IF NOT EXISTS sample_parts (
+                    tar_file_id INTEGER,
+                    sample_index INTEGER,
+                    part_name TEXT,
+                    content_byte_offset INTEGER,
+                    content_byte_size INTEGER
+                )
+                """
+_CREATE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS idx_samples_by_tar_and_idx ON samples(tar_file_id, sample_index)",
+    "CREATE INDEX IF NOT EXISTS idx_sample_parts_seq ON sample_parts(tar_file_id, sample_index, "
+    "content_byte_offset)",
+    "CREATE INDEX IF NOT EXISTS idx_sample_parts_full ON sample_parts(tar_file_id, sample_index, "
+    "part_name, content_byte_offset, content_byte_size)",
+)
+
+
+class EnergonMetadataError(LvitaError):
+    """A shard cannot be indexed (damaged tar, duplicate keys, counts not as expected)."""
+
+
+class _ShardLike(Protocol):
+    name: str
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class SampleLayout:
+    key: str
+    offset: int
+    """Offset of the sample's first header block."""
+    size: int
+    """Bytes up to the next sample (or the end-of-archive marker)."""
+    parts: tuple[tuple[str, int, int], ...]
+    """(part name, data offset, data size) per member, in tar order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardLayout:
+    name: str
+    samples: tuple[SampleLayout, ...]
+    end: int
+    """Offset of the end-of-archive marker."""
+
+    def itar_bytes(self) -> bytes:
+        offsets = [s.offset for s in self.samples] + [self.end]
+        return struct.pack(f"{len(offsets)}Q", *offsets)
+
+
+def layout_from_scan(name: str, scan: TarScan) -> ShardLayout:
+    """Group scanned members into samples as Energon's `prepare` does (consecutive keys)."""
+    groups: list[tuple[str, int, list[tuple[str, int, int]]]] = []
+    for member in scan.members:
+        key, part = split_member_name(member.name)
+        if not groups or groups[-1][0] != key:
+            groups.append((key, member.header_offset, []))
+        groups[-1][2].append((part, member.data_offset, member.size))
+    bounds = [offset for _, offset, _ in groups[1:]] + [scan.end]
+    samples = tuple(
+        SampleLayout(key, offset, stop - offset, tuple(parts))
+        for (key, offset, parts), stop in zip(groups, bounds, strict=True)
+    )
+    return ShardLayout(name, samples, scan.end)
+
+
+def read_layout(path: str | os.PathLike[str]) -> ShardLayout:
+    """Sample offsets of one shard; raises `EnergonMetadataError` if the tar is damaged."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise EnergonMetadataError(f"{path}: empty file")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            scan = scan_tar(data, canonical=False)
+    if scan.problems:
+        first = scan.problems[0]
+        raise EnergonMetadataError(f"{path}: byte {first.offset}: {first.message}")
+    return layout_from_scan(path.name, scan)
+
+
+def _sample_rows(layouts: Sequence[ShardLayout]) -> list[tuple[int, str, int, int, int]]:
+    return [
+        (tar_id, s.key, index, s.offset, s.size)
+        for tar_id, layout in enumerate(layouts)
+        for index, s in enumerate(layout.samples)
+    ]
+
+
+def _part_rows(layouts: Sequence[ShardLayout]) -> list[tuple[int, int, str, int, int]]:
+    return [
+        (tar_id, index, part, offset, size)
+        for tar_id, layout in enumerate(layouts)
+        for index, s in enumerate(layout.samples)
+        for part, offset, size in s.parts
+    ]
+
+
+def index_uuid(layouts: Sequence[ShardLayout]) -> str:
+    """A uuid5 of the index content (names, sample and part offsets): reproducible."""
+    digest = hashlib.sha256()
+    for layout in layouts:
+        digest.update(layout.name.encode() + b"\0" + layout.itar_bytes())
+    digest.update(json.dumps(_part_rows(layouts)).encode())
+    return str(uuid.uuid5(INDEX_NAMESPACE, digest.hexdigest()))
+
+
+def _write_sqlite(path: Path, layouts: Sequence[ShardLayout]) -> None:
+    temporary = Path(temporary_name(str(path)))
+    db = sqlite3.connect(temporary)
+    try:
+        db.execute(_CREATE_SAMPLES)
+        db.execute(_CREATE_PARTS)
+        try:
+            db.executemany(
+                "INSERT INTO samples (tar_file_id, sample_key, sample_index, byte_offset, "
+                "byte_size) VALUES (?, ?, ?, ?, ?)",
+                _sample_rows(layouts),
+            )
+        except sqlite3.IntegrityError as error:
+            raise EnergonMetadataError(f"duplicate sample key across shards: {error}") from None
+        db.executemany(
+            "INSERT INTO sample_parts (tar_file_id, sample_index, part_name, "
+            "content_byte_offset, content_byte_size) VALUES (?, ?, ?, ?, ?)",
+            _part_rows(layouts),
+        )
+        for statement in _CREATE_INDEXES:
+            db.execute(statement)
+        db.commit()
+        db.close()
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        db.close()
+        for leftover in (temporary, Path(f"{temporary}-journal")):
+            leftover.unlink(missing_ok=True)
+        raise
+
+
+def write_energon_metadata(
+    out_dir: str | os.PathLike[str],
+    shards: Sequence[_ShardLike],
+    *,
+    layouts: Sequence[ShardLayout] | None = None,
+) -> list[ShardLayout]:
+    """Write `.nv-meta/` and the `{shard}.tar.idx` files for the shards (in index order).
+
+    `shards` need `.name` (relative to out_dir) and `.samples` (checked against the tars);
+    pass `layouts` to skip re-reading the tars. Every file is written atomically.
+    """
+    out = Path(out_dir)
+    if layouts is None:
+        layouts = [read_layout(out / s.name) for s in shards]
+    for shard, layout in zip(shards, layouts, strict=True):
+        if shard.name != layout.name or shard.samples != len(layout.samples):
+            raise EnergonMetadataError(
+                f"{shard.name}: {len(layout.samples)} samples in the tar, {shard.samples} expected"
+            )
+    meta = out / MAIN_FOLDER
+    meta.mkdir(exist_ok=True)
+    for layout in layouts:
+        write_bytes_atomic(out / f"{layout.name}{ITAR_SUFFIX}", layout.itar_bytes())
+    _write_sqlite(meta / "index.sqlite", layouts)
+    write_text_atomic(str(meta / "index.uuid"), index_uuid(layouts))
+    info = {"shard_counts": {layout.name: len(layout.samples) for layout in layouts}}
+    write_text_atomic(str(meta / ".info.json"), json.dumps(info, indent=2) + "\n")
+    split = {
+        "split_parts": {"train": [layout.name for layout in layouts if layout.samples]},
+        "exclude": [],
+    }
+    write_text_atomic(str(meta / "split.yaml"), yaml.safe_dump(split, sort_keys=False))
+    write_text_atomic(str(meta / "dataset.yaml"), DATASET_YAML)
+    return list(layouts)
+
+
+def check_energon_metadata(
+    out_dir: str | os.PathLike[str], layouts: Sequence[ShardLayout]
+) -> list[str]:
+    """Problems of an existing `.nv-meta/` (ours or `energon prepare`'s) against the tars."""
+    import braceexpand
+
+    out = Path(out_dir)
+    meta = out / MAIN_FOLDER
+    problems: list[str] = []
+    names = [layout.name for layout in layouts]
+    try:
+        info = json.loads((meta / ".info.json").read_text(encoding="utf-8"))
+        counts = info["shard_counts"]
+        if set(info) - {"energon_version", "shard_counts"}:
+            problems.append(f".info.json has keys Energon rejects: {sorted(info)}")
+        expected = {layout.name: len(layout.samples) for layout in layouts}
+        if list(counts.items()) != list(expected.items()):
+            problems.append(".info.json shard_counts differ from the shards (names, order, counts)")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problems.append(f".info.json unreadable: {error!r}")
+    try:
+        split = yaml.safe_load((meta / "split.yaml").read_text(encoding="utf-8"))
+        listed = {
+            name
+            for part in split["split_parts"].values()
+            for pattern in part
+            for name in braceexpand.braceexpand(pattern)
+        }
+        if listed - set(names):
+            problems.append(f"split.yaml lists unknown shards: {sorted(listed - set(names))[:5]}")
+        unlisted = {layout.name for layout in layouts if layout.samples} - listed
+        if unlisted:
+            problems.append(f"split.yaml leaves out shards: {sorted(unlisted)[:5]}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        problems.append(f"split.yaml unreadable: {error!r}")
+    try:
+        dataset = yaml.safe_load((meta / "dataset.yaml").read_text(encoding="utf-8"))
+        if not isinstance(dataset, dict) or not (
+            "__class__" in dataset or "sample_type" in dataset
+        ):
+            problems.append("dataset.yaml names no Energon dataset class or sample type")
+    except (OSError, ValueError) as error:
+        problems.append(f"dataset.yaml unreadable: {error!r}")
+    for layout in layouts:
+        path = out / f"{layout.name}{ITAR_SUFFIX}"
+        try:
+            if path.read_bytes() != layout.itar_bytes():
+                problems.append(f"{path.name}: sample offsets differ from the tar")
+        except OSError:
+            problems.append(f"{path.name} is missing (Energon cannot open {layout.name})")
+    try:
+        uuid.UUID((meta / "index.uuid").read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        problems.append("index.uuid is missing or not a UUID")
+    sqlite_path = meta / "index.sqlite"
+    if not sqlite_path.is_file():
+        problems.append("index.sqlite is missing")
+        return problems
+    try:
+        db = sqlite3.connect(f"file:{sqlite_path}?mode=ro&immutable=1", uri=True)
+        try:
+            samples = db.execute(
+                "SELECT tar_file_id, sample_key, sample_index, byte_offset, byte_size FROM samples "
+                "ORDER BY tar_file_id, sample_index"
+            ).fetchall()
+            parts = db.execute(
+                "SELECT tar_file_id, sample_index, part_name, content_byte_offset, "
+                "content_byte_size FROM sample_parts "
+                "ORDER BY tar_file_id, sample_index, content_byte_offset"
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        problems.append(f"index.sqlite unreadable: {error}")
+        return problems
+    if samples != _sample_rows(layouts):
+        problems.append("index.sqlite samples table differs from the tars")
+    if parts != _part_rows(layouts):
+        problems.append("index.sqlite sample_parts table differs from the tars")
+    return problems
+
+
+__all__ = [
+    "DATASET_YAML",
+    "EnergonMetadataError",
+    "ShardLayout",
+    "SampleLayout",
+    "check_energon_metadata",
+    "index_uuid",
+    "layout_from_scan",
+    "read_layout",
+    "write_energon_metadata",
+]

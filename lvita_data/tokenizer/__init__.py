@@ -1,0 +1,1 @@
+"""Text tokenizer: the Qwen2.5 BPE (`tokenizer`) and Long-VITA's special tokens (`special_tokens`)."""

@@ -1,0 +1,1 @@
+"""`lvita verify`: structural, per-sample and accounting checks of a finished build."""
