@@ -3,7 +3,8 @@
 `LvitaError` is the root. A problem with a manifest is a `ManifestError` (also a `ValueError`) that
 names the file and the field; a whole source that cannot be read is a `SourceError`; one bad
 record raises `SkipSample(reason, detail)`, which the planner turns into a counted `Reject`
-(never a silent skip). `RejectRateExceeded` stops a run whose source rejects too much.
+(never a silent skip). `RejectRateExceeded` stops a run whose source rejects too much. Every other error of the package
+lives here too, one class per failing step: missing inputs, build, loader, stats, Energon metadata.
 """
 
 from __future__ import annotations
@@ -32,3 +33,23 @@ class SkipSample(LvitaError):
 
 class RejectRateExceeded(LvitaError):
     """A source rejected more records than the manifest's `rejects.max_rate` allows."""
+
+
+class StatsError(LvitaError):
+    """The directory is not a (complete, consistent) lvita build."""
+
+
+class MissingInputs(LvitaError):
+    """Dataset files named by the manifest do not exist or cannot be read."""
+
+
+class BuildError(LvitaError):
+    """The output directory does not match the manifest, or a build step failed."""
+
+
+class EnergonMetadataError(LvitaError):
+    """A shard cannot be indexed (damaged tar, duplicate keys, counts not as expected)."""
+
+
+class LoaderError(LvitaError):
+    """A build directory or a shard cannot be read as shard format 1."""

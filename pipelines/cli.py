@@ -35,7 +35,8 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from lvita_data.build.plan import MissingInputs, format_report, plan_stage
+    from lvita_data.build.plan import format_report, plan_stage
+    from lvita_data.errors import MissingInputs
     from lvita_data.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
@@ -62,8 +63,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from lvita_data.build.plan import MissingInputs
-    from lvita_data.build.run import BuildError, build_stage
+    from lvita_data.build.run import build_stage
+    from lvita_data.errors import BuildError, MissingInputs
 
     started = time.perf_counter()
     try:
@@ -107,7 +108,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lvita_data.loader.loader import LoaderError
+    from lvita_data.errors import LoaderError
     from lvita_model.config import ConfigError
     from lvita_model.weights import WeightsError
     from pipelines.train.checkpoint import CheckpointError

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
-from lvita_data.errors import LvitaError, RejectRateExceeded, SkipSample, SourceError
+from lvita_data.errors import MissingInputs, RejectRateExceeded, SkipSample, SourceError
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
 from lvita_data.pool import watch_parent
 from lvita_data.records import open_source
@@ -35,10 +35,6 @@ from lvita_data.tokenizer.tokenizer import LongVitaTokenizer, load_tokenizer
 
 ENCODE_CHUNK = 2048
 """Records whose (deduplicated) turns are tokenized in one `encode_batch` call."""
-
-
-class MissingInputs(LvitaError):
-    """Dataset files named by the manifest do not exist or cannot be read."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from lvita_data import __version__
 from lvita_data.build.plan import StagePlan, _tokenizer_and_template, plan_stage
-from lvita_data.errors import LvitaError, SkipSample
+from lvita_data.errors import BuildError, SkipSample
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.media.tiles import encode_tiles, sample_tiles
 from lvita_data.packing.assemble import assemble_pack
@@ -77,10 +77,6 @@ from lvita_data.verify.verify import sample_digest
 STATE_DIR = ".lvita-build"
 LOCK_WAIT_S = 5.0
 """How long a build waits for the lock of its output directory before giving up."""
-
-
-class BuildError(LvitaError):
-    """The output directory does not match the manifest, or a build step failed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,7 +119,7 @@ from typing import Any
 
 import numpy as np
 
-from lvita_data.errors import LvitaError
+from lvita_data.errors import LoaderError
 from lvita_data.media.tiles import decode_tile, normalize_tiles
 from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE
 from lvita_data.shards.writer import ARRAY_MEMBERS, SHARD_FORMAT_VERSION
@@ -135,10 +135,6 @@ SHARD_FORMAT = SHARD_FORMAT_VERSION
 ARRAY_NAMES = tuple(ARRAY_MEMBERS)
 STATE_VERSION = 1
 BUNDLED_TOKENIZER = "qwen2.5"
-
-
-class LoaderError(LvitaError):
-    """A build directory or a shard cannot be read as shard format 1."""
 
 
 # --------------------------------------------------------------------------------------------

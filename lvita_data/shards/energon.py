@@ -42,7 +42,7 @@ from typing import Protocol
 
 import yaml
 
-from lvita_data.errors import LvitaError
+from lvita_data.errors import EnergonMetadataError
 from lvita_data.shards.writer import temporary_name, write_bytes_atomic, write_text_atomic
 from lvita_data.verify.verify import TarScan, scan_tar, split_member_name
 
@@ -80,10 +80,6 @@ _CREATE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS idx_sample_parts_full ON sample_parts(tar_file_id, sample_index, "
     "part_name, content_byte_offset, content_byte_size)",
 )
-
-
-class EnergonMetadataError(LvitaError):
-    """A shard cannot be indexed (damaged tar, duplicate keys, counts not as expected)."""
 
 
 class _ShardLike(Protocol):

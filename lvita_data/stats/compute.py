@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lvita_data.errors import LvitaError
+from lvita_data.errors import StatsError
 
 STATS_FORMAT_VERSION = 1
 MODALITIES = ("text", "image", "multi_image", "video")
@@ -76,10 +76,6 @@ DATASET_COLUMNS = (
     "modality",
 )
 """Columns of the per-dataset table, in the terminal report and in the HTML report."""
-
-
-class StatsError(LvitaError):
-    """The directory is not a (complete, consistent) lvita build."""
 
 
 def _round(value: float) -> float:

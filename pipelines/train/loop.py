@@ -69,7 +69,8 @@ import yaml
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lvita_data.loader.loader import LoaderError, PackedBatch, ShardLoader
+from lvita_data.errors import LoaderError
+from lvita_data.loader.loader import PackedBatch, ShardLoader
 from lvita_model.config import load_config
 from lvita_model.context_parallel.batch import context_parallel_inputs
 from lvita_model.head import IGNORE_INDEX, next_token_targets

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from lvita_data.build.plan import _tokenizer_and_template
-from lvita_data.build.run import STATE_DIR, BuildError, build_stage, remove_temporaries
+from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
+from lvita_data.errors import BuildError
 from lvita_data.media.tiles import decode_tile, encode_tiles
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from lvita_data.build.run import build_stage
+from lvita_data.errors import LoaderError
 from lvita_data.loader.loader import (
     ARRAY_NAMES,
     SHARD_FORMAT,
-    LoaderError,
     PackedBatch,
     ShardLoader,
     bundled_vision_ids,

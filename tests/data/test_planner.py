@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lvita_data.build.plan import MissingInputs, _tokenizer_and_template, plan_stage
-from lvita_data.errors import RejectRateExceeded
+from lvita_data.build.plan import _tokenizer_and_template, plan_stage
+from lvita_data.errors import MissingInputs, RejectRateExceeded
 from lvita_data.manifest import load_manifest
 from lvita_data.records import open_source
 from lvita_data.samples.tokenize import SampleRules, tokenize_record

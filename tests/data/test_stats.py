@@ -15,12 +15,12 @@ import yaml
 
 from lvita_data.build.plan import plan_stage
 from lvita_data.build.run import build_stage
+from lvita_data.errors import StatsError
 from lvita_data.manifest import load_manifest
 from lvita_data.schema import IGNORE_INDEX, Reject, RejectReason
 from lvita_data.shards.writer import ShardInfo, load_npy
 from lvita_data.stats.compute import (
     EXIT_STATS,
-    StatsError,
     compute_stats,
     format_stats,
     main_stats,
