@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A model configuration that is malformed or describes an architecture we do not build."""
+from lvita_model.errors import ConfigError
 
 
 def _positive(config: Any, *names: str) -> None:

@@ -7,8 +7,8 @@ One packed sequence in the THD layout (a loader batch of B packs is flattened to
    `vision_chunk_tiles` (bounded memory for thousands of frames) -> [N, 256, H];
 3. the features **overwrite** the embeddings at ``image_token_positions`` [N, 256] (scatter by
    index, as the original; -1 marks a placeholder held by another context-parallel rank, see
-   `lvita_model.context_parallel.batch`); a sequence without tiles adds a zero term connected to every
-   vision parameter, so data-parallel ranks reduce the same set of gradients;
+   `lvita_model.context_parallel.batch`); a sequence without tiles adds a zero term connected to
+   every vision parameter, so data-parallel ranks reduce the same set of gradients;
 4. the decoder with explicit ``position_ids`` and an attention callable;
 5. the logits-masked head (`lvita_model.head`): loss from the hidden states at positions whose
    *next* token is supervised, or logits at chosen positions only.

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lvita_model.config import ConfigError, LongVitaConfig
+from lvita_model.config import LongVitaConfig
+from lvita_model.errors import ConfigError
 
 
 def pixel_shuffle(x: Tensor, scale: float) -> Tensor:

@@ -36,6 +36,7 @@ from torch import nn
 
 from lvita_model.attention import AttentionBackend
 from lvita_model.config import LongVitaConfig, load_config, to_hf_config
+from lvita_model.errors import WeightsError
 from lvita_model.model import LongVitaForCausalLM
 
 SINGLE_FILE = "model.safetensors"
@@ -43,10 +44,6 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _MAX_LISTED = 20
-
-
-class WeightsError(ValueError):
-    """A checkpoint that does not match the model (keys listed) or cannot be read."""
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:

@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import (
-    AttentionBackend,
-    AttentionBackendError,
-    AttnMeta,
-    Capabilities,
-    packed_meta,
-)
+from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities, packed_meta
 from lvita_model.attention.flash import FlashBackend
 from lvita_model.attention.npu import NpuBackend
 from lvita_model.attention.registry import BACKENDS, assert_supports, get_backend
 from lvita_model.attention.sdpa import SdpaBackend
 from lvita_model.attention.torch_varlen import TorchVarlenBackend
+from lvita_model.errors import AttentionBackendError
 
 __all__ = [
     "BACKENDS",

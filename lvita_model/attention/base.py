@@ -36,10 +36,6 @@ import torch
 from torch import Tensor
 
 
-class AttentionBackendError(RuntimeError):
-    """A backend that is unavailable here or asked for something it cannot do."""
-
-
 @dataclass(frozen=True, eq=False)
 class AttnMeta:
     cu_seqlens_q: Tensor

@@ -52,12 +52,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lvita_model.attention.base import (
-    AttentionBackend,
-    AttentionBackendError,
-    AttnMeta,
-    Capabilities,
-)
+from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+from lvita_model.errors import AttentionBackendError
 
 INTERFACE_MODULE = "flash_attn.flash_attn_interface"
 INSTALL_HINT = "pip install 'lvita[flash]' (flash-attn >= 2.6; needs CUDA and an sm80+ GPU)"

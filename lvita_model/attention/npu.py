@@ -53,12 +53,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import (
-    AttentionBackend,
-    AttentionBackendError,
-    AttnMeta,
-    Capabilities,
-)
+from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+from lvita_model.errors import AttentionBackendError
 
 MAX_TOKENS_PER_SEQUENCE = 512 * 1024
 CAUSAL_MASK_SIZE = 2048

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from lvita_model.attention.base import AttentionBackend, AttentionBackendError
+from lvita_model.attention.base import AttentionBackend
 from lvita_model.attention.flash import FlashBackend
 from lvita_model.attention.npu import NpuBackend
 from lvita_model.attention.sdpa import SdpaBackend
 from lvita_model.attention.torch_varlen import TorchVarlenBackend
+from lvita_model.errors import AttentionBackendError
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "sdpa": SdpaBackend,

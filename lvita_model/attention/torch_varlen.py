@@ -62,13 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import (
-    AttentionBackend,
-    AttentionBackendError,
-    AttnMeta,
-    Capabilities,
-)
+from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
 from lvita_model.attention.flash import check_head_dim, pad_head_dim
+from lvita_model.errors import AttentionBackendError
 
 NATIVE_GQA = True
 """Pass k/v with Hkv < Hq heads straight to the kernel (True) or repeat them (False)."""

@@ -41,14 +41,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lvita_model.attention.base import AttentionBackend
-from lvita_model.context_parallel.blocks import (
-    Block,
-    ContextParallelError,
-    allgather_blocks,
-    take_rows,
-)
+from lvita_model.context_parallel.blocks import Block, allgather_blocks, take_rows
 from lvita_model.context_parallel.ring import ContextParallelAttention
 from lvita_model.context_parallel.sharding import CPShard
+from lvita_model.errors import ContextParallelError
 
 # torch >= 2.13 renamed the tensor collectives (the old names warn); older torch has only those.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -130,9 +130,10 @@ def context_parallel_inputs(
 ) -> tuple[LocalBatch, Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """(this rank's inputs, the attention callable for `model(..., attention=...)`).
 
-    `batch` holds one packed sequence as `lvita_data.loader.loader.PackedBatch.to_torch()` returns it
-    (``input_ids``, ``position_ids``, ``labels`` of shape [B, T] are flattened to B * T tokens
-    with ``cu_seqlens`` over them; ``pixel_values`` and ``image_token_positions`` optional).
+    `batch` holds one packed sequence as `lvita_data.loader.loader.PackedBatch.to_torch()`
+    returns it (``input_ids``, ``position_ids``, ``labels`` of shape [B, T] are flattened to
+    B * T tokens with ``cu_seqlens`` over them; ``pixel_values`` and ``image_token_positions``
+    optional).
     `method`: "ring" (zigzag p2p ring, KV memory 1/P) or "allgather" (KV gathered per layer)."""
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     local = shard_batch(

@@ -44,10 +44,7 @@ from torch import Tensor
 
 from lvita_model.attention.base import AttnMeta, document_ids
 from lvita_model.context_parallel.sharding import CPShard, plan_shard
-
-
-class ContextParallelError(ValueError):
-    """A context-parallel configuration that cannot work (sizes, heads, groups, shapes)."""
+from lvita_model.errors import ContextParallelError
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from lvita_model.context_parallel.blocks import ContextParallelError
 from lvita_model.context_parallel.sharding import CPShard
+from lvita_model.errors import ContextParallelError
 
 __all__ = [
     "ContextParallelError",

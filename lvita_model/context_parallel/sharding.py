@@ -34,19 +34,16 @@ import torch
 from torch import Tensor
 
 from lvita_model.attention.base import host_cu_seqlens
+from lvita_model.errors import ContextParallelError
 
 Layout = Literal["zigzag", "contiguous"]
-
-
-class ShardingError(ValueError):
-    """A sequence that cannot be split as asked (lengths not divisible, bad rank)."""
 
 
 def _host(cu_seqlens: Tensor | Sequence[int]) -> tuple[int, ...]:
     try:
         return host_cu_seqlens(cu_seqlens)
     except ValueError as error:
-        raise ShardingError(str(error)) from None
+        raise ContextParallelError(str(error)) from None
 
 
 def required_multiple(cp_size: int, layout: Layout) -> int:
@@ -128,7 +125,7 @@ def plan_shard(
     """The tokens rank `cp_rank` of `cp_size` holds; `cu_seqlens` must already be padded."""
     host = _host(cu_seqlens)
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ShardingError(f"cp_rank {cp_rank} is not in [0, {cp_size})")
+        raise ContextParallelError(f"cp_rank {cp_rank} is not in [0, {cp_size})")
     multiple = required_multiple(cp_size, layout)
     if layout == "zigzag":
         bad = [
@@ -137,7 +134,7 @@ def plan_shard(
             if (b - a) % multiple
         ]
         if bad:
-            raise ShardingError(
+            raise ContextParallelError(
                 f"zigzag over CP={cp_size} needs every document to be a multiple "
                 f"of {multiple} tokens; documents (index, length) {bad[:5]} are "
                 "not: pad them with pad_documents()"
@@ -145,12 +142,12 @@ def plan_shard(
         return _plan_zigzag(host, cp_size, cp_rank)
     if layout == "contiguous":
         if host[-1] % multiple:
-            raise ShardingError(
+            raise ContextParallelError(
                 f"contiguous CP={cp_size} needs a length divisible by "
                 f"{multiple}, got {host[-1]}: pad with pad_documents()"
             )
         return _plan_contiguous(host, cp_size, cp_rank)
-    raise ShardingError(f"unknown CP layout {layout!r}: 'zigzag' or 'contiguous'")
+    raise ContextParallelError(f"unknown CP layout {layout!r}: 'zigzag' or 'contiguous'")
 
 
 def _plan_zigzag(host: tuple[int, ...], cp_size: int, cp_rank: int) -> CPShard:

@@ -31,13 +31,10 @@ from torch import Tensor
 from lvita_model.attention import attend, packed_meta
 from lvita_model.attention.base import AttentionBackend, AttnMeta
 from lvita_model.attention.registry import assert_supports
-from lvita_model.context_parallel.blocks import (
-    ContextParallelError,
-    check_local_inputs,
-    gathered_index,
-)
+from lvita_model.context_parallel.blocks import check_local_inputs, gathered_index
 from lvita_model.context_parallel.groups import check_shard_matches_group
 from lvita_model.context_parallel.sharding import CPShard
+from lvita_model.errors import ContextParallelError
 
 
 def _tokens_to_heads(x: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:

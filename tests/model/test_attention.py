@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from lvita_model.attention import (
-    AttentionBackendError,
     AttnMeta,
     Capabilities,
     FlashBackend,
@@ -23,6 +22,7 @@ from lvita_model.attention import (
     packed_meta,
 )
 from lvita_model.attention.registry import backend_available
+from lvita_model.errors import AttentionBackendError
 
 CU = (0, 5, 17, 18, 40)  # four documents, one of a single token
 HEAD_DIM = 16

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from lvita_model.attention import (
-    AttentionBackendError,
     AttnMeta,
     FlashBackend,
     NpuBackend,
@@ -26,6 +25,7 @@ from lvita_model.attention import (
 from lvita_model.attention import flash as flash_module
 from lvita_model.attention import npu as npu_module
 from lvita_model.attention import torch_varlen as torch_varlen_module
+from lvita_model.errors import AttentionBackendError
 
 REF = SdpaBackend()
 

@@ -8,13 +8,13 @@ import pytest
 
 from lvita_model.config import (
     PRESETS,
-    ConfigError,
     LLMConfig,
     VisionConfig,
     from_hf_config,
     load_config,
     to_hf_config,
 )
+from lvita_model.errors import ConfigError
 
 
 def test_long_vita_14b_is_the_reference_shape():

@@ -25,7 +25,6 @@ from dist_utils import DistributedTestError, run_distributed
 from lvita_model.attention import AttnMeta, SdpaBackend, attend, packed_meta
 from lvita_model.context_parallel.allgather import AllGatherKVAttention
 from lvita_model.context_parallel.blocks import (
-    ContextParallelError,
     allgather_blocks,
     gathered_index,
     ring_blocks,
@@ -39,8 +38,9 @@ from lvita_model.context_parallel.merge import (
     merge_two,
 )
 from lvita_model.context_parallel.ring import ZigzagRingAttention
-from lvita_model.context_parallel.sharding import ShardingError, pad_documents, plan_shard
+from lvita_model.context_parallel.sharding import pad_documents, plan_shard
 from lvita_model.context_parallel.ulysses import UlyssesAttention
+from lvita_model.errors import ContextParallelError
 
 RAW_LENGTHS = (13, 3, 0, 24, 1, 6)
 HEAD_DIM = 8
@@ -238,9 +238,9 @@ def test_mesh_puts_cp_ranks_adjacent():
 
 
 def test_unpadded_documents_are_rejected_with_a_padding_hint():
-    with pytest.raises(ShardingError, match="pad_documents"):
+    with pytest.raises(ContextParallelError, match="pad_documents"):
         plan_shard(raw_cu(), 2, 0, "zigzag")
-    with pytest.raises(ShardingError, match="pad_documents"):
+    with pytest.raises(ContextParallelError, match="pad_documents"):
         plan_shard(raw_cu(), 2, 0, "contiguous")  # 47 tokens
 
 

@@ -11,12 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lvita_model.attention import SdpaBackend
+from lvita_model.errors import WeightsError
 from lvita_model.model import build_model
 from lvita_model.vision import InternVisionModel
 from lvita_model.weights import (
     INDEX_FILE,
     SINGLE_FILE,
-    WeightsError,
     load_pretrained,
     load_vision_weights,
     save_pretrained,
