@@ -11,6 +11,11 @@
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build
 output directory problems, 6 verify found problems.
+
+The library raises; this module alone prints and decides the exit code: `EXIT_CODES` maps each
+error class to its code (the most specific class of an error wins), `run` reports an error as
+one line on stderr, ``lvita: ...`` for a manifest, a training config or a reject rate, else
+``lvita COMMAND: ...``.
 """
 
 from __future__ import annotations
@@ -21,14 +26,58 @@ import sys
 import time
 from pathlib import Path
 
-from lvita_data.errors import ManifestError, RejectRateExceeded
-from pipelines.generate import add_parser as add_generate_parser
+from lvita_data.errors import (
+    BuildError,
+    LoaderError,
+    ManifestError,
+    MissingInputs,
+    RejectRateExceeded,
+    StatsError,
+)
+from lvita_model.errors import ConfigError, WeightsError
+from pipelines.errors import (
+    CheckpointError,
+    GenerateError,
+    GenerateInputError,
+    TrainConfigError,
+)
 
-EXIT_MANIFEST, EXIT_MISSING, EXIT_REJECTS, EXIT_BUILD = 2, 3, 4, 5
+EXIT_OK = 0
+EXIT_CODES: dict[type[Exception], int] = {
+    # 2: a bad manifest, config or argument
+    ManifestError: 2,
+    TrainConfigError: 2,
+    GenerateError: 2,
+    # 3: missing or unreadable inputs (data, model, checkpoint, media)
+    MissingInputs: 3,
+    LoaderError: 3,
+    CheckpointError: 3,
+    ConfigError: 3,
+    WeightsError: 3,
+    GenerateInputError: 3,
+    # 4: a source rejected more than the manifest's threshold
+    RejectRateExceeded: 4,
+    # 5: the build output directory does not match, or is not a build
+    BuildError: 5,
+    StatsError: 5,
+}
+"""Exit code of each error class; an error takes the code of its most specific listed class."""
+EXIT_VERIFY_PROBLEMS = 6
+"""`lvita verify` found problems (a result, not an error: the report says which)."""
+_UNPREFIXED = (ManifestError, TrainConfigError, RejectRateExceeded)
+"""Errors reported as ``lvita: ...`` (no command name): what the manifest or config says."""
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of `error` from `EXIT_CODES`, None for an error lvita does not expect."""
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return None
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    from lvita_data.shards.writer import write_text_atomic
+    from lvita_data.fileio import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(str(path), json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
@@ -36,22 +85,17 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from lvita_data.build.plan import format_report, plan_stage
-    from lvita_data.errors import MissingInputs
     from lvita_data.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     started = time.perf_counter()
-    try:
-        plan = plan_stage(
-            manifest,
-            workers=args.workers,
-            verify_media=args.verify_media,
-            allow_missing=args.allow_missing,
-            progress=not args.quiet,
-        )
-    except MissingInputs as error:
-        print(f"lvita plan: {error}", file=sys.stderr)
-        return EXIT_MISSING
+    plan = plan_stage(
+        manifest,
+        workers=args.workers,
+        verify_media=args.verify_media,
+        allow_missing=args.allow_missing,
+        progress=not args.quiet,
+    )
     seconds = time.perf_counter() - started
     print(format_report(plan))
     rate = plan.num_samples / seconds if seconds > 0 else float("inf")
@@ -59,29 +103,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         _write_json_atomic(Path(args.out), plan.to_json())
         print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from lvita_data.build.run import build_stage
-    from lvita_data.errors import BuildError, MissingInputs
 
     started = time.perf_counter()
-    try:
-        index = build_stage(
-            args.manifest,
-            args.out,
-            workers=args.workers,
-            executor=args.executor,
-            resume=args.resume,
-            progress=not args.quiet,
-        )
-    except MissingInputs as error:
-        print(f"lvita build: {error}", file=sys.stderr)
-        return EXIT_MISSING
-    except BuildError as error:
-        print(f"lvita build: {error}", file=sys.stderr)
-        return EXIT_BUILD
+    index = build_stage(
+        args.manifest,
+        args.out,
+        workers=args.workers,
+        executor=args.executor,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
     shards = index["shards"]
     packs = sum(s["samples"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
@@ -94,34 +130,69 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from lvita_data.stats.compute import main_stats
+    """Print the report (or JSON) of a build; with --html also write the HTML report."""
+    from lvita_data.stats.compute import compute_stats
+    from lvita_data.stats.html import write_html
+    from lvita_data.stats.text import format_stats
 
-    return main_stats(args.dir, json_out=args.json, html=args.html)
+    stats = compute_stats(args.dir)
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False, indent=1))
+    else:
+        print(format_stats(stats))
+    if args.html:
+        write_html(stats, args.html)
+        print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from lvita_data.verify.verify import main_verify
+    """Print the verify report (or JSON); `EXIT_VERIFY_PROBLEMS` when it found problems."""
+    from lvita_data.verify.verify import verify_build
 
-    return main_verify(
-        args.dir, json_out=args.json, workers=args.workers, decode_tiles=not args.no_decode
+    report = verify_build(args.dir, workers=args.workers, decode_tiles=not args.no_decode)
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
+    else:
+        print(report.format())
+    return EXIT_OK if report.ok else EXIT_VERIFY_PROBLEMS
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Generated text on stdout, notes on stderr; rank 0 only under torchrun."""
+    from pipelines.generate import GenerateRequest, generate_text
+
+    generated = generate_text(
+        GenerateRequest(
+            model=args.model,
+            prompt=args.prompt,
+            images=args.image,
+            videos=args.video,
+            max_frames=args.max_frames,
+            max_new_tokens=args.max_new_tokens,
+            prefill_chunk=args.prefill_chunk,
+            backend=args.backend,
+            dtype=args.dtype,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+        )
     )
+    if generated.is_main:
+        for note in generated.notes:
+            print(note, file=sys.stderr)
+        print(generated.text)
+    return EXIT_OK
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lvita_data.errors import LoaderError
-    from lvita_model.config import ConfigError
-    from lvita_model.weights import WeightsError
-    from pipelines.train.checkpoint import CheckpointError
     from pipelines.train.config import load_train_config
     from pipelines.train.loop import train
 
     config = load_train_config(args.config)
-    try:
-        train(config, resume=not args.no_resume)
-    except (LoaderError, CheckpointError, ConfigError, WeightsError) as error:
-        print(f"lvita train: {error}", file=sys.stderr)
-        return EXIT_MISSING
-    return 0
+    train(config, resume=not args.no_resume)
+    return EXIT_OK
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -129,7 +200,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
     summary = make_demo_corpus(args.dir, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo_data)
-    add_generate_parser(commands)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt (KV cache)")
+    generate.add_argument("model", help="checkpoint directory or preset name (random weights)")
+    generate.add_argument("--prompt", required=True, help="the user's message")
+    generate.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    generate.add_argument("--video", action="append", default=[], help="video file or frame dir")
+    generate.add_argument("--max-frames", type=int, default=64, help="frames per video (1 fps cap)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--prefill-chunk", type=int, help="prefill N prompt tokens at a time")
+    generate.add_argument("--backend", default="auto", help="attention backend (auto, sdpa, ...)")
+    generate.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k best (0: all)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling and random-model seed")
+    generate.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint's, qwen2.5)")
+    generate.set_defaults(run=_cmd_generate)
 
     train = commands.add_parser("train", help="train a stage on its packed shards (DP x CP)")
     train.add_argument("config", help="training config YAML (configs/train/*.yaml)")
@@ -190,17 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run one `lvita` command; an expected error is one line on stderr and its exit code."""
     args = build_parser().parse_args(argv)
     try:
-        code = args.run(args)
-    except ManifestError as error:
-        print(f"lvita: {error}", file=sys.stderr)
-        code = EXIT_MANIFEST
-    except RejectRateExceeded as error:
-        print(f"lvita: {error}", file=sys.stderr)
-        code = EXIT_REJECTS
-    raise SystemExit(code)
+        return args.run(args)
+    except tuple(EXIT_CODES) as error:
+        prefix = "lvita" if isinstance(error, _UNPREFIXED) else f"lvita {args.command}"
+        print(f"{prefix}: {error}", file=sys.stderr)
+        code = exit_code(error)
+        assert code is not None
+        return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `lvita` entry point: `run`, then exit with its code."""
+    raise SystemExit(run(argv))
 
 
 if __name__ == "__main__":

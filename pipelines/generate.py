@@ -22,21 +22,20 @@ preprocessing) in the order of the tags, and the features overwrite the placehol
 Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set, WORLD_SIZE > 1) the run is context
 parallel over all ranks: gloo on CPU, nccl on CUDA, hccl on NPU (device ``LOCAL_RANK``); every
 rank builds the same prompt, prefill is zigzag-sharded, each rank keeps its KV shard, decoding
-merges partial attention by LSE (`lvita_model.inference`); rank 0 prints.
+merges partial attention by LSE (`lvita_model.inference`); `pipelines.cli` prints on rank 0.
 
-stdout: the generated text (special tokens kept, e.g. the final ``<|im_end|>``). stderr: what
-was loaded, the prompt length, tokens generated, prefill time and decode speed.
-Exit codes (those of `pipelines.cli`): 0 ok, 2 bad arguments (an image for a model without a
-vision tower, a tag count that does not match the files), 3 missing or unreadable model or
-media.
+`generate_text(request)` returns the text and what `pipelines.cli` reports: on stdout the
+generated text (special tokens kept, e.g. the final ``<|im_end|>``), on stderr what was loaded,
+the prompt length, tokens generated, prefill time and decode speed. Problems are raised:
+`GenerateError` for bad arguments (an image for a model without a vision tower, a tag count that
+does not match the files), `GenerateInputError` for a missing or unreadable model or media;
+`pipelines.cli` maps them to exit codes 2 and 3.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,17 +45,10 @@ if TYPE_CHECKING:  # heavy imports stay out of `lvita --help` and the other comm
     from lvita_data.tokenizer.tokenizer import LongVitaTokenizer
     from lvita_model.model import LongVitaForCausalLM
 
-EXIT_ARGS, EXIT_MISSING = 2, 3
+from pipelines.errors import GenerateError, GenerateInputError
+
 UNLIMITED_LENGTH = 1 << 40
 """No packed-length cap at inference: the prompt is as long as its media make it."""
-
-
-class GenerateError(Exception):
-    """A problem reported as one line and an exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -119,8 +111,8 @@ def build_prompt(
         sample = tokenize_record(record, [tokenizer.encode(content)], rules)
         tiles = _tiles(sample)
     except SkipSample as error:
-        code = EXIT_MISSING if error.reason in _MISSING_REASONS else EXIT_ARGS
-        raise GenerateError(str(error), code) from None
+        kind = GenerateInputError if error.reason in _MISSING_REASONS else GenerateError
+        raise kind(str(error)) from None
     ids = np.concatenate([sample.input_ids, template.role_prefix["assistant"]])
     positions = vision_placeholder_positions(ids, tokenizer.special_ids)
     return _as_tensors(ids, tiles, positions, tokens_per_tile)
@@ -150,8 +142,7 @@ def _as_tensors(ids: Any, tiles: Any, positions: Any, tokens_per_tile: int) -> P
     if positions.shape[0] != tiles.shape[0] * tokens_per_tile:
         raise GenerateError(
             f"{tiles.shape[0]} tiles need {tiles.shape[0] * tokens_per_tile} placeholders of "
-            f"the model's {tokens_per_tile} per tile; the prompt has {positions.shape[0]}",
-            EXIT_ARGS,
+            f"the model's {tokens_per_tile} per tile; the prompt has {positions.shape[0]}"
         )
     pixel_values = torch.from_numpy(normalize_tiles(tiles))  # [N, 3, 448, 448]
     placeholders = torch.from_numpy(positions.astype("int64")).view(-1, tokens_per_tile)
@@ -182,14 +173,13 @@ def load_model(
         model = build_model(spec, device=device, dtype=dtype, seed=seed, attention_backend=backend)
         return model.eval(), True
     if not Path(spec).exists():
-        raise GenerateError(
-            f"model {spec!r}: no such checkpoint directory and not a preset ({', '.join(PRESETS)})",
-            EXIT_MISSING,
+        raise GenerateInputError(
+            f"model {spec!r}: no such checkpoint directory and not a preset ({', '.join(PRESETS)})"
         )
     try:
         model = load_pretrained(spec, device=device, dtype=dtype, attention_backend=backend)
     except (ConfigError, WeightsError, OSError) as error:
-        raise GenerateError(f"cannot load model {spec!r}: {error}", EXIT_MISSING) from None
+        raise GenerateInputError(f"cannot load model {spec!r}: {error}") from None
     return model.eval(), False
 
 
@@ -203,7 +193,7 @@ def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
     try:
         return load_tokenizer(spec)
     except SourceError as error:
-        raise GenerateError(f"tokenizer: {error}", EXIT_MISSING) from None
+        raise GenerateInputError(f"tokenizer: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,57 +223,64 @@ def _is_main() -> bool:
 # The command
 
 
-def add_parser(commands: Any) -> None:
-    """Register ``generate`` on the `lvita` sub-command parser."""
-    generate = commands.add_parser("generate", help="generate text from a prompt (KV cache)")
-    generate.add_argument("model", help="checkpoint directory or preset name (random weights)")
-    generate.add_argument("--prompt", required=True, help="the user's message")
-    generate.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    generate.add_argument("--video", action="append", default=[], help="video file or frame dir")
-    generate.add_argument("--max-frames", type=int, default=64, help="frames per video (1 fps cap)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--prefill-chunk", type=int, help="prefill N prompt tokens at a time")
-    generate.add_argument("--backend", default="auto", help="attention backend (auto, sdpa, ...)")
-    generate.add_argument(
-        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
-    )
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    generate.add_argument("--top-k", type=int, default=0, help="sample among the k best (0: all)")
-    generate.add_argument("--seed", type=int, default=0, help="sampling and random-model seed")
-    generate.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint's, qwen2.5)")
-    generate.set_defaults(run=run)
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    """What `lvita generate` was asked for (its flags, see `pipelines.cli`)."""
+
+    model: str
+    """A checkpoint directory or a preset name (random weights)."""
+    prompt: str
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    max_frames: int = 64
+    max_new_tokens: int = 64
+    prefill_chunk: int | None = None
+    backend: str = "auto"
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    tokenizer: str | None = None
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except GenerateError as error:
-        print(f"lvita generate: {error}", file=sys.stderr)
-        return error.code
+@dataclass(frozen=True)
+class Generated:
+    """The result of `generate_text`, and what the command reports about it."""
+
+    text: str
+    """The generated tokens decoded, special tokens kept."""
+    notes: list[str]
+    """Lines for stderr: a random-weights warning, then the run's summary."""
+    is_main: bool
+    """Whether this process is rank 0 (the only one that reports)."""
 
 
-def _run(args: argparse.Namespace) -> int:
+def generate_text(request: GenerateRequest) -> Generated:
+    """Generate from the request's prompt; under torchrun, context parallel over all ranks."""
     import torch
 
     from lvita_model.inference import Sampling, generate
 
-    if args.max_new_tokens < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
-        raise GenerateError("--max-new-tokens and --prefill-chunk must be >= 1", EXIT_ARGS)
+    if request.max_new_tokens < 1 or (
+        request.prefill_chunk is not None and request.prefill_chunk < 1
+    ):
+        raise GenerateError("--max-new-tokens and --prefill-chunk must be >= 1")
     group, device = _distributed()
-    dtype = _dtype(args.dtype, device)
+    dtype = _dtype(request.dtype, device)
     model, random = load_model(
-        args.model, device=device, dtype=dtype, backend=args.backend, seed=args.seed
+        request.model, device=device, dtype=dtype, backend=request.backend, seed=request.seed
     )
-    tokenizer = _tokenizer(args.tokenizer, args.model)
-    if (args.image or args.video) and model.config.vision is None:
-        raise GenerateError(f"model {args.model!r} has no vision tower: drop the media", EXIT_ARGS)
+    tokenizer = _tokenizer(request.tokenizer, request.model)
+    if (request.images or request.videos) and model.config.vision is None:
+        raise GenerateError(f"model {request.model!r} has no vision tower: drop the media")
     per_tile = model.config.tokens_per_tile if model.config.vision is not None else 256
     prompt = build_prompt(
         tokenizer,
-        args.prompt,
-        images=args.image,
-        videos=args.video,
-        max_frames=args.max_frames,
+        request.prompt,
+        images=request.images,
+        videos=request.videos,
+        max_frames=request.max_frames,
         tokens_per_tile=per_tile,
     )
     result = generate(
@@ -291,37 +288,38 @@ def _run(args: argparse.Namespace) -> int:
         prompt.input_ids.to(device),
         pixel_values=None if prompt.pixel_values is None else prompt.pixel_values.to(device),
         image_token_positions=prompt.image_token_positions,
-        max_new_tokens=args.max_new_tokens,
-        prefill_chunk=args.prefill_chunk,
-        sampling=Sampling(args.temperature, args.top_k, args.seed),
+        max_new_tokens=request.max_new_tokens,
+        prefill_chunk=request.prefill_chunk,
+        sampling=Sampling(request.temperature, request.top_k, request.seed),
         eos_token_id=tokenizer.special_ids.im_end,
         group=group,
     )
-    if _is_main():
-        _report(args, result, tokenizer, random, dtype, prompt, world=_world_size())
+    notes = _notes(request, result, random, dtype, prompt, world=_world_size())
+    generated = Generated(tokenizer.decode(result.tokens), notes, _is_main())
     if group is not None:
         torch.distributed.destroy_process_group()
-    return 0
+    return generated
 
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _report(args, result, tokenizer, random: bool, dtype, prompt: Prompt, world: int) -> None:
+def _notes(
+    request: GenerateRequest, result: Any, random: bool, dtype: Any, prompt: Prompt, world: int
+) -> list[str]:
+    notes = []
     if random:
-        print(
-            f"note: {args.model!r} is a preset with RANDOM weights (seed {args.seed}); "
-            "the text is noise",
-            file=sys.stderr,
+        notes.append(
+            f"note: {request.model!r} is a preset with RANDOM weights (seed {request.seed}); "
+            "the text is noise"
         )
     tiles = 0 if prompt.pixel_values is None else prompt.pixel_values.shape[0]
     decode_steps = max(len(result.tokens) - 1, 1)
-    print(
+    notes.append(
         f"prompt {result.prompt_tokens} token(s) ({tiles} tile(s)), generated "
         f"{len(result.tokens)} token(s){' (EOS)' if result.stopped_at_eos else ''}; "
         f"prefill {result.prefill_seconds:.2f} s, decode "
-        f"{1000 * result.decode_seconds / decode_steps:.1f} ms/token; {dtype}, CP={world}",
-        file=sys.stderr,
+        f"{1000 * result.decode_seconds / decode_steps:.1f} ms/token; {dtype}, CP={world}"
     )
-    print(tokenizer.decode(result.tokens))
+    return notes

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from html import escape
 
 from lvita_data.shards.writer import write_text_atomic
-from lvita_data.stats.compute import DATASET_COLUMNS
+from lvita_data.stats.text import DATASET_COLUMNS, delta, pct
 
 PACKED = "#1f77b4"
 """Colour of the packed / after-packing series (the test looks for it in the screenshot)."""
@@ -254,14 +254,6 @@ def plot_rejects(stats: dict) -> str | None:
     return _png(fig)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
-
-
-def _delta(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:+.2f} pp"
-
-
 def _html_table(
     header: Sequence[str], rows: Sequence[Sequence[object]], *, total: bool = False
 ) -> str:
@@ -335,9 +327,9 @@ def render_html(stats: dict) -> str:
                 d["samples"],
                 sum(d["rejects"].values()),
                 f"{d['tokens']:,}",
-                _pct(d["share"]),
-                _pct(d["target_share"]),
-                _delta(d["share_delta"]),
+                pct(d["share"]),
+                pct(d["target_share"]),
+                delta(d["share_delta"]),
                 f"{f['chosen']} / {f['requested']}" if f["videos"] else "-",
                 " + ".join(f"{k} {v}" for k, v in d["modalities"].items()) or "-",
             )
@@ -351,8 +343,8 @@ def render_html(stats: dict) -> str:
             stats["samples"],
             stats["rejects"],
             f"{stats['tokens']:,}",
-            _pct(1.0 if stats["tokens"] else 0.0),
-            _pct(1.0) if stats["planned_tokens"] else "-",
+            pct(1.0 if stats["tokens"] else 0.0),
+            pct(1.0) if stats["planned_tokens"] else "-",
             "",
             f"{frames['chosen']} / {frames['requested']}" if frames["videos"] else "-",
             " + ".join(f"{m} {v['samples']}" for m, v in stats["modalities"].items()) or "-",
@@ -366,7 +358,7 @@ def render_html(stats: dict) -> str:
     modality_table = _html_table(
         ("modality", "samples", "tokens", "share"),
         [
-            (m, v["samples"], f"{v['tokens']:,}", _pct(v["share"]))
+            (m, v["samples"], f"{v['tokens']:,}", pct(v["share"]))
             for m, v in stats["modalities"].items()
         ],
     )

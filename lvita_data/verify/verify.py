@@ -69,8 +69,6 @@ from lvita_data.shards.writer import (
 )
 from lvita_data.tokenizer.special_tokens import SpecialIds
 
-EXIT_OK = 0
-EXIT_PROBLEMS = 6
 STATE_DIR = ".lvita-build"
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -1227,26 +1225,11 @@ def verify_build(
     return report
 
 
-def main_verify(
-    out_dir: str, json_out: bool = False, *, workers: int = 1, decode_tiles: bool = True
-) -> int:
-    """`lvita verify DIR [--json]`: print the report; exit code 0 ok, 6 problems."""
-    report = verify_build(out_dir, workers=workers, decode_tiles=decode_tiles)
-    if json_out:
-        print(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
-    else:
-        print(report.format())
-    return EXIT_OK if report.ok else EXIT_PROBLEMS
-
-
 __all__ = [
-    "EXIT_OK",
-    "EXIT_PROBLEMS",
     "Problem",
     "TarScan",
     "VerifyReport",
     "check_sample",
-    "main_verify",
     "sample_digest",
     "scan_tar",
     "split_member_name",

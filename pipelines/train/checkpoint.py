@@ -60,16 +60,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lvita_data.shards.writer import write_text_atomic
 from lvita_model.weights import save_state_dict
+from pipelines.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_FILE = "trainer.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit this run."""
 
 
 @dataclass(frozen=True)

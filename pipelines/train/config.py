@@ -28,12 +28,9 @@ import yaml
 
 from lvita_data.errors import ManifestError
 from lvita_data.manifest import build_dataclass
+from pipelines.errors import TrainConfigError
 
 SCHEMA_VERSION = 1
-
-
-class TrainConfigError(ManifestError):
-    """A training config that cannot be parsed or is inconsistent."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

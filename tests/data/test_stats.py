@@ -19,15 +19,11 @@ from lvita_data.errors import StatsError
 from lvita_data.manifest import load_manifest
 from lvita_data.schema import IGNORE_INDEX, Reject, RejectReason
 from lvita_data.shards.writer import ShardInfo, load_npy
-from lvita_data.stats.compute import (
-    EXIT_STATS,
-    compute_stats,
-    format_stats,
-    main_stats,
-    sample_modality,
-)
+from lvita_data.stats.compute import compute_stats, sample_modality
 from lvita_data.stats.html import PACKED, render_html, write_html
+from lvita_data.stats.text import format_stats
 from lvita_data.tokenizer.tokenizer import load_tokenizer
+from pipelines.cli import EXIT_CODES, run
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE1 = REPO / "manifests" / "demo" / "stage1.yaml"
@@ -234,14 +230,15 @@ def test_terminal_table_lists_every_dataset(stage1_build):
     assert len(ends) == 1
 
 
-def test_main_stats_json_and_errors(stage1_build, tmp_path, capsys):
-    assert main_stats(str(stage1_build), json_out=True, html=None) == 0
+def test_cli_stats_json_and_errors(stage1_build, tmp_path, capsys):
+    assert run(["stats", str(stage1_build), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == compute_stats(stage1_build)
-    assert main_stats(str(stage1_build), json_out=False, html=None) == 0
+    assert run(["stats", str(stage1_build)]) == 0
     assert "lv_image_caption" in capsys.readouterr().out
-    assert main_stats(str(tmp_path), json_out=False, html=None) == EXIT_STATS
-    assert "index.json" in capsys.readouterr().err
-    assert main_stats(str(tmp_path / "nothing"), json_out=True, html=None) == EXIT_STATS
+    assert run(["stats", str(tmp_path)]) == EXIT_CODES[StatsError] == 5
+    err = capsys.readouterr().err
+    assert err.startswith("lvita stats: ") and "index.json" in err
+    assert run(["stats", str(tmp_path / "nothing"), "--json"]) == 5
 
 
 def test_inconsistent_index_is_an_error(stage1_build):
@@ -269,7 +266,7 @@ def test_without_planner_report_targets_are_null(stage1_build, tmp_path):
 def test_html_is_self_contained(variant_build, tmp_path):
     _, out = variant_build
     path = tmp_path / "report.html"
-    assert main_stats(str(out), json_out=False, html=str(path)) == 0
+    assert run(["stats", str(out), "--html", str(path)]) == 0
     html = path.read_text(encoding="utf-8")
     assert html.count('src="data:image/png;base64,') >= 5
     assert "http://" not in html and "https://" not in html

@@ -23,16 +23,14 @@ from lvita_data.build.run import STATE_DIR, build_stage
 from lvita_data.shards.energon import write_energon_metadata
 from lvita_data.shards.writer import load_npy, npy_bytes, sha256_file, write_shard
 from lvita_data.verify.verify import (
-    EXIT_OK,
-    EXIT_PROBLEMS,
     check_sample,
     load_settings,
-    main_verify,
     sample_digest,
     scan_tar,
     split_member_name,
     verify_build,
 )
+from pipelines.cli import EXIT_OK, EXIT_VERIFY_PROBLEMS, run
 
 MANIFEST = """\
 schema_version: 1
@@ -168,9 +166,9 @@ def test_intact_build_passes_everything(built, capsys):
     assert report.tokens == sum(s["tokens"] for s in index["shards"])
     assert report.tiles > 0 and report.tiles_decoded
     assert report.digests_checked == report.samples  # the build records per-sample digests
-    assert main_verify(str(out), json_out=False) == EXIT_OK
+    assert run(["verify", str(out)]) == EXIT_OK
     assert "OK" in capsys.readouterr().out
-    assert main_verify(str(out), json_out=True) == EXIT_OK
+    assert run(["verify", str(out), "--json"]) == EXIT_OK
     payload = json.loads(capsys.readouterr().out)
     assert payload["ok"] and payload["problems"] == []
     rejects = (out / "rejects.jsonl").read_text(encoding="utf-8")
@@ -266,7 +264,7 @@ def test_flipped_byte_names_shard_and_key(built, tmp_path, where):
     located = [p for p in problems_at(report, name) if p.kind != "checksum"]
     assert located, report.format()
     assert located[0].key == key, report.format()
-    assert main_verify(str(out), json_out=False, decode_tiles=False) == EXIT_PROBLEMS
+    assert run(["verify", str(out), "--no-decode"]) == EXIT_VERIFY_PROBLEMS
 
 
 def test_flip_in_end_of_archive_names_the_last_key(built, tmp_path):
@@ -461,7 +459,7 @@ def test_accounting_breaks(built, tmp_path):
 def test_not_a_build(tmp_path):
     report = verify_build(tmp_path)
     assert not report.ok and "index.json is missing" in report.format()
-    assert main_verify(str(tmp_path / "nowhere")) == EXIT_PROBLEMS
+    assert run(["verify", str(tmp_path / "nowhere")]) == EXIT_VERIFY_PROBLEMS
 
 
 def test_without_manifest_copy_checksums_and_tar_are_still_checked(built, tmp_path):

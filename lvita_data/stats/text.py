@@ -1,0 +1,217 @@
+"""`lvita stats` as text: the terminal report of a build's statistics.
+
+`format_stats(stats)` lays out the dict of `lvita_data.stats.compute.compute_stats` as aligned
+tables and bar histograms: the summary, the per-dataset table (with the mixture-group columns
+only when a group holds several datasets), modality mix, length and fill histograms, samples per
+pack and rejects by reason and dataset. `pct` and `delta` format shares for this report and for
+the HTML report (`lvita_data.stats.html`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DATASET_COLUMNS = (
+    "dataset",
+    "group",
+    "ratio",
+    "selected",
+    "samples",
+    "rejects",
+    "tokens",
+    "share",
+    "target",
+    "delta",
+    "frames",
+    "modality",
+)
+"""Columns of the per-dataset table, in the terminal report and in the HTML report."""
+
+
+def pct(value: float | None) -> str:
+    """A share as a percentage with 2 decimals; "-" when unknown."""
+    return "-" if value is None else f"{value:.2%}"
+
+
+def delta(value: float | None) -> str:
+    """A share difference in percentage points (signed, 2 decimals); "-" when unknown."""
+    return "-" if value is None else f"{value * 100:+.2f} pp"
+
+
+def _table(
+    header: Sequence[str], rows: list[Sequence[str]], left: Sequence[int] = (0,)
+) -> list[str]:
+    """Aligned columns: the columns numbered in `left` left-aligned, the others right-aligned;
+    a rule under the header (and above a final TOTAL row)."""
+    table = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = []
+    for number, row in enumerate(table):
+        cells = [
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        if number == len(table) - 1 and row[0] == "TOTAL":
+            lines.append(rule)
+        lines.append("  ".join(cells).rstrip())
+        if number == 0:
+            lines.append(rule)
+    return lines
+
+
+def _bars(labels: list[str], counts: list[int], width: int = 40) -> list[str]:
+    top = max(counts, default=0)
+    label_width = max((len(s) for s in labels), default=0)
+    count_width = max((len(str(c)) for c in counts), default=1)
+    lines = []
+    for label, count in zip(labels, counts, strict=True):
+        bar = "#" * (round(width * count / top) if top else 0)
+        if count and not bar:
+            bar = "."
+        line = f"  {label.rjust(label_width)}  {str(count).rjust(count_width)}  {bar}"
+        lines.append(line.rstrip())
+    return lines
+
+
+def _range_labels(edges: list[int]) -> list[str]:
+    labels = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        close = "]" if i == len(edges) - 2 else ")"
+        labels.append(f"[{lo:,}, {hi:,}{close}")
+    return labels
+
+
+def _mix(counts: dict[str, int]) -> str:
+    return " + ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def format_stats(stats: dict) -> str:
+    """A readable terminal report: summary, per-dataset table, histograms, rejects."""
+    capacity = stats["max_seq_len"]
+    spp = stats["samples_per_pack"]
+    frames = stats["frames"]
+    lines = [
+        f"stage {stats['stage']}: {stats['shards']} shard(s), {stats['packs']:,} packs of "
+        f"T = {capacity:,}, {stats['samples']:,} samples, {stats['tokens']:,} tokens",
+        f"fill {stats['fill']:.2%}; padding {stats['padding_tokens']:,} tokens "
+        f"(alignment {stats['alignment_padding_tokens']:,}, tail "
+        f"{stats['tail_padding_tokens']:,})",
+        f"samples per pack: mean {spp['mean']:.2f}, min {spp['min']}, max {spp['max']}; "
+        f"tiles per pack: mean {stats['tiles_per_pack']['mean']:.1f}, "
+        f"max {stats['tiles_per_pack']['max']}",
+        f"video frames: {frames['chosen']:,} chosen of {frames['requested']:,} requested over "
+        f"{frames['videos']} video(s), {frames['videos_fitted']} lowered to fit",
+        f"rejects: {stats['rejects']}",
+        "",
+    ]
+    header = DATASET_COLUMNS
+    rows = []
+    for d in stats["datasets"]:
+        f = d["frames"]
+        rows.append(
+            (
+                d["name"],
+                d["group"],
+                "-" if d["ratio"] is None else f"{d['ratio']:g}",
+                str(d["selected"]),
+                str(d["samples"]),
+                str(sum(d["rejects"].values())),
+                f"{d['tokens']:,}",
+                pct(d["share"]),
+                pct(d["target_share"]),
+                delta(d["share_delta"]),
+                f"{f['chosen']}/{f['requested']}" if f["videos"] else "-",
+                _mix(d["modalities"]),
+            )
+        )
+    rows.append(
+        (
+            "TOTAL",
+            "",
+            "",
+            str(sum(d["selected"] for d in stats["datasets"])),
+            str(stats["samples"]),
+            str(stats["rejects"]),
+            f"{stats['tokens']:,}",
+            pct(1.0 if stats["tokens"] else 0.0),
+            pct(1.0) if stats["planned_tokens"] else "-",
+            "",
+            f"{frames['chosen']}/{frames['requested']}" if frames["videos"] else "-",
+            _mix({m: v["samples"] for m, v in stats["modalities"].items()}),
+        )
+    )
+    if all(d["group"] == d["name"] for d in stats["datasets"]):
+        header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
+        lines += _table(header, rows, left=(0, len(header) - 1))
+    else:
+        lines += _table(header, rows, left=(0, 1, len(header) - 1))
+    if any(g["datasets"] != [g["name"]] for g in stats["groups"]):
+        lines += ["", "mixture groups:"]
+        lines += _table(
+            ("group", "datasets", "tokens", "share", "target", "delta"),
+            [
+                (
+                    g["name"],
+                    str(len(g["datasets"])),
+                    f"{g['tokens']:,}",
+                    pct(g["share"]),
+                    pct(g["target_share"]),
+                    delta(g["share_delta"]),
+                )
+                for g in stats["groups"]
+            ],
+        )
+    lines += ["", "modality mix (packed):"]
+    lines += _table(
+        ("modality", "samples", "tokens", "share"),
+        [
+            (m, str(v["samples"]), f"{v['tokens']:,}", pct(v["share"]))
+            for m, v in stats["modalities"].items()
+        ],
+    )
+    hist = stats["sample_lengths"]["histogram"]
+    summary = stats["sample_lengths"]
+    lines += [
+        "",
+        f"sample lengths before packing (tokens; min {summary['min']:,}, median "
+        f"{summary['p50']:,}, mean {summary['mean']:,.0f}, max {summary['max']:,}):",
+        *_bars(_range_labels(hist["edges"]), hist["counts"]),
+    ]
+    hist = stats["pack_tokens"]["histogram"]
+    fills = [f"{e / capacity:.0%}" for e in hist["edges"]]
+    labels = [f"{lo:>4}-{hi:<4}" for lo, hi in zip(fills[:-1], fills[1:], strict=True)]
+    first = next((i for i, c in enumerate(hist["counts"]) if c), len(labels))
+    lines += [
+        "",
+        "pack fill after packing (real tokens / T, packs per bin; empty low bins left out):",
+        *_bars(labels[first:], hist["counts"][first:]),
+        "",
+        "samples per pack:",
+        *_bars(list(spp["histogram"]), list(spp["histogram"].values())),
+    ]
+    by_dataset = stats["rejects_by_dataset"]
+    if by_dataset:
+        reasons = list(stats["rejects_by_reason"])
+        matrix = [
+            (name, *(str(counts.get(r, 0)) for r in reasons), str(sum(counts.values())))
+            for name, counts in by_dataset.items()
+        ]
+        matrix.append(
+            (
+                "TOTAL",
+                *(str(stats["rejects_by_reason"][r]) for r in reasons),
+                str(stats["rejects"]),
+            )
+        )
+        lines += ["", "rejects by reason and dataset:"]
+        lines += _table(("dataset", *reasons, "total"), matrix)
+    if stats["planned_tokens"] is None:
+        lines += [
+            "",
+            "(no planner report in stats.json: the target shares are unknown)",
+        ]
+    return "\n".join(lines)
+
+
+__all__ = ["DATASET_COLUMNS", "delta", "format_stats", "pct"]
