@@ -53,3 +53,7 @@ class EnergonMetadataError(LvitaError):
 
 class LoaderError(LvitaError):
     """A build directory or a shard cannot be read as shard format 1."""
+
+
+class ShardFormatError(LvitaError):
+    """A shard or a build file is not what the shard format says (damaged tar, bad header)."""

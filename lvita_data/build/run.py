@@ -50,6 +50,7 @@ from tqdm import tqdm
 from lvita_data import __version__
 from lvita_data.build.plan import StagePlan, _tokenizer_and_template, plan_stage
 from lvita_data.errors import BuildError, SkipSample
+from lvita_data.fileio import TEMP_MARKER, write_json_atomic, write_text_atomic
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.media.tiles import encode_tiles, sample_tiles
 from lvita_data.packing.assemble import assemble_pack
@@ -59,22 +60,19 @@ from lvita_data.records import open_source
 from lvita_data.samples.tokenize import SampleRules, tokenize_record
 from lvita_data.schema import RawRecord, Reject, RejectReason, TokenizedSample
 from lvita_data.shards.energon import write_energon_metadata
-from lvita_data.shards.writer import (
+from lvita_data.shards.format import (
     SHARD_FORMAT_VERSION,
-    TEMP_MARKER,
+    STATE_DIR,
     ShardInfo,
     npy_bytes,
+    sample_digest,
     sample_key,
     shard_name,
     tile_member,
-    write_json_atomic,
-    write_shard,
-    write_text_atomic,
 )
+from lvita_data.shards.writer import write_shard
 from lvita_data.stats.compute import compute_stats
-from lvita_data.verify.verify import sample_digest
 
-STATE_DIR = ".lvita-build"
 LOCK_WAIT_S = 5.0
 """How long a build waits for the lock of its output directory before giving up."""
 

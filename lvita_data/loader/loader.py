@@ -1,7 +1,7 @@
 """Training loader of packed shards: `ShardLoader` yields `PackedBatch`es of numpy arrays.
 
-Reads a build directory of `lvita build` (shard format 1, see `lvita_data.shards.writer`), decodes the
-packs and their pixels, and yields batches split by data-parallel (DP) rank and loader worker
+Reads a build directory of `lvita build` (shard format 1, see `lvita_data.shards.format`), decodes
+the packs and their pixels, and yields batches split by data-parallel (DP) rank and loader worker
 without overlap, with an exact-resume `state_dict()` / `load_state_dict()`.
 
 Batches
@@ -83,9 +83,10 @@ in lockstep, so rank 0's state fits every rank.
 
 Reading
 -------
-A process scans a shard's tar headers when it first needs the shard (ustar, pax and GNU long
-names; only the headers are read: about 20 us per member, 0.3 ms per pack of 13 tiles; the scans
-of the last 4 shards are kept), which gives every sample's byte range; a pack is then one
+A process scans a shard's tar headers when it first needs the shard (`lvita_data.shards.tar`,
+strict mode: ustar, pax and GNU long names; only the headers are read through a read-only map:
+about 20 us per member, 0.3 ms per pack of 13 tiles; the scans of the last 4 shards are kept),
+which gives every sample's byte range; a pack is then one
 ``pread`` of its contiguous members, sliced without copies. Members are grouped into samples by
 WebDataset's rule (key = the name up to the first dot of its last path component, suffix
 lower-cased, ``__*__`` metadata skipped; tested equal to ``webdataset.WebDataset``'s samples).
@@ -113,16 +114,22 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lvita_data.errors import LoaderError
+from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.media.tiles import decode_tile, normalize_tiles
 from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE
-from lvita_data.shards.writer import ARRAY_MEMBERS, SHARD_FORMAT_VERSION
+from lvita_data.shards.format import (
+    ARRAY_MEMBERS,
+    BUNDLED_TOKENIZER,
+    SHARD_FORMAT_VERSION,
+    read_build_manifest,
+)
+from lvita_data.shards.tar import TarSample, group_samples, scan_tar_file
 from lvita_data.tokenizer.special_tokens import (
     LONGVITA_SPECIAL_TOKENS,
     QWEN25_NUM_BPE_TOKENS,
@@ -134,7 +141,6 @@ SHARD_FORMAT = SHARD_FORMAT_VERSION
 """The shard format this loader reads."""
 ARRAY_NAMES = tuple(ARRAY_MEMBERS)
 STATE_VERSION = 1
-BUNDLED_TOKENIZER = "qwen2.5"
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,146 +247,7 @@ def normalize_tiles_torch(tiles):
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# tar scanning (headers only)
-
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-_REGULAR = (b"0", b"\0", b"7")
-_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
-_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _TILE_NAME = re.compile(r"^tile(\d+)\.([a-z0-9]+)$")
-
-
-@dataclass(slots=True)
-class TarSample:
-    """One WebDataset sample of a tar: its key, byte range and members (offset, size) relative
-    to the range's start."""
-
-    key: str
-    start: int
-    end: int
-    members: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def _number(raw: bytes) -> int:
-    if raw[0] & 0x80:  # GNU base-256
-        if raw[0] == 0xFF:
-            raise ValueError("negative number in tar header")
-        return int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
-    text = raw.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _header_name(header: bytes) -> str:
-    name = header[0:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "surrogateescape")
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length - 1]  # without the trailing newline
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def _padded(size: int) -> int:
-    return -(-size // _BLOCK) * _BLOCK
-
-
-class _Window:
-    """Reads of a file through one cached window: a pax header, its records and the member
-    header after it (3 blocks) cost one system call."""
-
-    def __init__(self, fd: int, size: int = 8192) -> None:
-        self.fd, self.size, self.start, self.data = fd, size, 0, b""
-
-    def read(self, pos: int, n: int) -> bytes:
-        offset = pos - self.start
-        if offset < 0 or offset + n > len(self.data):
-            self.start, self.data = pos, os.pread(self.fd, max(n, self.size), pos)
-            offset = 0
-        return self.data[offset : offset + n]
-
-
-def scan_tar(path: str | os.PathLike[str]) -> list[TarSample]:
-    """The samples of an uncompressed tar in order, from its headers alone.
-
-    Consecutive regular files with the same key form one sample (WebDataset's grouping); a
-    sample's range runs from its first member's first header (pax / long-name headers included)
-    to the end of its last member's data. Raises `LoaderError` on a malformed header.
-    """
-    samples: list[TarSample] = []
-    with open(path, "rb", buffering=0) as handle:
-        fd = handle.fileno()
-        total = os.fstat(fd).st_size
-        window = _Window(fd)
-        pos, record_start, pax, long_name = 0, None, {}, None
-        while pos + _BLOCK <= total:
-            header = window.read(pos, _BLOCK)
-            if header == _ZERO_BLOCK:
-                break
-            try:
-                checksum = _number(header[148:156])
-                size = _number(header[124:136])
-            except ValueError as error:
-                raise LoaderError(f"{path}: bad tar header at byte {pos}: {error}") from None
-            if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-                raise LoaderError(f"{path}: tar header checksum mismatch at byte {pos}")
-            typeflag = header[156:157]
-            data = pos + _BLOCK
-            if record_start is None:
-                record_start = pos
-            if typeflag == b"x":
-                pax = _pax_records(window.read(data, size))
-            elif typeflag == b"g":  # global pax header: archive-wide, not part of a sample
-                record_start = None
-            elif typeflag in (b"L", b"K"):
-                if typeflag == b"L":
-                    long_name = (
-                        window.read(data, size)
-                        .split(b"\0", 1)[0]
-                        .decode("utf-8", "surrogateescape")
-                    )
-            else:
-                name = pax.get("path") or long_name or _header_name(header)
-                if "size" in pax:
-                    size = int(pax["size"])
-                if typeflag in _REGULAR:
-                    _add_member(samples, name, record_start, data, size)
-                record_start, pax, long_name = None, {}, None
-            pos = data + _padded(size)
-        if pos > total:
-            raise LoaderError(f"{path}: truncated tar (member data runs past the end)")
-    return samples
-
-
-def _add_member(samples: list[TarSample], name: str, start: int, data: int, size: int) -> None:
-    base = name.rsplit("/", 1)[-1]
-    if "/" not in name and base.startswith("__") and base.endswith("__"):
-        return
-    if _META_NAME.match(name):
-        return
-    match = _KEY_SUFFIX.match(name)
-    if match is None:
-        return
-    key, suffix = match.group(1), match.group(2).lower()
-    if not samples or samples[-1].key != key:
-        samples.append(TarSample(key, start, start))
-    sample = samples[-1]
-    if suffix in sample.members:
-        raise LoaderError(f"duplicate member {name!r} in sample {key!r}")
-    sample.members[suffix] = (data - sample.start, size)
-    sample.end = data + _padded(size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,26 +294,15 @@ def bundled_vision_ids() -> tuple[int, int, int]:
 
 
 def _vision_ids_of_build(root: Path) -> tuple[int, int, int]:
-    manifest = root / "manifest.yaml"
     try:
-        text = manifest.read_text(encoding="utf-8")
-    except OSError as error:
-        raise LoaderError(f"{manifest}: {error}; pass special_ids=") from None
-    import yaml
-
-    spec = (yaml.safe_load(text) or {}).get("tokenizer", BUNDLED_TOKENIZER)
+        spec = read_build_manifest(root).tokenizer_spec
+    except ShardFormatError as error:
+        raise LoaderError(f"{error}; pass special_ids=") from None
     if spec == BUNDLED_TOKENIZER:
         return bundled_vision_ids()
-    path = os.path.expanduser(str(spec))
-    if not os.path.isabs(path):  # relative to the source manifest named in the copy's header
-        header = re.match(r"#.* from (.+)$", text.splitlines()[0]) if text else None
-        if header is None:
-            raise LoaderError(f"{manifest}: cannot resolve tokenizer {spec!r}; pass special_ids=")
-        path = os.path.normpath(os.path.join(os.path.dirname(header.group(1)), path))
     from lvita_data.tokenizer.tokenizer import load_tokenizer
 
-    ids = load_tokenizer(path).special_ids
-    return ids.vision_context_ids
+    return load_tokenizer(spec).special_ids.vision_context_ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,7 +624,10 @@ class ShardLoader:
         samples = self._scans.get(shard)
         if samples is None:
             path = self.root / self.shard_names[shard]
-            samples = scan_tar(path)
+            try:
+                samples = group_samples(scan_tar_file(path), str(path))
+            except ShardFormatError as error:
+                raise LoaderError(str(error)) from None
             if len(samples) != self.shard_counts[shard]:
                 raise LoaderError(
                     f"{path}: {len(samples)} samples, index.json says {self.shard_counts[shard]}"
@@ -973,5 +832,4 @@ __all__ = [
     "epoch_order",
     "normalize_tile_into",
     "normalize_tiles_torch",
-    "scan_tar",
 ]

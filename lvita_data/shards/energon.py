@@ -21,7 +21,7 @@ What Energon 7.x reads from a prepared WebDataset directory (megatron-energon 7.
 - `.nv-meta/index.uuid`: an id of the index, used in cache keys of joined datasets. `energon
   prepare` writes a random uuid4; lvita derives a uuid5 from the index content, so the whole
   directory stays byte-reproducible (same SQLite library assumed for `index.sqlite`).
-Offsets come from lvita's own tar parser (`lvita_data.verify.verify.scan_tar`), which agrees with
+Offsets come from lvita's own tar parser (`lvita_data.shards.tar.scan_tar`), which agrees with
 `tarfile` on intact archives. A shard without samples is listed in `.info.json` but left out of
 the train split (Energon refuses empty shards when it prepares a directory itself).
 """
@@ -43,8 +43,8 @@ from typing import Protocol
 import yaml
 
 from lvita_data.errors import EnergonMetadataError
-from lvita_data.shards.writer import temporary_name, write_bytes_atomic, write_text_atomic
-from lvita_data.verify.verify import TarScan, scan_tar, split_member_name
+from lvita_data.fileio import temporary_name, write_bytes_atomic, write_text_atomic
+from lvita_data.shards.tar import TarScan, scan_tar, split_member_name
 
 MAIN_FOLDER = ".nv-meta"
 ITAR_SUFFIX = ".idx"

@@ -45,7 +45,6 @@ import mmap
 import multiprocessing
 import os
 import re
-import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Mapping
@@ -56,28 +55,26 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lvita_data.fileio import TEMP_MARKER
 from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE, num_tiles
 from lvita_data.samples.vision_tokens import image_token_ids, video_token_ids
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards.writer import (
+from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     SHARD_FORMAT_VERSION,
-    TEMP_MARKER,
+    STATE_DIR,
     npy_bytes,
+    sample_digest,
     shard_name,
-    tar_header,
 )
+from lvita_data.shards.tar import TarMember, TarProblem, TarScan, scan_tar, split_member_name
 from lvita_data.tokenizer.special_tokens import SpecialIds
 
-STATE_DIR = ".lvita-build"
-BLOCK = tarfile.BLOCKSIZE
-RECORD = tarfile.RECORDSIZE
 MAX_PROBLEMS_PER_SAMPLE = 8
 MAX_PROBLEMS_PER_SHARD = 200
 KEY_PATTERN = re.compile(r"^\d{9}$")
 TILE_PATTERN = re.compile(r"^tile(\d{6})\.([a-z]+)$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_ZERO_BLOCK = bytes(BLOCK)
 FIRST_MEMBER = min(f"{name}.npy" for name in ARRAY_MEMBERS)
 """Members are written in sorted name order: every sample starts with cu_seqlens.npy."""
 
@@ -157,237 +154,6 @@ class VerifyReport:
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more (use --json for all)")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-sample digest
-
-
-def sample_digest(members: Mapping[str, bytes | str]) -> str:
-    """sha256 over a WebDataset sample dict: `{"__key__": key, "input_ids.npy": bytes, ...}`.
-
-    Members are taken in sorted name order, each as (name length, name, value length, value),
-    so it does not depend on dict order and no two different samples share a byte stream. The
-    build computes it on the dict it hands to the tar writer, verify on the members it reads.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(members):
-        value = members[name]
-        data = value.encode() if isinstance(value, str) else bytes(value)
-        encoded = name.encode()
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Tar scanning
-
-
-@dataclass(frozen=True, slots=True)
-class TarMember:
-    name: str
-    header_offset: int
-    """Offset of the member's first header block (its PAX header when it has one)."""
-    data_offset: int
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class TarProblem:
-    offset: int
-    message: str
-    name: str | None = None
-    """The member name as read from a damaged header (may itself be damaged)."""
-    member_index: int | None = None
-    """Index into `TarScan.members` of the member the problem belongs to, when known."""
-    before: int | None = None
-    """Index of the last good member before a damaged region (attribution when unknown)."""
-
-
-@dataclass(slots=True)
-class TarScan:
-    members: list[TarMember]
-    end: int
-    """Offset of the end-of-archive marker (Energon's last `.tar.idx` entry)."""
-    problems: list[TarProblem]
-
-
-def _nts(field_bytes: bytes) -> str:
-    end = field_bytes.find(b"\0")
-    return (field_bytes if end < 0 else field_bytes[:end]).decode("utf-8", "surrogateescape")
-
-
-def _octal(field_bytes: bytes) -> int:
-    if field_bytes and field_bytes[0] & 0x80:  # base-256 (GNU) for huge sizes
-        value = int.from_bytes(field_bytes[1:], "big")
-        return value if field_bytes[0] == 0x80 else -value
-    text = _nts(field_bytes).strip() or "0"
-    return int(text, 8)
-
-
-def _header_ok(block: bytes) -> bool:
-    try:
-        stored = _octal(block[148:156])
-    except ValueError:
-        return False
-    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    return stored == computed and block[257:262] == b"ustar"
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    records, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= 0:
-            raise ValueError("bad PAX record length")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
-def scan_tar(data: bytes | mmap.mmap, *, canonical: bool = True) -> TarScan:
-    """Members of a tar held in memory (or mapped), with every structural problem found.
-
-    Unlike `tarfile`, a damaged header does not end the scan: the parser resynchronizes on the
-    next block that is a valid ustar header, and reports the damaged region.
-    """
-    total = len(data)
-    members: list[TarMember] = []
-    problems: list[TarProblem] = []
-    pos = 0
-    start = 0  # first header block of the member being read (PAX header included)
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    resynced = False  # the member after a damaged block lost its PAX header: not canonical
-    while True:
-        if pos + BLOCK > total:
-            problems.append(
-                TarProblem(pos, "archive ends without an end-of-archive marker (truncated)")
-            )
-            return TarScan(members, pos, problems)
-        block = bytes(data[pos : pos + BLOCK])
-        if block == _ZERO_BLOCK and not pax and long_name is None:
-            break
-        if not _header_ok(block):
-            name = _nts(block[:100]) if block != _ZERO_BLOCK else None
-            resync = pos + BLOCK
-            while resync + BLOCK <= total and not _header_ok(bytes(data[resync : resync + BLOCK])):
-                resync += BLOCK
-            before = len(members) - 1 if members else None
-            if resync + BLOCK > total:
-                # nothing valid follows: the damage hit the end-of-archive area
-                message = "damaged block in the end-of-archive area (after the last member)"
-                problems.append(TarProblem(pos, message, before=before))
-                return TarScan(members, pos, problems)
-            problems.append(
-                TarProblem(
-                    pos,
-                    f"damaged tar header block (bad checksum or magic); "
-                    f"{resync - pos} byte(s) up to the next valid header skipped",
-                    name=name,
-                    before=before,
-                )
-            )
-            pos = start = resync
-            pax, long_name = {}, None
-            resynced = True
-            continue
-        kind = block[156:157]
-        try:
-            size = _octal(block[124:136])
-        except ValueError:
-            size = -1
-        data_offset = pos + BLOCK
-        if size < 0 or data_offset + size > total:
-            problems.append(TarProblem(pos, f"member size {size} runs past the end of the file"))
-            return TarScan(members, pos, problems)
-        if kind in (b"x", b"L"):
-            payload = bytes(data[data_offset : data_offset + size])
-            try:
-                if kind == b"x":
-                    pax.update(_pax_records(payload))
-                else:
-                    long_name = _nts(payload)
-            except (ValueError, UnicodeError) as error:
-                problems.append(TarProblem(pos, f"unreadable PAX/long-name header: {error}"))
-            pos = data_offset + _padded(size)
-            continue
-        name = pax.get("path") or long_name or _nts(block[:100])
-        prefix = _nts(block[345:500])
-        if prefix and "path" not in pax and long_name is None:
-            name = f"{prefix}/{name}"
-        if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                problems.append(TarProblem(pos, f"bad PAX size {pax['size']!r}", name=name))
-        member = TarMember(name, start, data_offset, size)
-        index = len(members)
-        members.append(member)
-        if kind not in (b"0", b"\0"):
-            message = f"unexpected tar entry type {kind!r}"
-            problems.append(TarProblem(start, message, name=name, member_index=index))
-        if canonical and kind in (b"0", b"\0") and not resynced:
-            expected = tar_header(name, size)
-            if bytes(data[start:data_offset]) != expected:
-                problems.append(
-                    TarProblem(
-                        start,
-                        "tar header differs from the one lvita's writer produces "
-                        "(checksum still valid)",
-                        name=name,
-                        member_index=index,
-                    )
-                )
-        end = data_offset + _padded(size)
-        if end > total:
-            problems.append(TarProblem(data_offset, "member data truncated", name, index))
-            return TarScan(members, total, problems)
-        padding = bytes(data[data_offset + size : end])
-        if padding.count(0) != len(padding):
-            bad = data_offset + size + next(i for i, b in enumerate(padding) if b)
-            problems.append(TarProblem(bad, "non-zero byte in the member's padding", name, index))
-        pos = start = end
-        pax, long_name, resynced = {}, None, False
-    end_offset = pos
-    expected_total = -(-(end_offset + 2 * BLOCK) // RECORD) * RECORD
-    trailer = bytes(data[end_offset:])
-    if trailer.count(0) != len(trailer):
-        bad = end_offset + next(i for i, b in enumerate(trailer) if b)
-        problems.append(
-            TarProblem(
-                bad,
-                "non-zero byte in the end-of-archive area",
-                before=len(members) - 1 if members else None,
-            )
-        )
-    elif canonical and total != expected_total:
-        problems.append(
-            TarProblem(
-                end_offset,
-                f"archive is {total} bytes, the writer pads it to {expected_total}",
-                before=len(members) - 1 if members else None,
-            )
-        )
-    return TarScan(members, end_offset, problems)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """(key, part) as WebDataset and Energon split it: the key is everything before the first
-    dot of the base name."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, part = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, part if dot else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1227,12 +993,8 @@ def verify_build(
 
 __all__ = [
     "Problem",
-    "TarScan",
     "VerifyReport",
     "check_sample",
-    "sample_digest",
-    "scan_tar",
-    "split_member_name",
     "verify_build",
     "verify_shard",
 ]

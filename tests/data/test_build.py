@@ -26,17 +26,12 @@ import pytest
 from lvita_data.build.plan import _tokenizer_and_template
 from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
 from lvita_data.errors import BuildError
+from lvita_data.fileio import TEMP_MARKER, sha256_file, write_json_atomic
 from lvita_data.media.tiles import decode_tile, encode_tiles
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards.writer import (
-    ARRAY_MEMBERS,
-    TEMP_MARKER,
-    load_npy,
-    sha256_file,
-    write_json_atomic,
-    write_shard,
-)
+from lvita_data.shards.format import ARRAY_MEMBERS, load_npy
+from lvita_data.shards.writer import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BUILD = 5

@@ -26,7 +26,7 @@ from lvita_data.shards.energon import (
     read_layout,
     write_energon_metadata,
 )
-from lvita_data.shards.writer import ShardInfo
+from lvita_data.shards.format import ShardInfo
 from lvita_data.verify.verify import verify_build
 
 energon = pytest.importorskip("megatron.energon")

@@ -25,9 +25,9 @@ from lvita_data.loader.loader import (
     epoch_order,
     normalize_tile_into,
     normalize_tiles_torch,
-    scan_tar,
 )
 from lvita_data.media.tiles import decode_tiles, normalize_tiles
+from lvita_data.shards.tar import group_samples, scan_tar_file
 from lvita_data.tokenizer.special_tokens import SpecialIds
 from lvita_data.tokenizer.tokenizer import load_tokenizer
 
@@ -130,7 +130,7 @@ def assert_batches_equal(a: list[PackedBatch], b: list[PackedBatch]) -> None:
 
 
 def test_constants_match_the_shard_writer():
-    from lvita_data.shards import writer as shards
+    from lvita_data.shards import format as shards
 
     assert shards.SHARD_FORMAT_VERSION == SHARD_FORMAT == 1
     assert tuple(shards.ARRAY_MEMBERS) == ARRAY_NAMES
@@ -142,7 +142,7 @@ def test_bundled_vision_ids_are_the_tokenizers():
 
 def test_scan_matches_tarfile(build):
     for path in sorted(build.glob("*.tar")):
-        samples = scan_tar(path)
+        samples = group_samples(scan_tar_file(path))
         with tarfile.open(path) as archive:
             members = [m for m in archive if m.isreg()]
         assert sum(len(s.members) for s in samples) == len(members)
@@ -171,7 +171,7 @@ def test_scan_reads_long_names_and_skips_directories(tmp_path, fmt):
             info = tarfile.TarInfo(name)
             info.size = 700 * i + 1
             archive.addfile(info, io.BytesIO(bytes([i]) * info.size))
-    samples = scan_tar(path)
+    samples = group_samples(scan_tar_file(path))
     with tarfile.open(path) as archive:
         offsets = {m.name: (m.offset_data, m.size) for m in archive if m.isreg()}
     assert [s.key for s in samples][:3] == [f"{long_dir}/k1", f"{long_dir}/k2", "k3"]

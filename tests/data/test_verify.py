@@ -20,16 +20,12 @@ import pytest
 
 import lvita_data.build.run as build_module
 from lvita_data.build.run import STATE_DIR, build_stage
+from lvita_data.fileio import sha256_file
 from lvita_data.shards.energon import write_energon_metadata
-from lvita_data.shards.writer import load_npy, npy_bytes, sha256_file, write_shard
-from lvita_data.verify.verify import (
-    check_sample,
-    load_settings,
-    sample_digest,
-    scan_tar,
-    split_member_name,
-    verify_build,
-)
+from lvita_data.shards.format import load_npy, npy_bytes, sample_digest
+from lvita_data.shards.tar import scan_tar, split_member_name
+from lvita_data.shards.writer import write_shard
+from lvita_data.verify.verify import check_sample, load_settings, verify_build
 from pipelines.cli import EXIT_OK, EXIT_VERIFY_PROBLEMS, run
 
 MANIFEST = """\

@@ -1,0 +1,155 @@
+"""WebDataset shard format of lvita (SHARD FORMAT version 1): member names, arrays, build files.
+
+A build directory holds `{stage}-{NNNNNN}.tar` shards; one WebDataset sample per packed sequence,
+key `{NNNNNNNNN}` (the global pack index), members (all `.npy` load with allow_pickle=False):
+- `input_ids.npy`    int32 [T]  (T = pack.max_seq_len; padding = pad token `<|endoftext|>`)
+- `labels.npy`       int32 [T]  unshifted, -100 where not supervised (padding included)
+- `position_ids.npy` int32 [T]  restarting per sample when pack.reset_attention, else 0..T-1
+- `cu_seqlens.npy`   int32 [n+1] boundaries of the n packed samples, the tail padding accounted to
+                     the last one (as the original), so cu_seqlens[-1] == T
+- `meta.json`        stage, tile format, and per packed sample: dataset, file, record, length,
+                     offset, images (size, grid, tiles), videos (frames chosen / requested, fps)
+- `tile000000.png`.. the vision tiles in order of their placeholders in `input_ids` (per image:
+                     thumbnail first when tiled, then row-major tiles; per video: one per frame),
+                     448x448 RGB, lossless: the loader's normalization reproduces the original's
+                     float32 tensors exactly (`lvita_data.media.tiles.normalize_tiles`).
+Tars are byte-reproducible: members sorted per sample, mtime 0 (PAX record ``mtime=0.0``),
+uid/gid 0, empty user/group names, mode 0444, samples in pack order (`lvita_data.shards.tar`,
+which also holds the one tar parser). Every file of a build is written atomically
+(`lvita_data.fileio`). Next to the shards a build directory holds ``index.json`` (shard list,
+sizes, sha256), ``manifest.yaml`` (a copy of the stage manifest under a header line naming the
+source manifest: `read_build_manifest`), ``stats.json``, ``rejects.jsonl``, Energon's
+``.nv-meta/`` and ``*.tar.idx``, and the build's own state in `STATE_DIR`. `sample_digest` is the
+per-sample checksum the build records and `lvita verify` recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lvita_data.errors import ShardFormatError
+
+SHARD_FORMAT_VERSION = 1
+ARRAY_MEMBERS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+STATE_DIR = ".lvita-build"
+"""The build's own state (plan, shard tasks, done records) inside its output directory."""
+MANIFEST_COPY = "manifest.yaml"
+BUNDLED_TOKENIZER = "qwen2.5"
+_HEADER = re.compile(r"^#.*?, from (?P<source>.+)$")
+"""The copy's first line (`manifest_header`); the source path follows the first ", from "."""
+
+
+def shard_name(stage: str, index: int) -> str:
+    return f"{stage}-{index:06d}.tar"
+
+
+def sample_key(pack_index: int) -> str:
+    return f"{pack_index:09d}"
+
+
+def tile_member(index: int, tile_format: str) -> str:
+    return f"tile{index:06d}.{tile_format}"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    name: str
+    samples: int
+    tokens: int
+    """Real (non-padding) tokens of the packed samples in this shard."""
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def sample_digest(members: Mapping[str, bytes | str]) -> str:
+    """sha256 over a WebDataset sample dict: `{"__key__": key, "input_ids.npy": bytes, ...}`.
+
+    Members are taken in sorted name order, each as (name length, name, value length, value),
+    so it does not depend on dict order and no two different samples share a byte stream. The
+    build computes it on the dict it hands to the tar writer, verify on the members it reads.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(members):
+        value = members[name]
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        encoded = name.encode()
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def manifest_header(version: str, source: str | os.PathLike[str]) -> str:
+    """First line of a build's `manifest.yaml` copy: lvita version, shard format, source path."""
+    return f"# lvita {version}, shard format {SHARD_FORMAT_VERSION}, from {os.fspath(source)}\n"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildManifest:
+    """A build's copy of its stage manifest (`manifest.yaml`), as written, unresolved."""
+
+    path: Path
+    text: str
+    data: dict[str, Any]
+    """The YAML mapping (``${VAR}`` references and relative paths as the author wrote them)."""
+    source: str | None
+    """The manifest the build was made from, from the header line (None without one)."""
+
+    @property
+    def tokenizer_spec(self) -> str:
+        """The tokenizer: ``qwen2.5`` (bundled) or a directory, ``${VAR}`` expanded and a
+        relative path resolved against the source manifest's directory, as the build did."""
+        from lvita_data.manifest import expand_env
+
+        spec = expand_env(str(self.data.get("tokenizer", BUNDLED_TOKENIZER)))
+        if spec == BUNDLED_TOKENIZER:
+            return spec
+        path = os.path.expanduser(spec)
+        if os.path.isabs(path):
+            return path
+        if self.source is None:
+            raise ShardFormatError(
+                f"{self.path}: cannot resolve tokenizer {spec!r} (no source line)"
+            )
+        return os.path.normpath(os.path.join(os.path.dirname(self.source), path))
+
+
+def read_build_manifest(out_dir: str | os.PathLike[str]) -> BuildManifest:
+    """The `manifest.yaml` copy of a build directory; `ShardFormatError` when it is missing,
+    unreadable or not a YAML mapping."""
+    path = Path(out_dir) / MANIFEST_COPY
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (OSError, UnicodeError, yaml.YAMLError) as error:
+        raise ShardFormatError(f"{path}: cannot read the build's manifest copy: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ShardFormatError(f"{path}: not a YAML mapping ({type(data).__name__})")
+    header = _HEADER.match(text.split("\n", 1)[0])
+    return BuildManifest(path, text, data, header.group("source").strip() if header else None)
