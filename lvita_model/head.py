@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lvita_model.attention.base import document_ids, host_cu_seqlens
+
 IGNORE_INDEX = -100
 VOCAB_BLOCK = 16384  # vocabulary rows per bf16 dW product (temporary [VOCAB_BLOCK, H])
 GradMode = Literal["forward", "recompute"]
@@ -80,23 +82,10 @@ GradMode = Literal["forward", "recompute"]
 # Targets
 
 
-def _as_cu_seqlens(cu_seqlens: Tensor | Sequence[int], num_tokens: int, device) -> Tensor:
-    """int64 [N + 1] on `device`, checked: 1-D, non-decreasing, within [0, num_tokens]."""
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=device)
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got {tuple(cu.shape)}")
-    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-    if int(cu[0]) < 0 or int(cu[-1]) > num_tokens:
-        raise ValueError(f"cu_seqlens must lie in [0, {num_tokens}], got {cu.tolist()}")
-    return cu
-
-
-def _document_ids(cu: Tensor, num_tokens: int) -> Tensor:
-    """int64 [T]: index of the document holding each position, -1 outside every document."""
-    positions = torch.arange(num_tokens, device=cu.device)
-    doc = torch.searchsorted(cu, positions, right=True) - 1  # last i with cu[i] <= p
-    return doc.masked_fill_(positions >= cu[-1], -1)
+def _document_of_positions(host: tuple[int, ...], num_tokens: int, device) -> Tensor:
+    """int32 [T]: index of the document holding each position, -1 outside every document."""
+    doc, _ = document_ids(host, device)  # [cu[-1] - cu[0]]
+    return F.pad(doc, (host[0], num_tokens - host[-1]), value=-1)
 
 
 def next_token_targets(labels: Tensor, cu_seqlens: Tensor | Sequence[int]) -> Tensor:
@@ -110,7 +99,8 @@ def next_token_targets(labels: Tensor, cu_seqlens: Tensor | Sequence[int]) -> Te
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D [T], got shape {tuple(labels.shape)}")
     num_tokens = labels.numel()
-    doc = _document_ids(_as_cu_seqlens(cu_seqlens, num_tokens, labels.device), num_tokens)
+    host = host_cu_seqlens(cu_seqlens, num_tokens)
+    doc = _document_of_positions(host, num_tokens, labels.device)
     targets = torch.full((num_tokens,), IGNORE_INDEX, dtype=torch.int64, device=labels.device)
     same_doc = (doc[:-1] == doc[1:]) & (doc[:-1] >= 0)  # [T - 1]: p and p + 1 in one document
     targets[:-1] = torch.where(same_doc, labels[1:].long(), IGNORE_INDEX)
@@ -343,9 +333,9 @@ def last_position_logits(
     if (cu_seqlens is None) == (positions is None):
         raise ValueError("pass exactly one of cu_seqlens and positions")
     if positions is None:
-        cu = _as_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-        if bool((cu[1:] == cu[:-1]).any()):
-            raise ValueError(f"an empty document has no last position: cu_seqlens {cu.tolist()}")
-        positions = cu[1:] - 1  # [N]
+        host = host_cu_seqlens(cu_seqlens, hidden.shape[0])
+        if any(b == a for a, b in zip(host, host[1:], strict=False)):
+            raise ValueError(f"an empty document has no last position: cu_seqlens {list(host)}")
+        positions = [end - 1 for end in host[1:]]  # [N]
     positions = torch.as_tensor(positions, dtype=torch.int64, device=hidden.device)
     return _chunk_logits(hidden.index_select(0, positions), weight)  # [N, V]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities, packed_meta
+from lvita_model.attention.base import (
+    AttentionBackend,
+    AttnMeta,
+    Capabilities,
+    cache_meta,
+    packed_meta,
+    varlen_meta,
+)
 from lvita_model.attention.flash import FlashBackend
 from lvita_model.attention.npu import NpuBackend
 from lvita_model.attention.registry import BACKENDS, assert_supports, get_backend
@@ -26,8 +33,10 @@ __all__ = [
     "TorchVarlenBackend",
     "assert_supports",
     "attend",
+    "cache_meta",
     "get_backend",
     "packed_meta",
+    "varlen_meta",
 ]
 
 

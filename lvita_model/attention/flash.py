@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,7 +51,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+from lvita_model.attention.base import (
+    AttentionBackend,
+    AttnMeta,
+    Capabilities,
+    device_type,
+    lse_for_kernel,
+    lse_from_kernel,
+)
 from lvita_model.errors import AttentionBackendError
 
 INTERFACE_MODULE = "flash_attn.flash_attn_interface"
@@ -186,12 +192,9 @@ class FlashBackend(AttentionBackend):
 
     @classmethod
     def is_available(cls, device: torch.device | str | None = None) -> tuple[bool, str]:
-        device_type = "cuda" if device is None else str(device).split(":")[0]
-        if device_type != "cuda":
-            return (
-                False,
-                f"flash-attn runs on CUDA devices only, not {device_type!r}; {INSTALL_HINT}",
-            )
+        kind = device_type("cuda" if device is None else device)
+        if kind != "cuda":
+            return False, f"flash-attn runs on CUDA devices only, not {kind!r}; {INSTALL_HINT}"
         if not torch.cuda.is_available():
             return False, f"no CUDA device is available; {INSTALL_HINT}"
         try:
@@ -214,8 +217,7 @@ class FlashBackend(AttentionBackend):
         )
         out, lse = _split_forward(call_flash(forward_fn, values), num_heads, num_rows)
         out = out[..., :head_dim]
-        lse = lse.float().masked_fill(torch.isinf(lse), -math.inf)  # empty rows: +inf -> -inf
-        return out, lse
+        return out, lse_from_kernel(lse)  # empty rows: +inf -> -inf
 
     def backward(
         self,
@@ -240,8 +242,7 @@ class FlashBackend(AttentionBackend):
             k=k_,
             v=v_,
             out=pad_head_dim(out.to(q.dtype), head_dim),
-            # the kernel needs +inf for rows that see no key (P = exp(s - lse) = 0)
-            softmax_lse=lse.float().masked_fill(lse == -math.inf, math.inf).contiguous(),
+            softmax_lse=lse_for_kernel(lse),  # +inf for rows that see no key: P = 0
             dq=dq,
             dk=dk,
             dv=dv,

@@ -53,7 +53,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+from lvita_model.attention.base import (
+    AttentionBackend,
+    AttnMeta,
+    Capabilities,
+    device_type,
+    lse_for_kernel,
+)
 from lvita_model.errors import AttentionBackendError
 
 MAX_TOKENS_PER_SEQUENCE = 512 * 1024
@@ -126,7 +132,7 @@ def softmax_stats_from_lse(lse: Tensor) -> tuple[Tensor, Tensor]:
 
     -inf (a row that sees no key) becomes +inf so that the kernel's P = exp(s - max) is 0.
     """
-    lse = lse.float().masked_fill(lse == -math.inf, math.inf)
+    lse = lse_for_kernel(lse)
     # [Hq, T] -> [T, Hq] -> [T, Hq, 8]
     softmax_max = lse.transpose(0, 1).unsqueeze(-1).expand(-1, -1, SOFTMAX_COPIES).contiguous()
     return softmax_max, torch.ones_like(softmax_max)
@@ -166,9 +172,9 @@ class NpuBackend(AttentionBackend):
 
     @classmethod
     def is_available(cls, device: torch.device | str | None = None) -> tuple[bool, str]:
-        device_type = "npu" if device is None else str(device).split(":")[0]
-        if device_type != "npu":
-            return False, f"npu_fusion_attention runs on Ascend NPUs only, not {device_type!r}"
+        kind = device_type("npu" if device is None else device)
+        if kind != "npu":
+            return False, f"npu_fusion_attention runs on Ascend NPUs only, not {kind!r}"
         try:
             load_torch_npu()
         except AttentionBackendError as exc:

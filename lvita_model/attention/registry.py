@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lvita_model.attention.base import AttentionBackend
+from lvita_model.attention.base import AttentionBackend, device_type
 from lvita_model.attention.flash import FlashBackend
 from lvita_model.attention.npu import NpuBackend
 from lvita_model.attention.sdpa import SdpaBackend
@@ -36,31 +36,12 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def device_type(device: torch.device | str | None) -> str:
-    """'cpu', 'cuda', 'npu', ... of a device, a device string, or the default accelerator.
-
-    Strings are parsed without ``torch.device`` because plain torch rejects ``"npu"``.
-    """
-    if device is None:
-        npu = getattr(torch, "npu", None)
-        if npu is not None and npu.is_available():
-            return "npu"
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device).split(":")[0]
-
-
 def backend_available(
     backend: str | type[AttentionBackend], device: torch.device | str | None = None
 ) -> tuple[bool, str]:
     """(usable on `device`, reason) for a backend name or class."""
     cls = BACKENDS[backend] if isinstance(backend, str) else backend
-    kind = device_type(device)
-    is_available = getattr(cls, "is_available", None)
-    if is_available is not None:
-        return is_available(device if device is not None else kind)
-    if kind in cls.capabilities.devices:  # the reference: pure torch, no optional package
-        return True, f"{cls.name} runs on {kind}"
-    return False, f"{cls.name} runs on {cls.capabilities.devices}, not {kind!r}"
+    return cls.is_available(device if device is not None else device_type(device))
 
 
 def get_backend(name: str = "auto", device: torch.device | str | None = None) -> AttentionBackend:

@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+from lvita_model.attention.base import (
+    AttentionBackend,
+    AttnMeta,
+    Capabilities,
+    device_type,
+    expand_kv,
+    reduce_kv_grad,
+)
 
 
 def _block_keys(meta: AttnMeta, rows: slice, keys_sorted: bool) -> tuple[slice, Tensor]:
@@ -47,9 +54,8 @@ def _sorted(ids: Tensor) -> bool:
 
 
 def _group_kv(x: Tensor, num_q_heads: int) -> Tensor:
-    """[S, Hkv, D] -> [Hq, S, D] fp32, each KV head repeated for its query-head group."""
-    groups = num_q_heads // x.shape[1]
-    return x.float().transpose(0, 1).repeat_interleave(groups, dim=0)
+    """[S, Hkv, D] -> [Hq, S, D] fp32 (contiguous), each KV head repeated for its group."""
+    return expand_kv(x.float().transpose(0, 1), num_q_heads, dim=0).contiguous()
 
 
 class SdpaBackend(AttentionBackend):
@@ -65,6 +71,13 @@ class SdpaBackend(AttentionBackend):
 
     def __init__(self, block_rows: int = 1024) -> None:
         self.block_rows = block_rows
+
+    @classmethod
+    def is_available(cls, device: torch.device | str | None = None) -> tuple[bool, str]:
+        kind = device_type(device)  # pure torch: no optional package to import
+        if kind in cls.capabilities.devices:
+            return True, f"{cls.name} runs on {kind}"
+        return False, f"{cls.name} runs on {cls.capabilities.devices}, not {kind!r}"
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float
@@ -118,8 +131,7 @@ class SdpaBackend(AttentionBackend):
             dq[rows] = torch.matmul(dscores, keys[:, span]).transpose(0, 1)
             dkeys[:, span] += torch.matmul(dscores.transpose(1, 2), q_block)
         num_kv_heads = k.shape[1]
-        groups = num_heads // num_kv_heads
-        # [Hq, S, D] -> [Hkv, groups, S, D] -> sum over the group -> [S, Hkv, D]
-        dk = dkeys.view(num_kv_heads, groups, *dkeys.shape[1:]).sum(1).transpose(0, 1)
-        dv = dvalues.view(num_kv_heads, groups, *dvalues.shape[1:]).sum(1).transpose(0, 1)
+        # [Hq, S, D] -> [Hkv, S, D] (summed over each group) -> [S, Hkv, D]
+        dk = reduce_kv_grad(dkeys, num_kv_heads, dim=0).transpose(0, 1)
+        dv = reduce_kv_grad(dvalues, num_kv_heads, dim=0).transpose(0, 1)
         return dq, dk.contiguous(), dv.contiguous()

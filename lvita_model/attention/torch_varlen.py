@@ -55,14 +55,22 @@ lse = -inf; per-key-block backward with a merged out / LSE sums to the full grad
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import AttentionBackend, AttnMeta, Capabilities
+from lvita_model.attention.base import (
+    AttentionBackend,
+    AttnMeta,
+    Capabilities,
+    device_type,
+    expand_kv,
+    lse_for_kernel,
+    lse_from_kernel,
+    reduce_kv_grad,
+)
 from lvita_model.attention.flash import check_head_dim, pad_head_dim
 from lvita_model.errors import AttentionBackendError
 
@@ -136,21 +144,6 @@ def backward_arguments(
     return args, {"scale": scale}
 
 
-def _expand_kv(x: Tensor, num_heads: int) -> Tensor:
-    """[S, Hkv, D] -> [S, Hq, D]: query head h reads KV head h // (Hq / Hkv)."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _reduce_kv_grad(grad: Tensor, num_kv_heads: int) -> Tensor:
-    """[S, Hq, D] -> [S, Hkv, D]: sum the gradient over each query-head group."""
-    rows, num_heads, head_dim = grad.shape
-    if num_heads == num_kv_heads:
-        return grad
-    # [S, Hq, D] -> [S, Hkv, groups, D] -> sum over groups
-    return grad.view(rows, num_kv_heads, num_heads // num_kv_heads, head_dim).sum(2)
-
-
 class TorchVarlenBackend(AttentionBackend):
     name = "torch_varlen"
     capabilities = Capabilities(
@@ -164,9 +157,9 @@ class TorchVarlenBackend(AttentionBackend):
 
     @classmethod
     def is_available(cls, device: torch.device | str | None = None) -> tuple[bool, str]:
-        device_type = "cuda" if device is None else str(device).split(":")[0]
-        if device_type != "cuda":
-            return False, f"torch's flash kernel runs on CUDA devices only, not {device_type!r}"
+        kind = device_type("cuda" if device is None else device)
+        if kind != "cuda":
+            return False, f"torch's flash kernel runs on CUDA devices only, not {kind!r}"
         if not torch.cuda.is_available():
             return False, "no CUDA device is available (needs a CUDA build of torch)"
         try:
@@ -188,7 +181,7 @@ class TorchVarlenBackend(AttentionBackend):
         num_heads, head_dim = q.shape[1], q.shape[2]
         check_head_dim(head_dim)
         if not NATIVE_GQA:
-            k, v = _expand_kv(k, num_heads), _expand_kv(v, num_heads)
+            k, v = expand_kv(k, num_heads), expand_kv(v, num_heads)
         q, k, v = (pad_head_dim(x, head_dim) for x in (q, k, v))
         args, kwargs = forward_arguments(q, k, v, meta, scale)
         result = forward_op(*args, **kwargs)
@@ -198,7 +191,7 @@ class TorchVarlenBackend(AttentionBackend):
                 f"aten flash returned logsumexp of shape {tuple(lse.shape)}, expected "
                 f"[Hq, T] = {(num_heads, q.shape[0])}"
             )
-        return out, lse.float().masked_fill(torch.isinf(lse), -math.inf)
+        return out, lse_from_kernel(lse)
 
     def backward(
         self,
@@ -216,12 +209,11 @@ class TorchVarlenBackend(AttentionBackend):
         num_kv_heads = k.shape[1]
         check_head_dim(head_dim)
         if not NATIVE_GQA:
-            k, v = _expand_kv(k, num_heads), _expand_kv(v, num_heads)
+            k, v = expand_kv(k, num_heads), expand_kv(v, num_heads)
         dtype = q.dtype
         dout, q, k, v, out = (pad_head_dim(x.to(dtype), head_dim) for x in (dout, q, k, v, out))
-        kernel_lse = lse.float().masked_fill(lse == -math.inf, math.inf).contiguous()
-        args, kwargs = backward_arguments(dout, q, k, v, out, kernel_lse, meta, scale)
+        args, kwargs = backward_arguments(dout, q, k, v, out, lse_for_kernel(lse), meta, scale)
         dq, dk, dv = backward_op(*args, **kwargs)
-        dk = _reduce_kv_grad(dk[..., :head_dim], num_kv_heads)
-        dv = _reduce_kv_grad(dv[..., :head_dim], num_kv_heads)
+        dk = reduce_kv_grad(dk[..., :head_dim], num_kv_heads)
+        dv = reduce_kv_grad(dv[..., :head_dim], num_kv_heads)
         return dq[..., :head_dim], dk, dv

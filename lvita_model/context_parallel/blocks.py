@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lvita_model.attention.base import AttnMeta, document_ids
+from lvita_model.attention.base import AttnMeta, document_ids, layout_meta
 from lvita_model.context_parallel.sharding import CPShard, plan_shard
 from lvita_model.errors import ContextParallelError
 
@@ -70,10 +70,6 @@ def _cumsum(lengths: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _max_len(cu: tuple[int, ...]) -> int:
-    return max((b - a for a, b in zip(cu, cu[1:], strict=False)), default=0)
-
-
 def block_meta(
     cu_q: tuple[int, ...],
     cu_k: tuple[int, ...],
@@ -90,19 +86,8 @@ def block_meta(
             f"inconsistent block: {len(cu_q) - 1} / {len(cu_k) - 1} documents, "
             f"{cu_q[-1]} / {cu_k[-1]} rows vs {order_q.numel()} / {order_k.numel()} positions"
         )
-    return AttnMeta(
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-        host_cu_seqlens_q=cu_q,
-        host_cu_seqlens_k=cu_k,
-        max_seqlen_q=_max_len(cu_q),
-        max_seqlen_k=_max_len(cu_k),
-        causal=causal,
-        doc_q=doc_of[order_q].to(device=device, dtype=torch.int32),
-        doc_k=doc_of[order_k].to(device=device, dtype=torch.int32),
-        order_q=order_q.to(device=device, dtype=torch.int64),
-        order_k=order_k.to(device=device, dtype=torch.int64),
-    )
+    doc_q, doc_k = doc_of[order_q], doc_of[order_k]
+    return layout_meta(cu_q, cu_k, doc_q, doc_k, order_q, order_k, causal=causal, device=device)
 
 
 def _rows(rows: Tensor | None, device: torch.device | str) -> Tensor | None:

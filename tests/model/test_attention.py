@@ -21,6 +21,7 @@ from lvita_model.attention import (
     get_backend,
     packed_meta,
 )
+from lvita_model.attention.base import layout_meta
 from lvita_model.attention.registry import backend_available
 from lvita_model.errors import AttentionBackendError
 
@@ -50,19 +51,8 @@ def _sub_meta(meta: AttnMeta, q_index: torch.Tensor, k_index: torch.Tensor) -> A
 
     doc_q, doc_k = meta.doc_q[q_index], meta.doc_k[k_index]
     cu_q, cu_k = cu(doc_q), cu(doc_k)
-    return AttnMeta(
-        torch.tensor(cu_q, dtype=torch.int32),
-        torch.tensor(cu_k, dtype=torch.int32),
-        cu_q,
-        cu_k,
-        max(b - a for a, b in zip(cu_q, cu_q[1:], strict=False)),
-        max(b - a for a, b in zip(cu_k, cu_k[1:], strict=False)),
-        meta.causal,
-        doc_q,
-        doc_k,
-        meta.order_q[q_index],
-        meta.order_k[k_index],
-    )
+    order_q, order_k = meta.order_q[q_index], meta.order_k[k_index]
+    return layout_meta(cu_q, cu_k, doc_q, doc_k, order_q, order_k, causal=meta.causal)
 
 
 def _sdpa_per_document(q, k, v, cu, causal: bool, scale: float):

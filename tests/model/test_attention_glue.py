@@ -21,6 +21,7 @@ from lvita_model.attention import (
     SdpaBackend,
     TorchVarlenBackend,
     attend,
+    varlen_meta,
 )
 from lvita_model.attention import flash as flash_module
 from lvita_model.attention import npu as npu_module
@@ -28,34 +29,6 @@ from lvita_model.attention import torch_varlen as torch_varlen_module
 from lvita_model.errors import AttentionBackendError
 
 REF = SdpaBackend()
-
-
-def varlen_meta(cu_q, cu_k, causal: bool) -> AttnMeta:
-    """Documents i: queries [cu_q[i], cu_q[i+1]) see keys [cu_k[i], cu_k[i+1]), bottom-right
-    causal; the (doc, order) form gives query p the order of key p + k_len - q_len."""
-    cu_q, cu_k = tuple(int(x) for x in cu_q), tuple(int(x) for x in cu_k)
-    q_lens = torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:], strict=False)])
-    k_lens = torch.tensor([b - a for a, b in zip(cu_k, cu_k[1:], strict=False)])
-    docs = torch.arange(len(q_lens), dtype=torch.int32)
-    doc_q, doc_k = docs.repeat_interleave(q_lens), docs.repeat_interleave(k_lens)
-    start_q = torch.tensor(cu_q[:-1])[doc_q.long()]  # [T]: first query row of the row's doc
-    start_k = torch.tensor(cu_k[:-1])[doc_q.long()]  # [T]: first key of the row's doc
-    shift = (k_lens - q_lens)[doc_q.long()]
-    order_q = start_k + (torch.arange(cu_q[-1]) - start_q) + shift  # [T]
-    order_k = torch.arange(cu_k[-1])  # [S]
-    return AttnMeta(
-        torch.tensor(cu_q, dtype=torch.int32),
-        torch.tensor(cu_k, dtype=torch.int32),
-        cu_q,
-        cu_k,
-        int(q_lens.max()),
-        int(k_lens.max()),
-        causal,
-        doc_q,
-        doc_k,
-        order_q.long(),
-        order_k.long(),
-    )
 
 
 # documents: q longer than k (first rows see nothing when causal), k longer, no keys at all
@@ -108,13 +81,17 @@ class FlashFakes:
 
     def forward(self, **kw) -> tuple[Tensor, Tensor]:
         self.calls.append(("forward", kw))
-        meta = varlen_meta(kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist(), kw["causal"])
+        meta = varlen_meta(
+            kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist(), causal=kw["causal"]
+        )
         out, lse = REF.forward(kw["q"], kw["k"], kw["v"], meta, kw["softmax_scale"])
         return out, lse.masked_fill(torch.isneginf(lse), self.empty_lse)
 
     def backward(self, **kw) -> None:
         self.calls.append(("backward", kw))
-        meta = varlen_meta(kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist(), kw["causal"])
+        meta = varlen_meta(
+            kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist(), causal=kw["causal"]
+        )
         lse = kw["softmax_lse"].masked_fill(torch.isposinf(kw["softmax_lse"]), -math.inf)
         grads = REF.backward(
             kw["dout"], kw["q"], kw["k"], kw["v"], kw["out"], lse, meta, kw["softmax_scale"]
@@ -261,7 +238,7 @@ def _install_flash(monkeypatch, interface: types.ModuleType) -> None:
 def test_flash_glue_matches_reference_for_both_signatures(monkeypatch, style, empty_lse, causal):
     ACTIVE["fakes"] = fakes = FlashFakes(empty_lse)
     _install_flash(monkeypatch, flash_26_module() if style == "2.6" else flash_28_module())
-    meta = varlen_meta(CU_Q, CU_K, causal)
+    meta = varlen_meta(CU_Q, CU_K, causal=causal)
     q, k, v, dout = _inputs(meta)
     out, lse = _assert_matches_reference(FlashBackend(), meta, q, k, v, dout)
     empty = _empty_rows(meta)
@@ -297,7 +274,7 @@ def test_flash_glue_matches_reference_for_both_signatures(monkeypatch, style, em
 def test_flash_pads_head_dims_that_are_not_a_multiple_of_8(monkeypatch):
     ACTIVE["fakes"] = fakes = FlashFakes()
     _install_flash(monkeypatch, flash_28_module())
-    meta = varlen_meta(CU_Q, CU_Q, True)
+    meta = varlen_meta(CU_Q, CU_Q, causal=True)
     q, k, v, dout = _inputs(meta, head_dim=12)
     _assert_matches_reference(FlashBackend(), meta, q, k, v, dout)
     assert fakes.calls[0][1]["q"].shape[-1] == 16 and fakes.calls[1][1]["dout"].shape[-1] == 16
@@ -306,7 +283,7 @@ def test_flash_pads_head_dims_that_are_not_a_multiple_of_8(monkeypatch):
 def test_flash_attend_end_to_end_through_autograd(monkeypatch):
     ACTIVE["fakes"] = FlashFakes()
     _install_flash(monkeypatch, flash_26_module())
-    meta = varlen_meta(CU_Q, CU_Q, True)
+    meta = varlen_meta(CU_Q, CU_Q, causal=True)
     tensors = _inputs(meta)
     grads = []
     for backend in (FlashBackend(), REF):
@@ -337,14 +314,14 @@ def test_flash_unknown_required_parameter_is_named(monkeypatch):
 
     module._flash_attn_varlen_forward = _flash_attn_varlen_forward
     _install_flash(monkeypatch, module)
-    meta = varlen_meta(CU_Q, CU_Q, True)
+    meta = varlen_meta(CU_Q, CU_Q, causal=True)
     with pytest.raises(AttentionBackendError, match="sink_tokens"):
         FlashBackend().forward(*_inputs(meta)[:3], meta, 0.3)
 
 
 def test_flash_rejects_padded_lse_of_old_versions(monkeypatch):
     module = flash_26_module()
-    meta = varlen_meta(CU_Q, CU_Q, False)
+    meta = varlen_meta(CU_Q, CU_Q, causal=False)
 
     def _flash_attn_varlen_forward(
         q,
@@ -402,7 +379,7 @@ class NpuFake(types.ModuleType):
     def _meta(kw) -> AttnMeta:
         assert kw["sparse_mode"] in (0, 3)
         cu_q, cu_k = (0, *kw["actual_seq_qlen"]), (0, *kw["actual_seq_kvlen"])
-        return varlen_meta(cu_q, cu_k, kw["sparse_mode"] == 3)
+        return varlen_meta(cu_q, cu_k, causal=kw["sparse_mode"] == 3)
 
     def npu_fusion_attention(self, query, key, value, head_num, input_layout, **kw):
         self.calls.append(("forward", (query, key, value, head_num, input_layout), kw))
@@ -428,7 +405,7 @@ class NpuFake(types.ModuleType):
 def test_npu_glue_tnd_call_and_lse_conversion(monkeypatch, causal):
     fake = NpuFake()
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    meta = varlen_meta(CU_Q, CU_K, causal)
+    meta = varlen_meta(CU_Q, CU_K, causal=causal)
     q, k, v, dout = _inputs(meta)
     out, lse = _assert_matches_reference(NpuBackend(), meta, q, k, v, dout)
 
@@ -459,7 +436,7 @@ def test_npu_glue_tnd_call_and_lse_conversion(monkeypatch, causal):
 
 def test_npu_blanks_rows_without_keys_whatever_the_kernel_writes(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", NpuFake())
-    meta = varlen_meta(CU_Q, CU_K, True)
+    meta = varlen_meta(CU_Q, CU_K, causal=True)
     q, k, v, _ = _inputs(meta)
     out, lse = NpuBackend().forward(q, k, v, meta, 0.3)
     empty = _empty_rows(meta)
@@ -472,7 +449,7 @@ def test_npu_blanks_rows_without_keys_whatever_the_kernel_writes(monkeypatch):
 def test_npu_causal_mask_is_built_once_per_device(monkeypatch):
     fake = NpuFake()
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    meta = varlen_meta(CU_Q, CU_Q, True)
+    meta = varlen_meta(CU_Q, CU_Q, causal=True)
     q, k, v, _ = _inputs(meta)
     NpuBackend().forward(q, k, v, meta, 0.3)
     NpuBackend().forward(q, k, v, meta, 0.3)
@@ -485,9 +462,9 @@ def test_npu_rejects_sequences_over_512k_tokens(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     limit = npu_module.MAX_TOKENS_PER_SEQUENCE
     assert limit == 524288
-    at_limit = varlen_meta((0, 3, 3 + limit), (0, 3, 3 + limit), True)
+    at_limit = varlen_meta((0, 3, 3 + limit), (0, 3, 3 + limit), causal=True)
     npu_module.check_sequence_lengths(at_limit)  # exactly 512K is allowed
-    over = varlen_meta((0, 3, 4 + limit), (0, 3, 4 + limit), True)
+    over = varlen_meta((0, 3, 4 + limit), (0, 3, 4 + limit), causal=True)
     q = torch.zeros(4, 1, 16)
     with pytest.raises(AttentionBackendError, match=r"524288.*524289.*context parallelism"):
         NpuBackend().forward(q, q, q, over, 0.3)
@@ -519,7 +496,7 @@ def test_npu_unavailable_without_torch_npu_or_device(monkeypatch):
 
 
 def test_torch_varlen_argument_layout():
-    meta = varlen_meta(CU_Q, CU_K, True)
+    meta = varlen_meta(CU_Q, CU_K, causal=True)
     q, k, v, dout = _inputs(meta)
     args, kwargs = torch_varlen_module.forward_arguments(q, k, v, meta, 0.3)
     assert args[:3] == (q, k, v) and args[3] is meta.cu_seqlens_q and args[4] is meta.cu_seqlens_k
@@ -539,13 +516,15 @@ def _fake_aten_ops(calls: list):
 
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, debug, *, scale):
         calls.append(("forward", k.shape))
-        out, lse = REF.forward(q, k, v, varlen_meta(cu_q.tolist(), cu_k.tolist(), is_causal), scale)
+        out, lse = REF.forward(
+            q, k, v, varlen_meta(cu_q.tolist(), cu_k.tolist(), causal=is_causal), scale
+        )
         lse = lse.masked_fill(torch.isneginf(lse), math.inf)
         return out, lse, torch.zeros(2), torch.empty(0), torch.empty(0)
 
     def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, p, is_causal, r, u, *, scale):
         calls.append(("backward", k.shape))
-        meta = varlen_meta(cu_q.tolist(), cu_k.tolist(), is_causal)
+        meta = varlen_meta(cu_q.tolist(), cu_k.tolist(), causal=is_causal)
         lse = lse.masked_fill(torch.isposinf(lse), -math.inf)
         return tuple(g.to(q.dtype) for g in REF.backward(dout, q, k, v, out, lse, meta, scale))
 
@@ -557,7 +536,7 @@ def test_torch_varlen_glue_matches_reference(monkeypatch, native_gqa):
     calls: list = []
     monkeypatch.setattr(torch_varlen_module, "aten_flash_ops", _fake_aten_ops(calls))
     monkeypatch.setattr(torch_varlen_module, "NATIVE_GQA", native_gqa)
-    meta = varlen_meta(CU_Q, CU_K, True)
+    meta = varlen_meta(CU_Q, CU_K, causal=True)
     q, k, v, dout = _inputs(meta)
     _assert_matches_reference(TorchVarlenBackend(), meta, q, k, v, dout)
     kv_heads = 2 if native_gqa else 4

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from lvita_model.attention import (
-    AttnMeta,
     FlashBackend,
     SdpaBackend,
     TorchVarlenBackend,
     attend,
     packed_meta,
+    varlen_meta,
 )
 from lvita_model.attention.registry import backend_available, get_backend
 
@@ -37,31 +37,6 @@ def backend(request):
     if not ok:
         pytest.skip(reason)
     return BACKENDS[request.param]()
-
-
-def varlen_meta(cu_q, cu_k, causal: bool, device: str = "cuda") -> AttnMeta:
-    """Queries [cu_q[i], cu_q[i+1]) see keys [cu_k[i], cu_k[i+1]), bottom-right causal."""
-    q_lens = torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:], strict=False)])
-    k_lens = torch.tensor([b - a for a, b in zip(cu_k, cu_k[1:], strict=False)])
-    docs = torch.arange(len(q_lens), dtype=torch.int32)
-    doc_q, doc_k = docs.repeat_interleave(q_lens), docs.repeat_interleave(k_lens)
-    start_q = torch.tensor(cu_q[:-1])[doc_q.long()]  # [T]
-    start_k = torch.tensor(cu_k[:-1])[doc_q.long()]  # [T]
-    shift = (k_lens - q_lens)[doc_q.long()]
-    order_q = start_k + torch.arange(cu_q[-1]) - start_q + shift
-    return AttnMeta(
-        torch.tensor(cu_q, dtype=torch.int32, device=device),
-        torch.tensor(cu_k, dtype=torch.int32, device=device),
-        tuple(cu_q),
-        tuple(cu_k),
-        int(q_lens.max()),
-        int(k_lens.max()),
-        causal,
-        doc_q.to(device),
-        doc_k.to(device),
-        order_q.long().to(device),
-        torch.arange(cu_k[-1], device=device),
-    )
 
 
 def _inputs(rows, keys, heads, head_dim, dtype, seed=0):
@@ -110,7 +85,7 @@ def test_kernel_matches_reference_on_packed_documents(backend, causal, heads, he
 def test_rows_that_see_no_key(backend, causal):
     """Query part longer than the key part (bottom-right causal: first rows see nothing),
     key part longer, and a document without keys: lse = -inf, out = 0, finite grads."""
-    meta = varlen_meta((0, 50, 150, 160, 260), (0, 30, 230, 230, 330), causal)
+    meta = varlen_meta((0, 50, 150, 160, 260), (0, 30, 230, 230, 330), causal=causal, device="cuda")
     q, k, v, dout = _inputs(260, 330, (14, 2), 64, torch.bfloat16, seed=1)
     lse = _check(backend, meta, q, k, v, dout, 0.125)
     assert torch.isneginf(lse[:, 150:160]).all()
@@ -128,7 +103,7 @@ def test_block_backward_with_merged_lse_sums_to_full_gradients(backend):
     blocks = [((0, 400), (0, 400, 400)), ((400, 1378), (0, 300, 978))]
     partial = []
     for (a, b), cu_k in blocks:
-        sub = varlen_meta((0, 700, 1378), cu_k, False)
+        sub = varlen_meta((0, 700, 1378), cu_k, causal=False, device="cuda")
         partial.append((sub, *backend.forward(q, k[a:b], v[a:b], sub, 0.1)))
     assert torch.isneginf(partial[0][2][:, 700:]).all()
     lse = torch.logaddexp(partial[0][2], partial[1][2])  # [Hq, T]

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from dist_utils import DistributedTestError, run_distributed
 
-from lvita_model.attention import AttnMeta, SdpaBackend, attend, packed_meta
+from lvita_model.attention import AttnMeta, SdpaBackend, attend, packed_meta, varlen_meta
+from lvita_model.attention.base import layout_meta
 from lvita_model.context_parallel.allgather import AllGatherKVAttention
 from lvita_model.context_parallel.blocks import (
     allgather_blocks,
@@ -66,19 +67,7 @@ class CuSeqlensOnlyBackend(SdpaBackend):
 
     @staticmethod
     def from_cu(meta: AttnMeta) -> AttnMeta:
-        doc_q, doc_k, order_q, order_k = [], [], [], []
-        cu_q, cu_k = meta.host_cu_seqlens_q, meta.host_cu_seqlens_k
-        for i in range(len(cu_q) - 1):
-            num_q, num_k = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
-            doc_q.append(torch.full((num_q,), i, dtype=torch.int32))
-            doc_k.append(torch.full((num_k,), i, dtype=torch.int32))
-            order_q.append(torch.arange(num_q) + (num_k - num_q))  # bottom-right aligned
-            order_k.append(torch.arange(num_k))
-        return AttnMeta(
-            meta.cu_seqlens_q, meta.cu_seqlens_k, cu_q, cu_k, meta.max_seqlen_q,
-            meta.max_seqlen_k, meta.causal, torch.cat(doc_q), torch.cat(doc_k),
-            torch.cat(order_q), torch.cat(order_k),
-        )  # fmt: skip
+        return varlen_meta(meta.host_cu_seqlens_q, meta.host_cu_seqlens_k, causal=meta.causal)
 
     def forward(self, q, k, v, meta, scale):
         return super().forward(q, k, v, self.from_cu(meta), scale)
@@ -122,10 +111,9 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _partial(q, k, v, meta, keys, causal):
     sub = packed_meta(meta.host_cu_seqlens_q, causal=causal)
-    sub = AttnMeta(
-        sub.cu_seqlens_q, sub.cu_seqlens_k, sub.host_cu_seqlens_q, sub.host_cu_seqlens_k,
-        sub.max_seqlen_q, sub.max_seqlen_k, causal, sub.doc_q, sub.doc_k[keys], sub.order_q,
-        sub.order_k[keys],
+    sub = layout_meta(
+        sub.host_cu_seqlens_q, sub.host_cu_seqlens_k, sub.doc_q, sub.doc_k[keys], sub.order_q,
+        sub.order_k[keys], causal=causal,
     )  # fmt: skip
     return SdpaBackend().forward(q, k[keys], v[keys], sub, 0.3)
 
