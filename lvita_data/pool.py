@@ -1,10 +1,44 @@
-"""Worker-process helpers shared by the planner's and the builder's process pools."""
+"""The one way lvita runs tasks in parallel: `map_tasks` over local processes or Ray.
+
+Used by planning (one task per dataset file), the build (one task per shard), `lvita stats` and
+`lvita verify` (one task per shard). A task function is a module-level function called as
+``fn(task)``, or ``fn(task, shared)`` when a `shared` object (e.g. the build context: tokenizer
+spec, manifest) is given; `shared` is sent to each worker once, not with every task.
+
+Local processes are started with ``spawn``, never ``fork``: a forked child inherits locks held
+by threads of the parent (PyAV's decoder threads, the tokenizer's thread pool) and can deadlock
+when it touches them. Every worker runs `watch_parent`, so a killed parent (``kill -9``) takes its
+workers with it within 0.1 s instead of leaving them writing. With one worker or one task,
+tasks run in this process (no pickling, plain tracebacks).
+
+Results come back in task order (``ordered=True``) or as they complete (``ordered=False``, for
+progress and for writing completion records early). The first failing task stops the run: its
+exception is raised here and the tasks not yet started are cancelled.
+
+``executor="ray"``: Ray tasks of 1 CPU each, retried up to 3 times if a worker dies, on the Ray
+this process is connected to, else the cluster of ``RAY_ADDRESS``, else a local Ray of `workers`
+CPUs; a Ray that `map_tasks` started is shut down when it ends.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from typing import Any, Literal, TypeVar
+
+from lvita_data.errors import LvitaError
+
+T = TypeVar("T")
+R = TypeVar("R")
+Executor = Literal["local", "ray"]
+EXECUTORS: tuple[Executor, ...] = ("local", "ray")
+_NO_SHARED = object()
+_shared: Any = _NO_SHARED  # the `shared` object in a local worker process
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -14,5 +48,92 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def watch_parent() -> None:
-    """Pool initializer: end this worker within 0.1 s of its parent process dying."""
+    """End this worker within 0.1 s of its parent process dying."""
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _init_worker(shared: Any) -> None:
+    global _shared
+    _shared = shared
+    watch_parent()
+
+
+def _call(fn: Callable[..., R], task: Any) -> R:
+    return fn(task) if _shared is _NO_SHARED else fn(task, _shared)
+
+
+def map_tasks(
+    fn: Callable[..., R],
+    tasks: Sequence[T],
+    *,
+    workers: int = 1,
+    executor: Executor = "local",
+    shared: Any = _NO_SHARED,
+    ordered: bool = True,
+) -> Iterator[R]:
+    """``fn(task[, shared])`` for every task, in `workers` processes (see the module doc)."""
+    if executor not in EXECUTORS:
+        raise LvitaError(f"unknown executor {executor!r}, expected one of {list(EXECUTORS)}")
+    if executor == "ray":
+        return _map_ray(fn, tasks, workers, shared, ordered)
+    if workers <= 1 or len(tasks) <= 1:
+        if shared is _NO_SHARED:
+            return (fn(task) for task in tasks)
+        return (fn(task, shared) for task in tasks)
+    return _map_local(fn, tasks, workers, shared, ordered)
+
+
+def _map_local(
+    fn: Callable[..., R], tasks: Sequence[T], workers: int, shared: Any, ordered: bool
+) -> Iterator[R]:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(shared,),
+    ) as pool:
+        futures: list[Future[R]] = [pool.submit(_call, fn, task) for task in tasks]
+        try:
+            for future in futures if ordered else as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:  # a failed task stops the run now, not after all others
+                future.cancel()
+            raise
+
+
+def _map_ray(
+    fn: Callable[..., R], tasks: Sequence[T], workers: int, shared: Any, ordered: bool
+) -> Iterator[R]:
+    try:
+        import ray
+    except Exception as error:  # ray is an optional extra; its import can fail in many ways
+        raise LvitaError(f"--executor ray needs Ray: pip install 'lvita[ray]' ({error})") from None
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+        started = True
+    pending: list = []
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+        if shared is _NO_SHARED:
+            pending = [remote.remote(task) for task in tasks]
+        else:
+            shared_ref = ray.put(shared)
+            pending = [remote.remote(task, shared_ref) for task in tasks]
+        if ordered:
+            for ref in list(pending):
+                yield ray.get(ref)
+                pending.remove(ref)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
