@@ -9,7 +9,8 @@ Distributions
         - image: an image size is drawn (photos: width lognormal(ln 640, 0.3) in 200..2000 px,
           aspect 4:3 35%, 3:2 20%, 1:1 15%, 3:4 15%, 16:9 10%, 2:3 5%; documents/charts:
           width 800..1700 px, aspect 1:1.41 70%, 3:2 30%) and tiled exactly as Long-VITA does
-          (`lvita_data.samples.tiling`: 258 tokens for 1 tile, 258 + rows + 258 n for n tiles, n <= 12);
+          (`lvita_data.samples.tiling`: 258 tokens for 1 tile, 258 + rows + 258 n for n tiles,
+          n <= 12);
         - caption: 1 photo + U(50, 300) text; long caption (ShareGPT4V, ALLaVA): U(150, 500);
         - instruct (ALLaVA, LVIS, the_cauldron, OneVision): 1 image (70% photo, 30% document)
           + lognormal(median 200, sigma 0.8) text in 20..3000;
@@ -52,14 +53,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lvita_data.packing.plan import (
+from lvita_data.packing.baselines import (
     LEFT_IN_BUFFER,
-    TOO_LONG,
     pack_first_fit_decreasing,
     pack_greedy_knapsack,
     pack_original_online,
-    plan_packs,
 )
+from lvita_data.packing.plan import TOO_LONG, plan_packs
 from lvita_data.samples.tiling import choose_grid, count_image_tokens, num_tiles
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -154,7 +154,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
             files[refs[i][0]].dataset,
             files[refs[i][0]].path,
             str(refs[i][1]),
-            RejectReason.too_long if reason == "too_long" else RejectReason.too_many_tiles,
+            RejectReason(reason),
             f"{lengths[i]} tokens, {tiles[i]} tiles (after pack.align = {config.align})",
         )
         for i, reason in packing.rejected

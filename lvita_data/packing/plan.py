@@ -36,25 +36,24 @@ images and too few short samples to close every gap; 21 tokens per pack), 99.98%
 in its buffers; greedy knapsack over 100 samples: 65-97.5%. 17M lengths at 32K: 4.7 s end to
 end (sort, BFD, 1.65M pack lists, shuffle); 19 s on the same machine under load.
 
-The second half of the module holds the baselines the benchmark compares against, including
-`pack_original_online`, a faithful model of Long-VITA's own packer.
+The baselines the benchmark compares against (Long-VITA's online packer, FFD, greedy knapsack)
+live in `lvita_data.packing.baselines`.
 """
 
 from __future__ import annotations
 
-import bisect
 import gc
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-TOO_LONG = "too_long"
+from lvita_data.schema import RejectReason
+
+TOO_LONG = RejectReason.too_long
 """Reject reason: the (aligned) sample is longer than the pack capacity."""
-TOO_MANY_TILES = "too_many_tiles"
+TOO_MANY_TILES = RejectReason.too_many_tiles
 """Reject reason: the sample has more vision tiles than `max_tiles`."""
-LEFT_IN_BUFFER = "left_in_buffer"
-"""Loss reason of the original online packer: still buffered when the stream ended."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +138,7 @@ def plan_packs(
     Raises:
         ValueError: on a length < 1, mismatched array sizes, or a bad option.
     """
-    lengths_arr = _int_array(lengths, "lengths")
+    lengths_arr = int_array(lengths, "lengths")
     n = len(lengths_arr)
     if capacity < 1 or align < 1 or (window is not None and window < 1):
         raise ValueError(f"need capacity, align, window >= 1; got {capacity}, {align}, {window}")
@@ -153,7 +152,7 @@ def plan_packs(
     reason = np.zeros(n, dtype=np.int8)  # 0 = ok, 1 = too long, 2 = too many tiles
     tiles_arr = None
     if tiles is not None:
-        tiles_arr = _int_array(tiles, "tiles")
+        tiles_arr = int_array(tiles, "tiles")
         if len(tiles_arr) != n or (n and tiles_arr.min() < 0) or max_tiles < 0:
             raise ValueError("tiles must be one count >= 0 per sample, and max_tiles >= 0")
         reason[tiles_arr > max_tiles] = 2
@@ -177,7 +176,7 @@ def plan_packs(
     return PackPlan(packs, rejected, capacity, lengths_arr, padded, tiles_arr, max_tiles)
 
 
-def _int_array(values: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+def int_array(values: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ValueError(f"{name} must be a 1-D sequence of ints")
@@ -470,118 +469,3 @@ def _bfd_classes_2d(sizes, tile_counts, counts, capacity: int, max_tiles: int):
             if rest:
                 put(capacity - rest * s, max_tiles - rest * t, ids[n:])
     return out_bins, out_take, num_bins
-
-
-# --------------------------------------------------------------------------------------------
-# Baselines (for benchmarks/bench_packing.py and the parity tests). Not for production use.
-# --------------------------------------------------------------------------------------------
-
-
-def pack_original_online(
-    lengths: Sequence[int] | np.ndarray,
-    capacity: int,
-    *,
-    groups: Sequence[Hashable] | None = None,
-    num_buffers: int = 2,
-    num_workers: int = 1,
-) -> PackPlan:
-    """Long-VITA's own packer (`Qwen2Dataset.__getitem__` in long_vita/data/dataset_qwen2.py).
-
-    Samples arrive in input order. With `groups` (stages 1-2) each group has its own buffer, so
-    the "shortest" and the "longest" buffer are both the sample's own. Without (stages 3-4,
-    `cross_dataset_joint`) there are `num_buffers` shared buffers kept in a dict: the shortest
-    and the longest are the *first* in dict order with the min / max length, and an emitted
-    buffer is popped and re-created, which moves it to the end of that order. For a sample of
-    length L: L > capacity -> dropped; shortest + L > capacity -> emit the longest (padded to
-    capacity) and restart it with the sample; else append to the shortest. Buffers still open
-    at the end are never emitted: their samples come back rejected as `left_in_buffer`. With
-    `num_workers` > 1, sample i goes to worker i % num_workers, each with its own buffers.
-    """
-    lengths_arr = _int_array(lengths, "lengths")
-    packs: list[list[int]] = []
-    rejected: list[tuple[int, str]] = []
-    for worker in range(num_workers):
-        buffers: dict = (
-            {} if groups is not None else {f"default_{b}": [0, []] for b in range(num_buffers)}
-        )
-        for i in range(worker, len(lengths_arr), num_workers):
-            size = int(lengths_arr[i])
-            if size > capacity:
-                rejected.append((i, TOO_LONG))
-                continue
-            if groups is not None:
-                short_key = long_key = groups[i]
-                buffers.setdefault(short_key, [0, []])
-            else:
-                short_key = min(buffers, key=lambda key: buffers[key][0])  # first of the minima
-                long_key = max(buffers, key=lambda key: buffers[key][0])  # first of the maxima
-            if buffers[short_key][0] + size > capacity:
-                packs.append(buffers.pop(long_key)[1])
-                buffers[long_key] = [size, [i]]
-            else:
-                buffers[short_key][0] += size
-                buffers[short_key][1].append(i)
-        rejected += [(i, LEFT_IN_BUFFER) for _, ids in buffers.values() for i in ids]
-    rejected.sort()
-    return PackPlan(packs, rejected, capacity, lengths_arr, lengths_arr)
-
-
-def _too_long_split(lengths, capacity: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    lengths_arr = _int_array(lengths, "lengths")
-    kept = np.flatnonzero(lengths_arr <= capacity).tolist()
-    return lengths_arr, kept, [(int(i), TOO_LONG) for i in np.flatnonzero(lengths_arr > capacity)]
-
-
-def pack_first_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> PackPlan:
-    """FFD (NeMo `first_fit_decreasing`): longest first, into the lowest-numbered pack that fits.
-
-    A max segment tree over pack rooms finds that pack in O(log n).
-    """
-    lengths_arr, kept, rejected = _too_long_split(lengths, capacity)
-    lens = lengths_arr.tolist()
-    order = sorted(kept, key=lambda i: -lens[i])
-    size = 1 << max(len(order) - 1, 0).bit_length()
-    tree = [0] * (2 * size)  # leaves: room of pack j (0 = not open yet)
-    packs: list[list[int]] = []
-    for i in order:
-        s = lens[i]
-        if tree[1] >= s:
-            node = 1
-            while node < size:
-                node = 2 * node if tree[2 * node] >= s else 2 * node + 1
-            j = node - size
-        else:
-            j, node = len(packs), len(packs) + size
-            packs.append([])
-            tree[node] = capacity
-        packs[j].append(i)
-        tree[node] -= s
-        node //= 2
-        while node:
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
-            node //= 2
-    return PackPlan([sorted(p) for p in packs], rejected, capacity, lengths_arr, lengths_arr)
-
-
-def pack_greedy_knapsack(
-    lengths: Sequence[int] | np.ndarray, capacity: int, *, buffer_size: int = 100
-) -> PackPlan:
-    """LLaMA-Factory `greedy_knapsack` over buffers of `buffer_size` samples (Megatron/Energon).
-
-    The stream (over-long samples removed) is cut into buffers; in each, lengths sorted
-    ascending, one pack at a time is filled by repeatedly taking the largest sample that still
-    fits (bisect), until the buffer is empty. Nothing carries over to the next buffer.
-    """
-    lengths_arr, kept, rejected = _too_long_split(lengths, capacity)
-    lens = lengths_arr.tolist()
-    packs: list[list[int]] = []
-    for start in range(0, len(kept), buffer_size):
-        buf = sorted(kept[start : start + buffer_size], key=lambda i: lens[i])
-        sizes = [lens[i] for i in buf]
-        while buf:
-            room, pack = capacity, []
-            while (j := bisect.bisect_right(sizes, room)) > 0:
-                room -= sizes.pop(j - 1)
-                pack.append(buf.pop(j - 1))
-            packs.append(sorted(pack))
-    return PackPlan(packs, rejected, capacity, lengths_arr, lengths_arr)

@@ -7,15 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lvita_data.packing.plan import (
+from lvita_data.packing.baselines import (
     LEFT_IN_BUFFER,
-    TOO_LONG,
-    TOO_MANY_TILES,
     pack_first_fit_decreasing,
     pack_greedy_knapsack,
     pack_original_online,
-    plan_packs,
 )
+from lvita_data.packing.plan import TOO_LONG, TOO_MANY_TILES, plan_packs
 
 
 def synthetic_mix(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
