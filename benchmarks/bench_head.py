@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-from lvita_model.head import full_logits_loss, masked_lm_loss
+from lvita_model.baselines import full_logits_loss
+from lvita_model.head import masked_lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("full", "masked/forward", "masked/recompute")

@@ -14,8 +14,9 @@ token p itself. `next_token_targets` shifts them once, per document: targets[p] 
 when p + 1 lies in the same document ([cu[i], cu[i+1])) and is supervised, else -100, so the last
 token of a document never predicts the next document's first token. The original selected the
 positions whose *unshifted* label is supervised and then shifted the compacted arrays
-(`original_head_targets`, kept to document the defect), so the first answer token of every turn
-was predicted from the last answer token of the previous turn, or never:
+(`lvita_model.baselines.original_head_targets`, kept to document the defect), so the first
+answer token of every turn was predicted from the last answer token of the previous turn, or
+never:
 
     position          0   1   2   3   4   5   6   7   8   9
     token             U   q   A   a1  a2  U   q   A   b1  b2     A = "<|im_start|>assistant\\n"
@@ -107,19 +108,6 @@ def next_token_targets(labels: Tensor, cu_seqlens: Tensor | Sequence[int]) -> Te
     return targets
 
 
-def original_head_targets(labels: Tensor) -> Tensor:
-    """int64 [T]: the original Long-VITA selection, kept only to document its defect.
-
-    It selects the positions p with labels[p] != -100 (unshifted), then shifts the compacted
-    arrays: the j-th selected position predicts the label of the (j + 1)-th, however far away
-    and in whatever document. Do not train with it; use `next_token_targets`.
-    """
-    positions = supervised_positions(labels)  # [M]
-    targets = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.int64, device=labels.device)
-    targets[positions[:-1]] = labels[positions[1:]].long()
-    return targets
-
-
 def supervised_positions(targets: Tensor) -> Tensor:
     """int64 [M]: indices p with targets[p] != -100, ascending."""
     return (targets != IGNORE_INDEX).nonzero().squeeze(1)
@@ -129,14 +117,14 @@ def supervised_positions(targets: Tensor) -> Tensor:
 # Chunked loss
 
 
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32 / bf16 / fp16 inputs; float64 stays float64 (exact tests)."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def _chunk_logits(rows: Tensor, weight: Tensor) -> Tensor:
     """[c, H] @ [V, H]^T computed in the input dtype, then upcast: [c, V] fp32 (no-op if fp32)."""
-    return (rows @ weight.t()).to(_accum_dtype(rows.dtype))
+    return (rows @ weight.t()).to(accum_dtype(rows.dtype))
 
 
 def _chunk_loss_(logits: Tensor, labels: Tensor, *, want_grad: bool) -> Tensor:
@@ -191,7 +179,7 @@ def _run_chunks(
 ) -> Tensor:
     """Loss sum over all rows, one [c, V] chunk of logits alive at a time; fills the grads given."""
     want_grad = d_rows is not None or d_weight is not None
-    loss = torch.zeros((), dtype=_accum_dtype(rows.dtype), device=rows.device)
+    loss = torch.zeros((), dtype=accum_dtype(rows.dtype), device=rows.device)
     for start in range(0, rows.shape[0], chunk_rows):
         chunk = slice(start, start + chunk_rows)
         logits = _chunk_logits(rows[chunk], weight)  # [c, V] fp32
@@ -213,7 +201,7 @@ def _grad_buffers(
     d_rows = torch.empty_like(rows) if need_rows else None
     d_weight = None
     if need_weight:
-        d_weight = torch.zeros(weight.shape, dtype=_accum_dtype(weight.dtype), device=weight.device)
+        d_weight = torch.zeros(weight.shape, dtype=accum_dtype(weight.dtype), device=weight.device)
     return d_rows, d_weight
 
 
@@ -267,7 +255,8 @@ class _RecomputeInBackward(torch.autograd.Function):
 _GRAD_MODES = {"forward": _GradInForward, "recompute": _RecomputeInBackward}
 
 
-def _check_head_inputs(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
+def check_head_inputs(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
+    """Raise ValueError unless hidden [T, H], weight [V, H] and targets [T] fit together."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and "
@@ -300,7 +289,7 @@ def masked_lm_loss(
         loss_sum: 0-d fp32 (float64 for float64 inputs), the summed CE; count: 0-d int64, M.
         Divide by the all-reduced count (sum/sum across ranks) for the mean.
     """
-    _check_head_inputs(hidden, weight, targets)
+    check_head_inputs(hidden, weight, targets)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if grad_mode not in _GRAD_MODES:
@@ -312,14 +301,6 @@ def masked_lm_loss(
     loss_sum = _GRAD_MODES[grad_mode].apply(rows, weight, labels, chunk_rows, want_grad)
     count = torch.tensor(positions.numel(), dtype=torch.int64, device=targets.device)
     return loss_sum, count
-
-
-def full_logits_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Naive reference: logits for all T positions, F.cross_entropy(sum) in fp32; (sum, count)."""
-    _check_head_inputs(hidden, weight, targets)
-    logits = (hidden @ weight.t()).to(_accum_dtype(hidden.dtype))  # [T, V]
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
 def last_position_logits(

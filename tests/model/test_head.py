@@ -7,15 +7,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lvita_model import head
+from lvita_model.baselines import full_logits_loss, original_head_targets
 from lvita_model.head import (
     IGNORE_INDEX,
     _chunk_logits,
     _chunk_loss_,
-    full_logits_loss,
     last_position_logits,
     masked_lm_loss,
     next_token_targets,
-    original_head_targets,
     supervised_positions,
 )
 

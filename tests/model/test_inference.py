@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from lvita_model.attention import SdpaBackend
+from lvita_model.baselines import generate_recompute
 from lvita_model.inference import (
     CacheAttention,
     KVCache,
     Sampling,
     decode_step,
     generate,
-    generate_recompute,
     prefill,
 )
 from lvita_model.model import build_model

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lvita_model.attention import SdpaBackend
+from lvita_model.baselines import full_logits_loss
 from lvita_model.config import PRESETS
-from lvita_model.head import full_logits_loss, next_token_targets
+from lvita_model.head import next_token_targets
 from lvita_model.model import build_model
 from lvita_model.vision import encode_tiles
 from lvita_model.weights import load_pretrained, save_pretrained
