@@ -41,8 +41,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lvita_model.attention.base import AttentionBackend
+from lvita_model.context_parallel.base import BlockwiseAttention
 from lvita_model.context_parallel.blocks import Block, allgather_blocks, take_rows
-from lvita_model.context_parallel.ring import ContextParallelAttention
 from lvita_model.context_parallel.sharding import CPShard
 from lvita_model.errors import ContextParallelError
 
@@ -179,7 +179,7 @@ def _block_backward(
     grads[:, 1].index_add_(0, block.k_rows, block_dv.float())
 
 
-class AllGatherKVAttention(ContextParallelAttention):
+class AllGatherKVAttention(BlockwiseAttention):
     """All-gather-KV attention for one batch: ``attention(q, k, v) -> out`` on this rank's
     tokens.
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lvita_model.attention import AttentionBackend
 from lvita_model.context_parallel.allgather import AllGatherKVAttention
+from lvita_model.context_parallel.base import ContextParallelAttention
 from lvita_model.context_parallel.ring import ZigzagRingAttention
 from lvita_model.context_parallel.sharding import (
     CPShard,
@@ -40,6 +41,7 @@ from lvita_model.context_parallel.sharding import (
     padded_positions,
     plan_shard,
 )
+from lvita_model.context_parallel.ulysses import UlyssesAttention
 from lvita_model.head import IGNORE_INDEX, next_token_targets
 
 PAD_ID = 151643
@@ -116,7 +118,12 @@ def global_loss(
     return loss_sum / total_count.to(loss_sum.dtype), stats[0] / total_count
 
 
-CP_ATTENTION = ("ring", "allgather")
+CP_ATTENTION: dict[str, type[ContextParallelAttention]] = {
+    "ring": ZigzagRingAttention,
+    "allgather": AllGatherKVAttention,
+    "ulysses": UlyssesAttention,
+}
+"""The context-parallel attention of each ``method`` name (the training config's cp_method)."""
 
 
 def context_parallel_inputs(
@@ -134,7 +141,8 @@ def context_parallel_inputs(
     returns it (``input_ids``, ``position_ids``, ``labels`` of shape [B, T] are flattened to
     B * T tokens with ``cu_seqlens`` over them; ``pixel_values`` and ``image_token_positions``
     optional).
-    `method`: "ring" (zigzag p2p ring, KV memory 1/P) or "allgather" (KV gathered per layer)."""
+    `method`: "ring" (zigzag p2p ring, KV memory 1/P), "allgather" (KV gathered per layer) or
+    "ulysses" (all-to-all to head shards; the heads must divide by P, see `ulysses`)."""
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     local = shard_batch(
         batch["input_ids"].reshape(-1),
@@ -148,10 +156,6 @@ def context_parallel_inputs(
         layout=layout,
         pad_id=pad_id,
     )
-    if method == "ring":
-        attention = ZigzagRingAttention(local.shard, backend, group)
-    elif method == "allgather":
-        attention = AllGatherKVAttention(local.shard, backend, group)
-    else:
-        raise ValueError(f"unknown CP attention method {method!r}: one of {CP_ATTENTION}")
-    return local, attention
+    if method not in CP_ATTENTION:
+        raise ValueError(f"unknown CP attention method {method!r}: one of {tuple(CP_ATTENTION)}")
+    return local, CP_ATTENTION[method](local.shard, backend, group)

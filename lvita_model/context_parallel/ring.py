@@ -42,11 +42,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lvita_model.attention.base import AttentionBackend
-from lvita_model.attention.registry import assert_supports
-from lvita_model.context_parallel.blocks import Block, check_local_inputs, ring_blocks, take_rows
-from lvita_model.context_parallel.groups import check_shard_matches_group
+from lvita_model.context_parallel.base import BlockwiseAttention
+from lvita_model.context_parallel.blocks import Block, ring_blocks, take_rows
 from lvita_model.context_parallel.merge import empty_accumulator, merge_into_
-from lvita_model.context_parallel.sharding import CPShard
 
 KV_TAG = 0
 DKV_TAG = 1
@@ -169,56 +167,8 @@ def _block_backward(
         dkv[1].index_add_(0, block.k_rows, block_dv.float())
 
 
-class ContextParallelAttention:
-    """The shared part of the CP attention callables: ``attention(q, k, v) -> out`` on this rank's
-    tokens of one batch.
-
-    `shard` is this rank's `CPShard` (zigzag or contiguous), `group` the CP process group (None:
-    the default group); its size and this rank's position must equal the shard's. `causal`:
-    per-document causal (decoder) or bidirectional (ViT-like). `scale` defaults to D ** -0.5.
-    The blocks (`plan_blocks`) and their metas are built once per device, on the first call.
-    """
-
-    function: type[torch.autograd.Function]
-
-    def __init__(
-        self,
-        shard: CPShard,
-        backend: AttentionBackend,
-        group: dist.ProcessGroup | None = None,
-        causal: bool = True,
-        scale: float | None = None,
-    ) -> None:
-        check_shard_matches_group(shard, group)
-        assert_supports(backend, causal=causal, varlen=True, lse=True, block_backward=True)
-        self.shard = shard
-        self.backend = backend
-        self.group = group
-        self.causal = causal
-        self.scale = scale
-        self.cp_size, self.cp_rank = shard.cp_size, shard.cp_rank
-        self._blocks: dict[torch.device, list[Block | None]] = {}
-
-    def plan_blocks(self, device: torch.device) -> list[Block | None]:
-        raise NotImplementedError
-
-    def blocks(self, device: torch.device) -> list[Block | None]:
-        if device not in self._blocks:
-            self._blocks[device] = self.plan_blocks(device)
-        return self._blocks[device]
-
-    def forward_with_lse(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """(out [T, Hq, D] in q's dtype, lse [Hq, T] fp32, not differentiable)."""
-        check_local_inputs(q, k, v, self.shard)
-        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        return self.function.apply(q, k, v, self, scale)
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.forward_with_lse(q, k, v)[0]
-
-
-class ZigzagRingAttention(ContextParallelAttention):
-    """Ring attention (see the module docstring and `ContextParallelAttention`)."""
+class ZigzagRingAttention(BlockwiseAttention):
+    """Ring attention (see the module docstring and `BlockwiseAttention`)."""
 
     function = _RingAttentionFn
 

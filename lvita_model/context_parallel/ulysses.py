@@ -30,9 +30,8 @@ from torch import Tensor
 
 from lvita_model.attention import attend, packed_meta
 from lvita_model.attention.base import AttentionBackend, AttnMeta
-from lvita_model.attention.registry import assert_supports
+from lvita_model.context_parallel.base import ContextParallelAttention
 from lvita_model.context_parallel.blocks import check_local_inputs, gathered_index
-from lvita_model.context_parallel.groups import check_shard_matches_group
 from lvita_model.context_parallel.sharding import CPShard
 from lvita_model.errors import ContextParallelError
 
@@ -79,11 +78,12 @@ class _HeadsToTokens(torch.autograd.Function):
         return _tokens_to_heads(grad.contiguous(), ctx.group, ctx.size), None, None
 
 
-class UlyssesAttention:
+class UlyssesAttention(ContextParallelAttention):
     """All-to-all attention for one batch: ``attention(q, k, v) -> out`` on this rank's tokens.
 
     `shard`: this rank's `CPShard` (zigzag or contiguous); `group`: the CP group (None: the
     default group); `replicate_kv`: repeat KV heads when Hkv < P (see the module docstring).
+    The backend needs varlen (and causal, if asked) only: plain `attend` over whole documents.
     """
 
     def __init__(
@@ -95,15 +95,8 @@ class UlyssesAttention:
         scale: float | None = None,
         replicate_kv: bool = True,
     ) -> None:
-        check_shard_matches_group(shard, group)
-        assert_supports(backend, causal=causal, varlen=True)
-        self.shard = shard
-        self.backend = backend
-        self.group = group
-        self.causal = causal
-        self.scale = scale
+        super().__init__(shard, backend, group, causal, scale)
         self.replicate_kv = replicate_kv
-        self.cp_size = shard.cp_size
         self._layout: dict[torch.device, tuple[AttnMeta, Tensor, Tensor]] = {}
 
     def layout(self, device: torch.device) -> tuple[AttnMeta, Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """Context-parallel attention (zigzag ring, all-gather KV, Ulysses) against the single-process
-reference, on CPU with gloo (P = 2 and 4), plus the pure parts (LSE merge, block plans, mesh).
+reference, on CPU with gloo (P = 2 and 4), plus the pure parts (LSE merge, block plans).
 
 Every rank builds the same seeded q/k/v/dout over the whole padded sequence, computes the
 reference (`attend` with `SdpaBackend` + autograd) and compares its local slice of out, lse,
@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import DistributedTestError, run_distributed
+from torch.distributed.device_mesh import init_device_mesh
 
 from lvita_model.attention import AttnMeta, SdpaBackend, attend, packed_meta, varlen_meta
 from lvita_model.attention.base import layout_meta
@@ -31,7 +32,6 @@ from lvita_model.context_parallel.blocks import (
     ring_blocks,
     take_rows,
 )
-from lvita_model.context_parallel.groups import init_cp_groups, mesh_ranks
 from lvita_model.context_parallel.merge import (
     empty_accumulator,
     merge_into_,
@@ -106,7 +106,7 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------
-# pure parts: merge, block plans, mesh, padding errors
+# pure parts: merge, block plans, padding errors
 
 
 def _partial(q, k, v, meta, keys, causal):
@@ -214,15 +214,6 @@ def test_zigzag_causal_ring_plan_is_balanced():
     zigzag, contiguous = pairs("zigzag"), pairs("contiguous")
     assert zigzag == [520] * 4  # 64 * 65 / 2 / 4
     assert contiguous == [136, 392, 648, 904]
-
-
-def test_mesh_puts_cp_ranks_adjacent():
-    cp, dp = mesh_ranks(8, 2)
-    assert cp == [[0, 1], [2, 3], [4, 5], [6, 7]] and dp == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    cp, dp = mesh_ranks(8, 4)
-    assert cp == [[0, 1, 2, 3], [4, 5, 6, 7]] and dp == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    with pytest.raises(ContextParallelError, match="multiple of the CP size"):
-        mesh_ranks(6, 4)
 
 
 def test_unpadded_documents_are_rejected_with_a_padding_hint():
@@ -334,16 +325,18 @@ def _errors(rank: int, world_size: int) -> dict[str, str]:
 
 
 def _subgroups(rank: int, world_size: int) -> dict:
-    """World 4 as DP 2 x CP 2: each DP replica runs its own CP = 2 ring and all-gather (with its
-    own inputs), which exercises group-rank -> global-rank mapping in the p2p calls."""
-    groups = init_cp_groups(2)
-    members = dist.get_process_group_ranks(groups.cp_group)
-    dp_members = dist.get_process_group_ranks(groups.dp_group)
+    """World 4 as DP 2 x CP 2 (the training mesh, CP inner): each DP replica runs its own CP = 2
+    ring and all-gather (with its own inputs), which exercises group-rank -> global-rank mapping
+    in the p2p calls."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    cp_group, dp_group = mesh.get_group("cp"), mesh.get_group("dp")
+    cp_rank, dp_rank = mesh.get_local_rank("cp"), mesh.get_local_rank("dp")
     errors = {}
     for impl in ("ring", "allgather"):
         case = Case(impl, "zigzag", True, (4, 2))
-        errors[impl] = _run_case(case, 2, groups.cp_rank, groups.cp_group, seed=groups.dp_rank)
-    return {"cp": members, "dp": dp_members, "errors": errors}
+        errors[impl] = _run_case(case, 2, cp_rank, cp_group, seed=dp_rank)
+    members = dist.get_process_group_ranks(cp_group)
+    return {"cp": members, "dp": dist.get_process_group_ranks(dp_group), "errors": errors}
 
 
 def _all(rank: int, world_size: int) -> dict:

@@ -1,5 +1,6 @@
 """Context parallelism on the whole tiny Long-VITA model: CP=2 / CP=4 loss and every parameter
-gradient (after the CP all-reduce) equal the single-process step, with gloo on CPU."""
+gradient (after the CP all-reduce) equal the single-process step, with gloo on CPU, for each CP
+attention (ring, all-gather, Ulysses)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def compare(rank: int, world_size: int) -> list[tuple]:
     for reset in (True, False):
         batch = make_batch(reset)
         ref_loss, ref_grads = reference_step(batch)
-        for method in ("ring", "allgather"):
+        for method in ("ring", "allgather", "ulysses"):
             loss, grads, tiles = cp_step(batch, method)
             worst, worst_name = 0.0, ""
             for name, ref in ref_grads.items():
