@@ -23,6 +23,13 @@ torch-npu's backward kernels work the same way).
   query i sees key j iff ``doc_q[i] == doc_k[j]`` and, when causal, ``order_k[j] <= order_q[i]``.
   Because order is the token's index in the *whole* packed sequence, this form stays correct for
   any slice, zigzag shard or chunked prefill of it, which makes the reference a test oracle.
+
+Every `AttnMeta` is built by `layout_meta`; the callers' shapes are `packed_meta` (self-attention
+over a packed sequence), `varlen_meta` (queries vs keys per document, bottom-right causal, the
+kernels' view), `cache_meta` (new tokens over a KV cache) and the CP blocks
+(`lvita_model.context_parallel.blocks`). `host_cu_seqlens` is the one cu_seqlens check (the head
+uses it too). The kernel backends share `device_type`, the +-inf LSE conversions
+(`lse_from_kernel`, `lse_for_kernel`) and the GQA expand / reduce (`expand_kv`, `reduce_kv_grad`).
 """
 
 from __future__ import annotations

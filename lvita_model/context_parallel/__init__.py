@@ -1,1 +1,2 @@
-"""Context parallelism: pure sharding (`sharding`), distributed attention and batch steps."""
+"""Context parallelism: pure sharding (`sharding`, `blocks`, `merge`), the distributed attentions
+behind one base (`base`: `ring`, `allgather`, `ulysses`) and the batch step (`batch`)."""
