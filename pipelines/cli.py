@@ -148,7 +148,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Print the verify report (or JSON); `EXIT_VERIFY_PROBLEMS` when it found problems."""
-    from lvita_data.verify.verify import verify_build
+    from lvita_data.verify import verify_build
 
     report = verify_build(args.dir, workers=args.workers, decode_tiles=not args.no_decode)
     if args.json:

@@ -27,7 +27,7 @@ from lvita_data.shards.energon import (
     write_energon_metadata,
 )
 from lvita_data.shards.format import ShardInfo
-from lvita_data.verify.verify import verify_build
+from lvita_data.verify import verify_build
 
 energon = pytest.importorskip("megatron.energon")
 

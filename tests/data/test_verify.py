@@ -1,4 +1,4 @@
-"""`lvita verify` (lvita_data.verify.verify): an intact build passes; a flipped byte anywhere in a shard
+"""`lvita verify` (lvita_data.verify): an intact build passes; a flipped byte anywhere in a shard
 is reported with the shard and the sample key; invariant and accounting breaks are reported.
 
 One small mixed build over the session demo corpus (captions, multi-image, parquet with embedded
@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lvita_data.build.run as build_module
+import lvita_data.build.shard as build_module
 from lvita_data.build.run import STATE_DIR, build_stage
 from lvita_data.fileio import sha256_file
-from lvita_data.shards.energon import write_energon_metadata
 from lvita_data.shards.format import load_npy, npy_bytes, sample_digest
 from lvita_data.shards.tar import scan_tar, split_member_name
 from lvita_data.shards.writer import write_shard
-from lvita_data.verify.verify import check_sample, load_settings, verify_build
+from lvita_data.verify import check_sample, load_settings, verify_build
 from pipelines.cli import EXIT_OK, EXIT_VERIFY_PROBLEMS, run
 
 MANIFEST = """\
@@ -99,8 +98,6 @@ def built(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(build_module, "write_shard", recording_write_shard)
-        # what build.py's `_energon_metadata` is to become (a no-op patch once it is wired)
-        patch.setattr(build_module, "_energon_metadata", write_energon_metadata, raising=False)
         build_stage(str(manifest), str(out), workers=1, progress=False)
     return out, digests
 
