@@ -26,10 +26,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lvita_data.manifest import build_dataclass  # noqa: E402
+from lvita_data.strict_yaml import build_dataclass  # noqa: E402
 from lvita_model.config import PRESETS  # noqa: E402
+from pipelines.runtime import init_runtime, shutdown  # noqa: E402
 from pipelines.train.config import TrainConfig  # noqa: E402
-from pipelines.train.distributed import init_runtime, shutdown  # noqa: E402
 from pipelines.train.loop import prepare_model, train_step  # noqa: E402
 from pipelines.train.metrics import peak_flops, step_flops, vision_params  # noqa: E402
 from pipelines.train.recipes import make_optimizer, make_scheduler, resolve_recipe  # noqa: E402

@@ -2,10 +2,10 @@
 
 A manifest describes one training stage: its seed, tokenizer, packed length, media rules and the
 datasets of its mixture. Parsing is strict, as Megatron-Energon's: an unknown key or a wrong type
-is a `ManifestError` naming the YAML path of the field and the file. `${ENV}` and
-`${ENV:-default}` are expanded in string values; relative paths resolve against the manifest's
-own directory. Mixture semantics follow the original exactly: `ratio` and `max_samples` apply
-*per file* of an entry (see `lvita_data.records.mixture`).
+is a `ManifestError` naming the YAML path of the field and the file (`lvita_data.strict_yaml`).
+`${ENV}` and `${ENV:-default}` are expanded in string values; relative paths resolve against the
+manifest's own directory. Mixture semantics follow the original exactly: `ratio` and
+`max_samples` apply *per file* of an entry (see `lvita_data.records.mixture`).
 """
 
 from __future__ import annotations
@@ -13,20 +13,17 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Literal
 
 import yaml
 
 from lvita_data.errors import ManifestError
+from lvita_data.strict_yaml import build_dataclass, expand_env, resolve_path
 
 SCHEMA_VERSION = 1
 DATASET_FORMATS = ("longvita_jsonl", "llava_json", "hf_parquet", "text_jsonl")
-_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -161,94 +158,11 @@ class StageManifest:
             raise ManifestError(f"duplicate dataset names: {duplicates}")
 
 
-def expand_env(text: str) -> str:
-    """Expand `${VAR}` and `${VAR:-default}`; an unset variable without default is an error."""
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
-        if value is None or (value == "" and default is not None):
-            if default is None:
-                raise ManifestError(f"environment variable {name} is not set and has no default")
-            return default
-        return value
-
-    return _ENV_PATTERN.sub(substitute, text)
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _convert(value, option, where)
-            except ManifestError as error:
-                errors.append(str(error))
-        raise ManifestError(f"{where}: {value!r} matches none of {hint} ({'; '.join(errors)})")
-    if origin is Literal:
-        if value not in get_args(hint):
-            raise ManifestError(f"{where}: {value!r} is not one of {get_args(hint)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ManifestError(f"{where}: expected a list, got {type(value).__name__}")
-        (item_hint,) = get_args(hint)
-        return [_convert(item, item_hint, f"{where}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, bool, str):
-        if type(value) is not hint:
-            raise ManifestError(f"{where}: expected {hint.__name__}, got {value!r}")
-        return expand_env(value) if hint is str else value
-    raise TypeError(f"unsupported manifest type {hint} at {where}")
-
-
-def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
-    """`cls` from a parsed YAML mapping, strictly: unknown or missing keys and wrong types raise
-    `ManifestError` naming the field's path (`where` prefixes it). Nested dataclasses, lists,
-    unions and Literals are checked; `${ENV}` is expanded in strings. Also used by other strict
-    configs (`lvita train`)."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where or 'manifest'}: expected a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_path"}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ManifestError(f"{where or 'manifest'}: unknown key(s) {unknown}")
-    required = [
-        name
-        for name, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in data]
-    if missing:
-        raise ManifestError(f"{where or 'manifest'}: missing key(s) {missing}")
-    kwargs = {
-        key: _convert(value, hints[key], f"{where}.{key}" if where else key)
-        for key, value in data.items()
-    }
-    try:
-        return cls(**kwargs)
-    except ManifestError as error:
-        raise ManifestError(f"{where or 'manifest'}: {error}") from None
-
-
-def _resolve(path: str, base: Path) -> str:
-    expanded = os.path.expanduser(path)
-    return expanded if os.path.isabs(expanded) else os.path.normpath(base / expanded)
-
-
 def _resolve_paths(manifest: StageManifest, base: Path) -> StageManifest:
     entries = []
     for entry in manifest.datasets:
-        path = [_resolve(p, base) for p in entry.patterns]
-        media_root = None if entry.media_root is None else _resolve(entry.media_root, base)
+        path = [resolve_path(p, base) for p in entry.patterns]
+        media_root = None if entry.media_root is None else resolve_path(entry.media_root, base)
         entries.append(
             dataclasses.replace(
                 entry, path=path[0] if isinstance(entry.path, str) else path, media_root=media_root
@@ -256,7 +170,7 @@ def _resolve_paths(manifest: StageManifest, base: Path) -> StageManifest:
         )
     tokenizer = manifest.tokenizer
     if tokenizer != "qwen2.5":
-        tokenizer = _resolve(tokenizer, base)
+        tokenizer = resolve_path(tokenizer, base)
     return dataclasses.replace(manifest, datasets=entries, tokenizer=tokenizer)
 
 
@@ -308,3 +222,19 @@ def expand_dataset_files(entry: DatasetEntry) -> tuple[list[str], list[str]]:
         else:
             missing.append(pattern)
     return files, missing
+
+
+__all__ = [
+    "DATASET_FORMATS",
+    "SCHEMA_VERSION",
+    "DatasetEntry",
+    "ImageConfig",
+    "PackConfig",
+    "RejectPolicy",
+    "ShardConfig",
+    "StageManifest",
+    "VideoConfig",
+    "expand_dataset_files",
+    "expand_env",  # re-exported from lvita_data.strict_yaml for its older importers
+    "load_manifest",
+]

@@ -10,14 +10,14 @@ safetensors; its tokenizer.json is used when present) or a preset name (`tiny`, 
 **randomly initialized** model, which the output says; its text is noise, useful to check the
 pipeline end to end.
 
-The prompt is laid out exactly as the data pipeline lays out a training sample (`lvita_data`):
-one user turn ``<|im_start|>user\\n{content}<|im_end|>\\n`` followed by
-``<|im_start|>assistant\\n``. Without ``<image>`` / ``<video>`` tags in the text, one
-``<image>\\n`` per image and one ``<video>\\n`` per video are put in front of it. Each tag is
-expanded by `lvita_data.samples.tokenize.tokenize_record` (dynamic tiling up to 12 tiles + thumbnail for
-images; for a video, the original's frame sampling at 1 fps capped at ``--max-frames``, 258
-tokens per frame); the tiles come from `lvita_data.media.tiles` (bit-identical to the original's
-preprocessing) in the order of the tags, and the features overwrite the placeholder positions.
+The prompt is laid out exactly as the data pipeline lays out a training sample (`lvita_data`): one
+user turn ``<|im_start|>user\\n{content}<|im_end|>\\n`` followed by ``<|im_start|>assistant\\n``.
+Without ``<image>`` / ``<video>`` tags in the text, one ``<image>\\n`` per image and one
+``<video>\\n`` per video are put in front of it. Each tag is expanded by
+`lvita_data.samples.tokenize.tokenize_record` (dynamic tiling up to 12 tiles + thumbnail for images;
+for a video, the original's frame sampling at 1 fps capped at ``--max-frames``, 258 tokens per
+frame); the tiles come from `lvita_data.media.tiles` (bit-identical to the original's preprocessing)
+in the order of the tags, and the features overwrite the placeholder positions.
 
 Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set, WORLD_SIZE > 1) the run is context
 parallel over all ranks: gloo on CPU, nccl on CUDA, hccl on NPU (device ``LOCAL_RANK``); every
@@ -153,34 +153,26 @@ def _as_tensors(ids: Any, tiles: Any, positions: Any, tokens_per_tile: int) -> P
 # The model
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def load_model(
+def _load_model(
     spec: str, *, device: torch.device, dtype: torch.dtype, backend: str, seed: int
 ) -> tuple[LongVitaForCausalLM, bool]:
-    """(model in eval mode, whether its weights are random) from a preset or a checkpoint."""
-    from lvita_model.config import PRESETS, ConfigError
-    from lvita_model.model import build_model
-    from lvita_model.weights import WeightsError, load_pretrained
+    """(model in eval mode, whether its weights are random) from a preset or a checkpoint
+    (`pipelines.runtime.load_model`); `GenerateInputError` when it cannot be loaded."""
+    from lvita_model.config import PRESETS
+    from lvita_model.errors import ConfigError, WeightsError
+    from pipelines.runtime import load_model
 
-    if spec in PRESETS:
-        model = build_model(spec, device=device, dtype=dtype, seed=seed, attention_backend=backend)
-        return model.eval(), True
-    if not Path(spec).exists():
+    if spec not in PRESETS and not Path(spec).exists():
         raise GenerateInputError(
             f"model {spec!r}: no such checkpoint directory and not a preset ({', '.join(PRESETS)})"
         )
     try:
-        model = load_pretrained(spec, device=device, dtype=dtype, attention_backend=backend)
+        model, random = load_model(
+            spec, device=device, dtype=dtype, attention_backend=backend, seed=seed
+        )
     except (ConfigError, WeightsError, OSError) as error:
         raise GenerateInputError(f"cannot load model {spec!r}: {error}") from None
-    return model.eval(), False
+    return model.eval(), random
 
 
 def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
@@ -202,10 +194,10 @@ def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
 
 def _distributed() -> tuple[Any, torch.device]:
     """(CP group or None, device): a process group over all ranks when WORLD_SIZE > 1 (gloo on
-    CPU, nccl on CUDA, hccl on NPU: `lvita train`'s process-group set-up)."""
+    CPU, nccl on CUDA, hccl on NPU: `pipelines.runtime`, as `lvita train`)."""
     import torch.distributed as dist
 
-    from pipelines.train.distributed import device_type, join_process_group, select_device
+    from pipelines.runtime import device_type, join_process_group, select_device
 
     kind = device_type()
     device = select_device(kind)
@@ -261,14 +253,15 @@ def generate_text(request: GenerateRequest) -> Generated:
     import torch
 
     from lvita_model.inference import Sampling, generate
+    from pipelines.runtime import compute_dtype
 
     if request.max_new_tokens < 1 or (
         request.prefill_chunk is not None and request.prefill_chunk < 1
     ):
         raise GenerateError("--max-new-tokens and --prefill-chunk must be >= 1")
     group, device = _distributed()
-    dtype = _dtype(request.dtype, device)
-    model, random = load_model(
+    dtype = compute_dtype(request.dtype, device)
+    model, random = _load_model(
         request.model, device=device, dtype=dtype, backend=request.backend, seed=request.seed
     )
     tokenizer = _tokenizer(request.tokenizer, request.model)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from html import escape
 
-from lvita_data.shards.writer import write_text_atomic
+from lvita_data.fileio import write_text_atomic
 from lvita_data.stats.text import DATASET_COLUMNS, delta, pct
 
 PACKED = "#1f77b4"

@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lvita_data.shards.writer import write_text_atomic
+from lvita_data.fileio import write_text_atomic
 from lvita_model.weights import save_state_dict
 from pipelines.errors import CheckpointError
 

@@ -3,7 +3,7 @@
 A config names the data (a stage manifest whose shards were built, or a shard directory), the
 model (a preset name or a Hugging Face checkpoint directory), the stage recipe (Long-VITA's four
 stages, reference section 4; any field can be overridden) and the parallel layout. Parsing is
-the manifests' (`lvita_data.manifest.build_dataclass`): unknown keys, missing keys and wrong
+the manifests' (`lvita_data.strict_yaml.build_dataclass`): unknown keys, missing keys and wrong
 types are errors naming the field; `${ENV:-default}` is expanded; relative paths resolve against
 the config file's directory. Example (configs/train/demo.yaml):
 
@@ -27,7 +27,7 @@ from typing import Literal
 import yaml
 
 from lvita_data.errors import ManifestError
-from lvita_data.manifest import build_dataclass
+from lvita_data.strict_yaml import build_dataclass, resolve_path
 from pipelines.errors import TrainConfigError
 
 SCHEMA_VERSION = 1
@@ -84,7 +84,7 @@ class RecipeOverrides:
 class ParallelConfig:
     cp: int = 1
     """Context-parallel degree; data parallel = world size / cp."""
-    cp_method: Literal["ring", "allgather"] = "ring"
+    cp_method: Literal["ring", "allgather", "ulysses"] = "ring"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on accelerators, float32 on CPU."""
 
@@ -123,10 +123,7 @@ class TrainConfig:
 
 
 def _resolve(path: str | None, base: Path) -> str | None:
-    if path is None:
-        return None
-    expanded = os.path.expanduser(path)
-    return expanded if os.path.isabs(expanded) else os.path.normpath(base / expanded)
+    return None if path is None else resolve_path(path, base)
 
 
 def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
@@ -134,7 +131,7 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = build_dataclass(TrainConfig, data)
+        config = build_dataclass(TrainConfig, data, errors=(TrainConfigError,))
     except OSError as error:
         raise TrainConfigError(f"{path}: cannot read: {error}") from None
     except yaml.YAMLError as error:

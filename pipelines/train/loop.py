@@ -1,14 +1,14 @@
 """`lvita train CONFIG`: the training loop over packed shards, data x context parallel.
 
-**Setup** (`pipelines.train.distributed`): the process group (torchrun or a single process), a
-DP x CP device mesh, the model (a preset with random init from the recipe seed, or a checkpoint
-directory) in fp32 master weights, the stage's trainable parts (`recipes.apply_trainable`),
-activation checkpointing per decoder layer, optional ``torch.compile`` per decoder layer (the CP
-attention, with its communication, stays eager between the compiled parts), then
-FSDP2 over the flattened DP x CP mesh with summed (not averaged) gradients, the recipe's AdamW
-and warm-up + cosine schedule. Every DP rank reads its own slice of the packs
-(`lvita_data.loader.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP group
-read the same packs and each computes on its zigzag shard of every pack
+**Setup** (`pipelines.runtime`, `pipelines.train.fsdp`): the process group (torchrun or a single
+process), a DP x CP device mesh, the model (a preset with random init from the recipe seed, or a
+checkpoint directory) in fp32 master weights, the stage's trainable parts
+(`recipes.apply_trainable`), activation checkpointing per decoder layer, optional ``torch.compile``
+per decoder layer (the CP attention, with its communication, stays eager between the compiled
+parts), then FSDP2 over the flattened DP x CP mesh with summed (not averaged) gradients, the
+recipe's AdamW and warm-up + cosine schedule. Every DP rank reads its own slice of the packs
+(`lvita_data.loader.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP
+group read the same packs and each computes on its zigzag shard of every pack
 (`lvita_model.context_parallel.batch.context_parallel_inputs`).
 
 **One optimizer step** consumes ``global_batch`` packs over all DP ranks: each rank runs
@@ -74,24 +74,25 @@ from lvita_data.loader.loader import PackedBatch, ShardLoader
 from lvita_model.config import load_config
 from lvita_model.context_parallel.batch import context_parallel_inputs
 from lvita_model.head import IGNORE_INDEX, next_token_targets
-from lvita_model.model import LongVitaForCausalLM, build_model
-from lvita_model.weights import load_pretrained
+from lvita_model.model import LongVitaForCausalLM
+from pipelines.errors import TrainConfigError
+from pipelines.runtime import (
+    Runtime,
+    check_layout,
+    compute_dtype,
+    expected_world_size,
+    init_runtime,
+    load_model,
+    shutdown,
+)
 from pipelines.train.checkpoint import (
     export_hf,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from pipelines.train.config import TrainConfig, TrainConfigError
-from pipelines.train.distributed import (
-    Runtime,
-    check_layout,
-    compute_dtype,
-    expected_world_size,
-    init_runtime,
-    shard_model,
-    shutdown,
-)
+from pipelines.train.config import TrainConfig
+from pipelines.train.fsdp import shard_model
 from pipelines.train.metrics import StepLogger, StepStats
 from pipelines.train.recipes import (
     Recipe,
@@ -229,19 +230,16 @@ def _eager(attention: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable:
     return attend
 
 
-def load_model(config: TrainConfig, recipe: Recipe, device: torch.device) -> LongVitaForCausalLM:
-    """fp32 master weights: a preset (random init, recipe seed) or a checkpoint directory."""
-    name, backend = config.model.name, config.model.attention_backend
-    if os.path.isdir(name):
-        return load_pretrained(name, device=device, dtype=torch.float32, attention_backend=backend)
-    return build_model(
-        name, device=device, dtype=torch.float32, seed=recipe.seed, attention_backend=backend
-    )
-
-
 def prepare_model(config: TrainConfig, recipe: Recipe, runtime: Runtime) -> LossModule:
-    """Load, freeze per recipe, checkpoint/compile layers, shard with FSDP2."""
-    model = load_model(config, recipe, runtime.device)
+    """Load in fp32 master weights (a preset: random init from the recipe seed; or a checkpoint
+    directory), freeze per recipe, checkpoint/compile layers, shard with FSDP2."""
+    model, _ = load_model(
+        config.model.name,
+        device=runtime.device,
+        dtype=torch.float32,
+        attention_backend=config.model.attention_backend,
+        seed=recipe.seed,
+    )
     apply_trainable(model, recipe)
     model.model.checkpoint_layers = config.model.activation_checkpointing
     layers = list(model.model.layers)

@@ -30,14 +30,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from lvita_data.shards.writer import write_text_atomic
+from lvita_data.fileio import write_text_atomic
 from lvita_model.config import LongVitaConfig
 from lvita_model.flops import layer_params
 
 if TYPE_CHECKING:
     from lvita_model.model import LongVitaForCausalLM
+    from pipelines.runtime import Runtime
     from pipelines.train.config import TrainConfig
-    from pipelines.train.distributed import Runtime
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipelines.train.config import RecipeOverrides, TrainConfig, TrainConfigError
+from pipelines.errors import TrainConfigError
+from pipelines.train.config import RecipeOverrides, TrainConfig
 
 PARTS = ("vision", "projector", "llm")
 _LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")

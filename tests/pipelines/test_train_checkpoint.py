@@ -21,8 +21,8 @@ from dist_utils import run_distributed  # noqa: E402
 from lvita_model.config import LLMConfig, LongVitaConfig, VisionConfig  # noqa: E402
 from lvita_model.model import LongVitaForCausalLM, build_model  # noqa: E402
 from lvita_model.weights import load_pretrained  # noqa: E402
+from pipelines.errors import CheckpointError  # noqa: E402
 from pipelines.train.checkpoint import (  # noqa: E402
-    CheckpointError,
     export_hf,
     latest_checkpoint,
     load_checkpoint,

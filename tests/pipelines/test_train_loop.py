@@ -35,7 +35,8 @@ from lvita_data.build.run import build_stage  # noqa: E402
 from lvita_model.config import LLMConfig, LongVitaConfig, VisionConfig  # noqa: E402
 from lvita_model.model import build_model  # noqa: E402
 from lvita_model.weights import save_pretrained  # noqa: E402
-from pipelines.train.config import TrainConfigError, load_train_config  # noqa: E402
+from pipelines.errors import TrainConfigError  # noqa: E402
+from pipelines.train.config import load_train_config  # noqa: E402
 from pipelines.train.loop import KILL_ENV, accumulation_steps, train  # noqa: E402
 from pipelines.train.metrics import read_metrics  # noqa: E402
 

@@ -12,7 +12,8 @@ import torch
 
 from lvita_model.config import PRESETS, LLMConfig, LongVitaConfig, VisionConfig
 from lvita_model.model import LongVitaForCausalLM, build_model
-from pipelines.train.config import TrainConfigError, load_train_config
+from pipelines.errors import TrainConfigError
+from pipelines.train.config import load_train_config
 from pipelines.train.recipes import (
     STAGE_RECIPES,
     Recipe,

@@ -1,4 +1,6 @@
-"""Training runtime: process group, DP x CP device mesh, dtype, and FSDP2 sharding.
+"""Where a pipeline runs: process group, device, DP x CP mesh, compute dtype, and the model.
+
+Shared by `lvita train` (`pipelines.train.loop`) and `lvita generate` (`pipelines.generate`).
 
 **Process group.** Under torchrun (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set) every rank
 joins the default group; a plain process joins a group of one (an in-memory ``HashStore``), so
@@ -9,22 +11,16 @@ raises more than ImportError); the device is ``{cuda,npu}:LOCAL_RANK``.
 
 **Mesh.** ``init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))``: CP is the
 inner dimension, so the ranks of a CP group are adjacent (global rank = dp_rank * cp + cp_rank,
-the layout of `lvita_model.context_parallel.groups`); all CP ranks of a DP group read the same packs.
-The world size must be a multiple of ``parallel.cp`` (`TrainConfigError` otherwise).
+the layout of `lvita_model.context_parallel.groups`); all CP ranks of a DP group read the same
+packs. The world size must be a multiple of ``parallel.cp`` (`TrainConfigError` otherwise).
 
-**FSDP2.** Parameters are sharded with ``fully_shard`` over the flattened DP x CP mesh: each
-decoder layer, the vision tower, then the root (the module that computes the loss, so the root
-parameters, LM head included, are unsharded while the loss runs). Gradients must be the **sum**
-over all DP x CP ranks of the gradients of (local loss sum / global supervised count): CP ranks
-hold parts of the same pack, so averaging would divide by CP. FSDP2 averages by default; every
-FSDP module gets ``set_gradient_divide_factor(1.0)`` and ``set_force_sum_reduction_for_comms(
-True)``. Verified with torch 2.13 (CPU, gloo, 2 ranks): the default gives half the summed
-gradient; the divide factor alone on the root changes nothing (it applies to the module's own
-parameter group only); the factor on every module without forcing sums selects
-``ReduceOp.PREMUL_SUM``, which gloo rejects ("Cannot use ReduceOp.PREMUL_SUM with Gloo"); with
-both, the gradients equal the summed ones exactly (ratio 1.0). So FSDP2 runs on CPU too: there is
-no replicated fallback. Mixed precision (bf16 compute): ``MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32)`` over fp32 master parameters (the optimizer state stays fp32).
+**Compute dtype.** One rule for training and generation (`compute_dtype`): ``auto`` is bfloat16
+on any accelerator (CUDA or NPU) and float32 on CPU. (Until Layout 2, `lvita generate` gave
+bfloat16 on CUDA only, so an NPU generated in float32.)
+
+**Model.** `load_model(spec)`: a preset name (`lvita_model.config.PRESETS`, random init from a
+seed) or a checkpoint directory (`lvita_model.weights.load_pretrained`); a preset name wins over
+a directory of the same name, as in `lvita_model.config.load_config`.
 """
 
 from __future__ import annotations
@@ -32,13 +28,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pipelines.train.config import TrainConfigError
+from pipelines.errors import TrainConfigError
+
+if TYPE_CHECKING:
+    from lvita_model.model import LongVitaForCausalLM
 
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
@@ -173,24 +172,36 @@ def shutdown(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtype names a config or ``--dtype`` may give besides ``auto``."""
+
+
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``parallel.dtype``: auto is bfloat16 on accelerators, float32 on CPU."""
+    """``auto`` is bfloat16 on any accelerator (CUDA, NPU), float32 on CPU; else `DTYPES`."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return DTYPES[name]
 
 
-def shard_model(
-    root: nn.Module, units: list[nn.Module], runtime: Runtime, dtype: torch.dtype
-) -> None:
-    """FSDP2 over the flattened DP x CP mesh: each of `units` (decoder layers, the vision
-    tower), then `root`; gradients summed, not averaged (see the module docstring)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def load_model(
+    spec: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention_backend: str = "auto",
+    seed: int = 0,
+) -> tuple[LongVitaForCausalLM, bool]:
+    """(model, whether its weights are random): a preset name (random init from `seed`) or a
+    checkpoint directory. Raises `ConfigError` / `WeightsError` / `OSError` from
+    `lvita_model` for a spec that is neither, or a checkpoint that cannot be read."""
+    from lvita_model.config import PRESETS
+    from lvita_model.model import build_model
+    from lvita_model.weights import load_pretrained
 
-    policy = MixedPrecisionPolicy(
-        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
-    )
-    for unit in [*units, root]:
-        fully_shard(unit, mesh=runtime.shard_mesh, mp_policy=policy)
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
+    if spec in PRESETS:
+        model = build_model(
+            spec, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend
+        )
+        return model, True
+    model = load_pretrained(spec, device=device, dtype=dtype, attention_backend=attention_backend)
+    return model, False

@@ -1,0 +1,80 @@
+"""`lvita` command line: one exit-code table, messages prefixed as before, one dtype rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvita_data.errors import (
+    BuildError,
+    LoaderError,
+    ManifestError,
+    MissingInputs,
+    RejectRateExceeded,
+    StatsError,
+)
+from lvita_model.errors import ConfigError, WeightsError
+from pipelines.cli import EXIT_CODES, exit_code, run
+from pipelines.errors import (
+    CheckpointError,
+    GenerateError,
+    GenerateInputError,
+    PipelineError,
+    TrainConfigError,
+)
+from pipelines.runtime import compute_dtype
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ManifestError, 2),
+        (TrainConfigError, 2),
+        (GenerateError, 2),
+        (MissingInputs, 3),
+        (LoaderError, 3),
+        (CheckpointError, 3),
+        (ConfigError, 3),
+        (WeightsError, 3),
+        (GenerateInputError, 3),
+        (RejectRateExceeded, 4),
+        (BuildError, 5),
+        (StatsError, 5),
+    ],
+)
+def test_documented_exit_code_of_each_error_class(error, code):
+    assert exit_code(error("x")) == code
+
+
+def test_most_specific_class_wins_and_unexpected_errors_have_no_code():
+    assert issubclass(GenerateInputError, GenerateError)
+    assert exit_code(GenerateInputError("x")) == 3  # not GenerateError's 2
+    assert exit_code(ValueError("x")) is None
+    assert exit_code(PipelineError("x")) is None  # only concrete failures are mapped
+    assert all(code in (2, 3, 4, 5) for code in EXIT_CODES.values())
+
+
+def test_training_config_error_is_no_manifest_error():
+    assert not issubclass(TrainConfigError, ManifestError)
+    assert issubclass(TrainConfigError, PipelineError)
+
+
+def test_manifest_errors_have_no_command_prefix(tmp_path, capsys):
+    assert run(["plan", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"lvita: {tmp_path / 'missing.yaml'}: cannot read")
+    assert run(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"lvita: {tmp_path / 'missing.yaml'}: cannot read")
+
+
+def test_command_errors_name_the_command(tmp_path, capsys):
+    assert run(["stats", str(tmp_path)]) == 5
+    assert capsys.readouterr().err.startswith("lvita stats: ")
+    assert run(["verify", str(tmp_path / "nowhere")]) == 6
+    assert "[files] not a directory" in capsys.readouterr().out
+
+
+def test_one_compute_dtype_rule_for_train_and_generate():
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert compute_dtype("float16", torch.device("cpu")) == torch.float16
+    assert compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
