@@ -210,7 +210,7 @@ def profile(manifest: Path, out: Path) -> dict[str, float]:
     parts = {
         "build": total,
         "pixels": cumulative.get("build._tiles_of", 0.0) + cumulative.get("pixels.encode_tiles", 0),
-        "tokenizer load": cumulative.get("planner._tokenizer_and_template", 0.0),
+        "tokenizer load": cumulative.get("read.tokenizer_and_template", 0.0),
         "planning": cumulative.get("planner.plan_stage", 0.0),
         "shard records + tokenize": cumulative.get("build._tokenized_samples", 0.0),
         "shard writing": cumulative.get("shards.write_shard", 0.0),

@@ -29,8 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import orjson  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lvita_data.build.plan import _tokenizer_and_template, plan_file  # noqa: E402
+from lvita_data.build.plan import plan_file  # noqa: E402
 from lvita_data.manifest import DatasetEntry, PackConfig, StageManifest  # noqa: E402
+from lvita_data.samples.read import tokenizer_and_template
 
 WORDS = (
     "the a image shows chart of revenue growth over time with blue bars and red line axis "
@@ -99,7 +100,7 @@ def make_mix(workdir: Path, kind: str, num_records: int, num_images: int) -> Pat
 
 
 def floor(path: Path) -> float:
-    tokenizer, _ = _tokenizer_and_template("qwen2.5")
+    tokenizer, _ = tokenizer_and_template("qwen2.5")
     start = time.perf_counter()
     records = [orjson.loads(line) for line in path.read_bytes().split(b"\n") if line]
     texts = [m["content"] for r in records for m in r["messages"]]
@@ -134,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     make_images(workdir, args.images)
-    _tokenizer_and_template("qwen2.5")  # load (or convert and cache) the vocabulary first
+    tokenizer_and_template("qwen2.5")  # load (or convert and cache) the vocabulary first
     cpu = next(
         (
             line.split(":", 1)[1].strip()

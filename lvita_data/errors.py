@@ -2,9 +2,11 @@
 
 `LvitaError` is the root. A problem with a manifest is a `ManifestError` (also a `ValueError`) that
 names the file and the field; a whole source that cannot be read is a `SourceError`; one bad
-record raises `SkipSample(reason, detail)`, which the planner turns into a counted `Reject`
-(never a silent skip). `RejectRateExceeded` stops a run whose source rejects too much. Every other error of the package
-lives here too, one class per failing step: missing inputs, build, loader, stats, Energon metadata.
+record raises `SkipSample(reason, detail)`, which `lvita_data.samples.read` turns into a counted
+`Reject` (never a silent skip). `RejectRateExceeded` stops a run whose source rejects too much.
+Every other error of the package lives here too, one class per failing step: missing inputs,
+build, pool, shard format, loader, stats, Energon metadata. Library code raises; only
+`pipelines/cli.py` prints and maps them to exit codes.
 """
 
 from __future__ import annotations
@@ -57,3 +59,7 @@ class LoaderError(LvitaError):
 
 class ShardFormatError(LvitaError):
     """A shard or a build file is not what the shard format says (damaged tar, bad header)."""
+
+
+class PoolError(LvitaError):
+    """Tasks cannot be run as asked (unknown executor, Ray not installed)."""

@@ -31,12 +31,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import Any, Literal, TypeVar
 
-from lvita_data.errors import LvitaError
+from lvita_data.errors import PoolError
 
 T = TypeVar("T")
 R = TypeVar("R")
 Executor = Literal["local", "ray"]
 EXECUTORS: tuple[Executor, ...] = ("local", "ray")
+START_METHOD = "spawn"
+"""How local workers start (see the module doc); tests that patch a task function set "fork"."""
 _NO_SHARED = object()
 _shared: Any = _NO_SHARED  # the `shared` object in a local worker process
 
@@ -52,9 +54,9 @@ def watch_parent() -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
-def _init_worker(shared: Any) -> None:
+def _init_worker(has_shared: bool, shared: Any) -> None:
     global _shared
-    _shared = shared
+    _shared = shared if has_shared else _NO_SHARED  # the sentinel does not survive pickling
     watch_parent()
 
 
@@ -73,7 +75,7 @@ def map_tasks(
 ) -> Iterator[R]:
     """``fn(task[, shared])`` for every task, in `workers` processes (see the module doc)."""
     if executor not in EXECUTORS:
-        raise LvitaError(f"unknown executor {executor!r}, expected one of {list(EXECUTORS)}")
+        raise PoolError(f"unknown executor {executor!r}, expected one of {list(EXECUTORS)}")
     if executor == "ray":
         return _map_ray(fn, tasks, workers, shared, ordered)
     if workers <= 1 or len(tasks) <= 1:
@@ -88,9 +90,9 @@ def _map_local(
 ) -> Iterator[R]:
     with ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=multiprocessing.get_context(START_METHOD),
         initializer=_init_worker,
-        initargs=(shared,),
+        initargs=(shared is not _NO_SHARED, None if shared is _NO_SHARED else shared),
     ) as pool:
         futures: list[Future[R]] = [pool.submit(_call, fn, task) for task in tasks]
         try:
@@ -108,7 +110,7 @@ def _map_ray(
     try:
         import ray
     except Exception as error:  # ray is an optional extra; its import can fail in many ways
-        raise LvitaError(f"--executor ray needs Ray: pip install 'lvita[ray]' ({error})") from None
+        raise PoolError(f"--executor ray needs Ray: pip install 'lvita[ray]' ({error})") from None
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):

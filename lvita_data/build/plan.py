@@ -2,10 +2,12 @@
 
 For each dataset entry and each of its files (in manifest order): open the native source, select
 rows with the original per-file mixture rule (`mixture.select_rows`), read the selected rows
-once each (ascending), batch-tokenize their turns, and turn every record into an exact sample
-from media *metadata* only (`samples.tokenize_record`). Up-sampled rows repeat their outcome, so
-per dataset `selected == samples + rejects` always holds. Files run in parallel worker processes
-(`workers`); results are merged in manifest order, so the plan does not depend on the worker count.
+once each (ascending) and batch-tokenize their turns (`lvita_data.samples.read`), and turn every
+record into an exact sample from media *metadata* only (`samples.tokenize.plan_record`).
+Up-sampled rows repeat their outcome, so per dataset `selected == samples + rejects` always
+holds. Files run in parallel worker processes (`workers`, `lvita_data.pool`); results are merged
+in manifest order, so the plan does not depend on the worker count.
+`lvita_data.build.report.format_report` renders a plan as a terminal table.
 
 Missing inputs are loud: a pattern that matches no file is listed per dataset, and `plan_stage`
 raises unless `allow_missing`. A dataset whose reject rate passes `rejects.max_rate` stops the run.
@@ -16,25 +18,19 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 from tqdm import tqdm
 
-from lvita_data.errors import MissingInputs, RejectRateExceeded, SkipSample, SourceError
+from lvita_data.errors import MissingInputs, RejectRateExceeded, SourceError
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
-from lvita_data.pool import watch_parent
+from lvita_data.pool import map_tasks
 from lvita_data.records import open_source
 from lvita_data.records.mixture import select_rows
-from lvita_data.samples.template import ChatTemplate
+from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
 from lvita_data.samples.tokenize import SampleRules, plan_record
-from lvita_data.schema import RawRecord, Reject, RejectReason, SamplePlan
-from lvita_data.tokenizer.tokenizer import LongVitaTokenizer, load_tokenizer
-
-ENCODE_CHUNK = 2048
-"""Records whose (deduplicated) turns are tokenized in one `encode_batch` call."""
+from lvita_data.schema import RawRecord, Reject, SamplePlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,50 +168,6 @@ class StagePlan:
         }
 
 
-@lru_cache(maxsize=4)
-def _tokenizer_and_template(spec: str) -> tuple[LongVitaTokenizer, ChatTemplate]:
-    tokenizer = load_tokenizer(spec)
-    return tokenizer, ChatTemplate.from_encoder(tokenizer.special_ids, tokenizer.encode)
-
-
-def _read_rows(source, rows: np.ndarray, plan: FilePlan) -> dict[int, RawRecord | Reject]:
-    outcomes: dict[int, RawRecord | Reject] = {}
-    for row in np.unique(rows).tolist():
-        try:
-            outcomes[row] = source.read(row)
-        except SkipSample as skip:
-            outcomes[row] = Reject(
-                plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail
-            )
-    return outcomes
-
-
-def _tokenize_rows(
-    outcomes: dict[int, RawRecord | Reject],
-    tokenizer: LongVitaTokenizer,
-    rules: SampleRules,
-    plan: FilePlan,
-) -> dict[int, tuple[RawRecord, SamplePlan] | Reject]:
-    records = [(row, r) for row, r in outcomes.items() if isinstance(r, RawRecord)]
-    results: dict[int, tuple[RawRecord, SamplePlan] | Reject] = {
-        row: r for row, r in outcomes.items() if isinstance(r, Reject)
-    }
-    for start in range(0, len(records), ENCODE_CHUNK):
-        chunk = records[start : start + ENCODE_CHUNK]
-        # Prompts repeat a lot in real sets ("Describe the image."): encode each text once.
-        unique = list(dict.fromkeys(turn.content for _, record in chunk for turn in record.turns))
-        encoded = dict(zip(unique, tokenizer.encode_batch(unique), strict=True))
-        for row, record in chunk:
-            contents = [encoded[turn.content] for turn in record.turns]
-            try:
-                results[row] = (record, plan_record(record, contents, rules))
-            except SkipSample as skip:
-                results[row] = Reject(
-                    plan.dataset, plan.path, str(row), RejectReason(skip.reason), skip.detail
-                )
-    return results
-
-
 def _sample_row(record: RawRecord, plan: SamplePlan) -> SampleRow:
     return SampleRow(
         record=record.record_id,
@@ -239,14 +191,18 @@ def plan_file(
     except SourceError as error:
         plan.error = str(error)
         return plan
-    tokenizer, template = _tokenizer_and_template(manifest.tokenizer)
+    tokenizer, template = tokenizer_and_template(manifest.tokenizer)
     rules = SampleRules.from_manifest(manifest, template, verify_media=verify_media)
     plan.num_rows = len(source)
     rows = select_rows(
         plan.num_rows, ratio=entry.ratio, max_samples=entry.max_samples, seed=manifest.seed
     )
     plan.num_selected = int(rows.shape[0])
-    results = _tokenize_rows(_read_rows(source, rows, plan), tokenizer, rules, plan)
+    results = read_and_tokenize(
+        (Row(row, source, path, row) for row in np.unique(rows).tolist()),
+        tokenizer,
+        lambda record, contents: (record, plan_record(record, contents, rules)),
+    )
     summaries = {row: _sample_row(*r) for row, r in results.items() if not isinstance(r, Reject)}
     for row in rows.tolist():
         outcome = results[row]
@@ -301,13 +257,8 @@ def plan_stage(
     by_name = {r.name: r for r in reports}
     file_plans: list[FilePlan] = []
     bar = tqdm(total=len(tasks), desc=f"plan {manifest.stage}", unit="file", disable=not progress)
-    if workers > 1 and len(tasks) > 1:
-        pool_size = min(workers, len(tasks))
-        with ProcessPoolExecutor(max_workers=pool_size, initializer=watch_parent) as pool:
-            results = pool.map(_plan_file_task, tasks)
-            file_plans = _collect(results, by_name, manifest, bar)
-    else:
-        file_plans = _collect(map(_plan_file_task, tasks), by_name, manifest, bar)
+    results = map_tasks(_plan_file_task, tasks, workers=workers)
+    file_plans = _collect(results, by_name, manifest, bar)
     bar.close()
     failed = [(r.name, f) for r in reports for f in r.files_failed]
     if failed and not allow_missing:
@@ -330,66 +281,6 @@ def _collect(
     return plans
 
 
-def format_report(plan: StagePlan) -> str:
-    """A terminal table (one row per dataset, then totals), rejects by reason, problems."""
-    header = (
-        "dataset",
-        "files",
-        "missing",
-        "records",
-        "selected",
-        "samples",
-        "tokens",
-        "rejects",
-        "modality",
-    )
-    rows = [header]
-    for d in plan.datasets:
-        missing = len(d.files_missing) + len(d.files_failed)
-        counts = (d.files_found, missing, d.records, d.selected, d.samples)
-        mix = " + ".join(f"{k} {v}" for k, v in sorted(d.modalities.items())) or "-"
-        rows.append((d.name, *map(str, counts), f"{d.tokens:,}", str(sum(d.rejects.values())), mix))
-    totals = [
-        sum(d.files_found for d in plan.datasets),
-        sum(len(d.files_missing) + len(d.files_failed) for d in plan.datasets),
-        sum(d.records for d in plan.datasets),
-        sum(d.selected for d in plan.datasets),
-        plan.num_samples,
-    ]
-    rejected = sum(sum(d.rejects.values()) for d in plan.datasets)
-    modality: Counter = Counter()
-    for d in plan.datasets:
-        modality.update(d.modalities)
-    mix = " + ".join(f"{k} {v}" for k, v in sorted(modality.items())) or "-"
-    rows.append(("TOTAL", *map(str, totals), f"{plan.num_tokens:,}", str(rejected), mix))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    rule = "  ".join("-" * w for w in widths)
-    lines = []
-    for index, row in enumerate(rows):
-        cells = [
-            c.rjust(w) if 0 < i < len(row) - 1 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if index in (0, len(rows) - 2):
-            lines.append(rule)
-    for d in plan.datasets:
-        if d.rejects:
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(d.rejects.items()))
-            lines.append(f"rejects {d.name}: {reasons}")
-    lines += [f"MISSING {d.name}: {m}" for d in plan.datasets for m in d.files_missing]
-    lines += [f"FAILED  {d.name}: {m}" for d in plan.datasets for m in d.files_failed]
-    fitted = sum(d.videos_fitted for d in plan.datasets)
-    requested = sum(d.frames_requested for d in plan.datasets)
-    chosen = sum(d.frames_chosen for d in plan.datasets)
-    summary = (
-        f"stage {plan.manifest.stage}: {plan.num_samples:,} samples, {plan.num_tokens:,} tokens, "
-        f"max_seq_len {plan.manifest.pack.max_seq_len:,}; video frames {chosen:,} of {requested:,} "
-        f"requested ({fitted} sample(s) lowered to fit)"
-    )
-    return "\n".join([summary, *lines])
-
-
 def default_workers() -> int:
     return max(1, (os.cpu_count() or 1))
 
@@ -401,7 +292,6 @@ __all__ = [
     "SampleRow",
     "StagePlan",
     "check_reject_rate",
-    "format_report",
     "plan_file",
     "plan_stage",
 ]

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvita_data.build.plan import _tokenizer_and_template
 from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
 from lvita_data.errors import BuildError
 from lvita_data.fileio import TEMP_MARKER, sha256_file, write_json_atomic
 from lvita_data.media.tiles import decode_tile, encode_tiles
+from lvita_data.samples.read import tokenizer_and_template
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
 from lvita_data.shards.format import ARRAY_MEMBERS, load_npy
@@ -229,7 +229,7 @@ def read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 def test_shard_invariants(reference: Path) -> None:
     index = json.loads((reference / "index.json").read_text(encoding="utf-8"))
-    tokenizer, _ = _tokenizer_and_template("qwen2.5")
+    tokenizer, _ = tokenizer_and_template("qwen2.5")
     special = tokenizer.special_ids
     vision = np.array(special.vision_context_ids)
     keys: list[str] = []
@@ -383,9 +383,12 @@ def test_a_broken_shard_is_redone(
 def test_a_failing_task_leaves_no_temporaries_and_resume_finishes(
     workers: int, manifest: Path, reference_tree: dict[str, str], tmp_path: Path, monkeypatch
 ) -> None:
-    import lvita_data.build.run as build
+    import lvita_data.build.shard as shard
+    import lvita_data.pool as pool
 
     calls = []
+    # fork the pool workers for this test only, so they run the patched function
+    monkeypatch.setattr(pool, "START_METHOD", "fork")
 
     def crash_on_the_fifth_image(tiles, fmt):  # (per process: pool workers are forked)
         calls.append(fmt)
@@ -394,7 +397,7 @@ def test_a_failing_task_leaves_no_temporaries_and_resume_finishes(
         return encode_tiles(tiles, fmt=fmt)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(build, "encode_tiles", crash_on_the_fifth_image)
+    monkeypatch.setattr(shard, "encode_tiles", crash_on_the_fifth_image)
     with pytest.raises(RuntimeError, match="decoder crashed"):
         build_stage(str(manifest), str(out), workers=workers, progress=False)
     assert not temporaries(out)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lvita_data.build.run as build_module
 from lvita_data.build.run import build_stage
 from lvita_data.shards.energon import (
     DATASET_YAML,
@@ -70,10 +69,7 @@ def built(demo_corpus, tmp_path_factory) -> Path:
     manifest = base / "entest.yaml"
     manifest.write_text(MANIFEST.format(root=demo_corpus[0]), encoding="utf-8")
     out = base / "build"
-    with pytest.MonkeyPatch.context() as patch:
-        # what build.py's `_energon_metadata` is to become (a no-op patch once it is wired)
-        patch.setattr(build_module, "_energon_metadata", write_energon_metadata, raising=False)
-        build_stage(str(manifest), str(out), workers=1, progress=False)
+    build_stage(str(manifest), str(out), workers=1, progress=False)
     return out
 
 

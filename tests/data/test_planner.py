@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from lvita_data.build.plan import _tokenizer_and_template, plan_stage
+from lvita_data.build.plan import plan_stage
 from lvita_data.errors import MissingInputs, RejectRateExceeded
 from lvita_data.manifest import load_manifest
 from lvita_data.records import open_source
+from lvita_data.samples.read import tokenizer_and_template
 from lvita_data.samples.tokenize import SampleRules, tokenize_record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ def test_every_selected_record_is_a_sample_or_a_reject(plans):
 def test_planned_lengths_equal_materialized_samples(demo_root):
     """The length from metadata equals the length of the ids actually built, for every sample."""
     manifest = load_manifest(DEMO_MANIFESTS[1])
-    tokenizer, template = _tokenizer_and_template(manifest.tokenizer)
+    tokenizer, template = tokenizer_and_template(manifest.tokenizer)
     rules = SampleRules.from_manifest(manifest, template)
     plan = plan_stage(manifest, progress=False)
     checked = 0

@@ -1,0 +1,119 @@
+"""The build plan: which sample goes into which pack and which shard (pure, given the plan).
+
+`make_build_plan(stage_plan)` packs the planned lengths (`lvita_data.packing.plan.plan_packs`:
+best-fit-decreasing per packing group `pack.group_by`, with `pack.align`, `pack.max_tiles` and
+the stage seed's shuffle), turns the packer's rejects into counted `Reject`s, and cuts the packs
+into shards of `shards.packs_per_shard`. Every packed sample is a (file index, row) pair into
+`BuildPlan.files`. The build plan is a pure function of the manifest and the data; it is saved as
+JSON in the build's state directory with the manifest's hash (`manifest_digest`), so a resumed
+build recomputes it and refuses to go on if it differs (the data changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from lvita_data.build.plan import StagePlan
+from lvita_data.manifest import StageManifest
+from lvita_data.packing.plan import plan_packs
+from lvita_data.schema import Reject, RejectReason
+from lvita_data.shards.format import SHARD_FORMAT_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    dataset: str
+    format: str
+    path: str
+    media_root: str | None
+
+
+@dataclass(slots=True)
+class BuildPlan:
+    """Everything the shard tasks need; saved as JSON so a resumed build can check it."""
+
+    manifest_sha256: str
+    stage: str
+    files: list[FileRef]
+    shards: list[list[list[tuple[int, int]]]]
+    """shard -> pack -> (file index, row) of each packed sample."""
+    pack_offset: list[int]
+    """Global index of the first pack of each shard (keys stay unique across shards)."""
+    plan_rejects: list[Reject] = field(default_factory=list)
+    pack_rejects: list[Reject] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "format": SHARD_FORMAT_VERSION,
+            "manifest_sha256": self.manifest_sha256,
+            "stage": self.stage,
+            "files": [asdict(f) for f in self.files],
+            "shards": self.shards,
+            "pack_offset": self.pack_offset,
+        }
+
+
+def manifest_digest(manifest: StageManifest) -> str:
+    """Hash of the parsed manifest (paths already resolved) and the tool's shard format."""
+    text = repr((manifest, SHARD_FORMAT_VERSION))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _group_labels(plan: StagePlan, group_by: str) -> list[int] | None:
+    if group_by == "none":
+        return None
+    labels = []
+    datasets = {name: i for i, name in enumerate(d.name for d in plan.datasets)}
+    for index, file_plan in enumerate(plan.files):
+        label = index if group_by == "file" else datasets[file_plan.dataset]
+        labels.extend([label] * len(file_plan.samples))
+    return labels
+
+
+def make_build_plan(plan: StagePlan) -> BuildPlan:
+    """Pack the planned samples and cut the packs into shards (pure given the stage plan)."""
+    manifest = plan.manifest
+    entries = {d.name: d for d in manifest.datasets}
+    files = [
+        FileRef(f.dataset, entries[f.dataset].format, f.path, entries[f.dataset].media_root)
+        for f in plan.files
+    ]
+    refs = [(i, int(s.record)) for i, f in enumerate(plan.files) for s in f.samples]
+    lengths = [s.length for f in plan.files for s in f.samples]
+    tiles = [s.num_tiles for f in plan.files for s in f.samples]
+    config = manifest.pack
+    packing = plan_packs(
+        np.asarray(lengths, dtype=np.int64),
+        config.max_seq_len,
+        groups=_group_labels(plan, config.group_by),
+        window=config.window,
+        align=config.align,
+        tiles=tiles if config.max_tiles is not None else None,
+        max_tiles=config.max_tiles,
+        seed=manifest.seed,
+    )
+    pack_rejects = [
+        Reject(
+            files[refs[i][0]].dataset,
+            files[refs[i][0]].path,
+            str(refs[i][1]),
+            RejectReason(reason),
+            f"{lengths[i]} tokens, {tiles[i]} tiles (after pack.align = {config.align})",
+        )
+        for i, reason in packing.rejected
+    ]
+    per_shard = manifest.shards.packs_per_shard
+    packs = [[refs[i] for i in pack] for pack in packing.packs]
+    shards = [packs[i : i + per_shard] for i in range(0, len(packs), per_shard)]
+    return BuildPlan(
+        manifest_sha256=manifest_digest(manifest),
+        stage=manifest.stage,
+        files=files,
+        shards=shards,
+        pack_offset=list(range(0, len(packs), per_shard)),
+        plan_rejects=list(plan.rejects()),
+        pack_rejects=pack_rejects,
+    )

@@ -1,0 +1,80 @@
+"""Read rows of native files and tokenize them: the one step planning and the build share.
+
+`read_and_tokenize(rows, tokenizer, convert)` reads every row once, in the order given (callers
+go file by file in ascending rows, so a parquet row group or a JSONL line index is visited once),
+encodes the distinct turn texts of each chunk of `ENCODE_CHUNK` records with one
+`encode_batch` call (prompts repeat a lot in real sets, "Describe the image."), and hands every
+record with its per-turn ids to `convert`: `plan_record` when planning (lengths from media
+metadata), `tokenize_record` when building (the ids themselves). A row that cannot be read or
+converted raises `SkipSample` in the readers and the sample rules; it becomes its counted
+`Reject` here, and only here. Other errors (a file that vanished, a bug) propagate: a system
+error is never a reject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Generic, TypeVar
+
+from lvita_data.errors import SkipSample
+from lvita_data.records.base import Source
+from lvita_data.samples.template import ChatTemplate
+from lvita_data.schema import RawRecord, Reject, RejectReason
+from lvita_data.tokenizer.tokenizer import LongVitaTokenizer, load_tokenizer
+
+ENCODE_CHUNK = 2048
+"""Records whose (deduplicated) turns are tokenized in one `encode_batch` call."""
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Row(Generic[K]):
+    """One row to read: `key` names its outcome, `path` is the file as the plan names it (what
+    a reject reports)."""
+
+    key: K
+    source: Source
+    path: str
+    row: int
+
+    def reject(self, skip: SkipSample) -> Reject:
+        reason = RejectReason(skip.reason)
+        return Reject(self.source.dataset, self.path, str(self.row), reason, skip.detail)
+
+
+@lru_cache(maxsize=4)
+def tokenizer_and_template(spec: str) -> tuple[LongVitaTokenizer, ChatTemplate]:
+    """The tokenizer of a manifest's ``tokenizer`` spec and its ChatML template (cached)."""
+    tokenizer = load_tokenizer(spec)
+    return tokenizer, ChatTemplate.from_encoder(tokenizer.special_ids, tokenizer.encode)
+
+
+def read_and_tokenize(
+    rows: Iterable[Row[K]],
+    tokenizer: LongVitaTokenizer,
+    convert: Callable[[RawRecord, Sequence[Sequence[int]]], T],
+    *,
+    chunk: int = ENCODE_CHUNK,
+) -> dict[K, T | Reject]:
+    """``{row.key: convert(record, per-turn ids) or its Reject}`` (see the module docstring)."""
+    outcomes: dict[K, T | Reject] = {}
+    records: list[tuple[Row[K], RawRecord]] = []
+    for row in rows:
+        try:
+            records.append((row, row.source.read(row.row)))
+        except SkipSample as skip:
+            outcomes[row.key] = row.reject(skip)
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        texts = list(dict.fromkeys(turn.content for _, record in part for turn in record.turns))
+        encoded = dict(zip(texts, tokenizer.encode_batch(texts), strict=True))
+        for row, record in part:
+            try:
+                outcomes[row.key] = convert(record, [encoded[t.content] for t in record.turns])
+            except SkipSample as skip:
+                outcomes[row.key] = row.reject(skip)
+    return outcomes
