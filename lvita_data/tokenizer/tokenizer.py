@@ -62,7 +62,6 @@ import functools
 import hashlib
 import importlib.resources
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -70,6 +69,7 @@ import tiktoken
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from lvita_data.errors import SourceError
+from lvita_data.fileio import write_text_atomic
 from lvita_data.tokenizer.special_tokens import (
     IMAGE_TAG,
     LONGVITA_SPECIAL_TOKENS,
@@ -293,7 +293,7 @@ def _load_bundled(cache_dir: str) -> LongVitaTokenizer:
     if backend is None:
         backend = convert_tiktoken(_parse_ranks(data, str(bundled_tiktoken_path())))
         _check_bundled_ids(backend, str(bundled_tiktoken_path()))
-        _atomic_save(backend, cache_path)
+        _save_cache(backend, cache_path)
     return LongVitaTokenizer(backend, BUNDLED_SPEC, ascii_engine=_ascii_engine(data))
 
 
@@ -322,22 +322,11 @@ def _check_bundled_ids(backend: Tokenizer, origin: str) -> None:
             raise SourceError(f"{origin}: {tok!r} has id {got}, expected {FIRST_SPECIAL_ID + i}")
 
 
-def _atomic_save(backend: Tokenizer, path: str) -> None:
-    """Write `path` via a temp file in the same directory; a failure only loses the cache."""
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(backend.to_str())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+def _save_cache(backend: Tokenizer, path: str) -> None:
+    """Write the converted vocabulary atomically; a failure (read-only cache dir) only loses it."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text_atomic(path, backend.to_str())
 
 
 # ---------------------------------------------------------------------------------------------
