@@ -209,12 +209,13 @@ def profile(manifest: Path, out: Path) -> dict[str, float]:
         cumulative[f"{module}.{name}"] = cumulative.get(f"{module}.{name}", 0.0) + cum
     parts = {
         "build": total,
-        "pixels": cumulative.get("build._tiles_of", 0.0) + cumulative.get("pixels.encode_tiles", 0),
+        "pixels": cumulative.get("tiles.sample_tiles", 0.0)
+        + cumulative.get("tiles.encode_tiles", 0.0),
         "tokenizer load": cumulative.get("read.tokenizer_and_template", 0.0),
-        "planning": cumulative.get("planner.plan_stage", 0.0),
-        "shard records + tokenize": cumulative.get("build._tokenized_samples", 0.0),
-        "shard writing": cumulative.get("shards.write_shard", 0.0),
-        "stats.json": cumulative.get("stats.compute_stats", 0.0),
+        "planning": cumulative.get("plan.plan_stage", 0.0),
+        "shard records + tokenize": cumulative.get("shard._tokenized_samples", 0.0),
+        "shard writing": cumulative.get("writer.write_shard", 0.0),
+        "stats.json": cumulative.get("compute.compute_stats", 0.0),
     }
     parts["planning"] -= parts["tokenizer load"]
     parts["tar, sha256, fsync, assembly"] = parts.pop("shard writing") - parts["pixels"]
