@@ -29,7 +29,9 @@ from lvita_data.media.tiles import (
     frame_tile,
     image_tiles,
     load_image,
+    normalize_tile_into,
     normalize_tiles,
+    normalize_tiles_torch,
     plan_tiles,
     tiles_array,
     video_frames,
@@ -300,6 +302,26 @@ def test_normalization_table_is_the_original_arithmetic_for_every_value():
     assert ours.dtype == np.float32 and ours.shape == (1, 3, 16, 16)
     assert np.array_equal(ours, x.transpose(0, 3, 1, 2))
     assert ours.flags.c_contiguous
+
+
+def test_normalize_tile_into_equals_normalize_tiles():
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (2, 448, 448, 3), dtype=np.uint8)
+    tiles[0, :16, :16] = [[0, 255, 128]]  # extremes
+    out = np.empty((3, 448, 448), dtype=np.float32)
+    expected = normalize_tiles(tiles)
+    for i in range(2):
+        normalize_tile_into(tiles[i], out)
+        assert np.array_equal(out, expected[i])
+
+
+def test_normalize_tiles_torch_equals_normalize_tiles():
+    torch = pytest.importorskip("torch")
+    everything = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    )
+    expected = normalize_tiles(everything.numpy())
+    assert np.array_equal(normalize_tiles_torch(everything).numpy(), expected)
 
 
 def test_normalize_rejects_wrong_input():
