@@ -44,8 +44,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lvita_data.loader.loader import ShardLoader, normalize_tile_into  # noqa: E402
-from lvita_data.media.tiles import decode_tile  # noqa: E402
+from lvita_data.loader import ShardLoader  # noqa: E402
+from lvita_data.media.tiles import decode_tile, normalize_tile_into  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO_SIZES = [(640, 480), (448, 448), (896, 448), (1024, 768), (800, 800), (500, 375)]

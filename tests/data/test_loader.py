@@ -16,16 +16,9 @@ import pytest
 
 from lvita_data.build.run import build_stage
 from lvita_data.errors import LoaderError
-from lvita_data.loader.loader import (
-    ARRAY_NAMES,
-    SHARD_FORMAT,
-    PackedBatch,
-    ShardLoader,
-    bundled_vision_ids,
-    epoch_order,
-    normalize_tile_into,
-    normalize_tiles_torch,
-)
+from lvita_data.loader import PackedBatch, ShardLoader, epoch_order
+from lvita_data.loader.loader import SHARD_FORMAT, bundled_vision_ids
+from lvita_data.loader.reader import ARRAY_NAMES
 from lvita_data.media.tiles import decode_tiles, normalize_tiles
 from lvita_data.shards.tar import group_samples, scan_tar_file
 from lvita_data.tokenizer.special_tokens import SpecialIds
@@ -200,7 +193,7 @@ def test_samples_match_webdataset(build):
 
 def test_import_and_numpy_iteration_do_not_import_torch(build):
     code = (
-        "import sys; from lvita_data.loader.loader import ShardLoader; "
+        "import sys; from lvita_data.loader import ShardLoader; "
         f"assert 'torch' not in sys.modules; loader = ShardLoader({str(build)!r}, shuffle=False); "
         "batch = next(iter(loader)); print('torch' in sys.modules, 'webdataset' in sys.modules)"
     )
@@ -259,17 +252,6 @@ def test_pixels_equal_normalize_tiles_of_decode(build, tar_packs):
         assert batch.image_token_positions.shape == (len(blobs), 256)
         total += len(blobs)
     assert total > 50
-
-
-def test_normalize_tile_into_equals_normalize_tiles():
-    rng = np.random.default_rng(3)
-    tiles = rng.integers(0, 256, (2, 448, 448, 3), dtype=np.uint8)
-    tiles[0, :16, :16] = [[0, 255, 128]]  # extremes
-    out = np.empty((3, 448, 448), dtype=np.float32)
-    expected = normalize_tiles(tiles)
-    for i in range(2):
-        normalize_tile_into(tiles[i], out)
-        assert np.array_equal(out, expected[i])
 
 
 def expected_contexts(meta: dict, ids: SpecialIds) -> list[int]:
@@ -508,11 +490,6 @@ def test_to_torch(build):
     assert raw.pixel_values.dtype == np.uint8
     assert np.array_equal(raw.to_torch()["pixel_values"].numpy(), batch.pixel_values)
     assert raw.to_torch(normalize_pixels=False)["pixel_values"].dtype == torch.uint8
-    everything = torch.from_numpy(
-        np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-    )
-    expected = normalize_tiles(everything.numpy())
-    assert np.array_equal(normalize_tiles_torch(everything).numpy(), expected)
 
 
 # --------------------------------------------------------------------------------------------
