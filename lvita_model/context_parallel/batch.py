@@ -137,7 +137,7 @@ def context_parallel_inputs(
 ) -> tuple[LocalBatch, Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """(this rank's inputs, the attention callable for `model(..., attention=...)`).
 
-    `batch` holds one packed sequence as `lvita_data.loader.loader.PackedBatch.to_torch()`
+    `batch` holds one packed sequence as `lvita_data.loader.PackedBatch.to_torch()`
     returns it (``input_ids``, ``position_ids``, ``labels`` of shape [B, T] are flattened to
     B * T tokens with ``cu_seqlens`` over them; ``pixel_values`` and ``image_token_positions``
     optional).

@@ -7,7 +7,7 @@ checkpoint directory) in fp32 master weights, the stage's trainable parts
 per decoder layer (the CP attention, with its communication, stays eager between the compiled
 parts), then FSDP2 over the flattened DP x CP mesh with summed (not averaged) gradients, the
 recipe's AdamW and warm-up + cosine schedule. Every DP rank reads its own slice of the packs
-(`lvita_data.loader.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP
+(`lvita_data.loader.ShardLoader`, dp_rank = the mesh's DP coordinate); the CP ranks of a DP
 group read the same packs and each computes on its zigzag shard of every pack
 (`lvita_model.context_parallel.batch.context_parallel_inputs`).
 
@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lvita_data.errors import LoaderError
-from lvita_data.loader.loader import PackedBatch, ShardLoader
+from lvita_data.loader import PackedBatch, ShardLoader
 from lvita_model.config import load_config
 from lvita_model.context_parallel.batch import context_parallel_inputs
 from lvita_model.head import IGNORE_INDEX, next_token_targets
