@@ -17,6 +17,8 @@ import numpy as np
 
 IGNORE_INDEX = -100
 """Label value of positions that are not supervised."""
+TILE_SIZE = 448
+"""Side of a vision tile in pixels (InternViT-300M's input): image tiles, thumbnails, frames."""
 
 Role = Literal["system", "user", "assistant"]
 
@@ -77,6 +79,16 @@ class RawRecord:
     videos: tuple[MediaRef, ...] = ()
 
 
+def media_modality(num_images: int, num_videos: int) -> str:
+    """A sample's modality from its media: video if it has one, else multi_image, image or
+    text by its image count (the planner's `SamplePlan.modality` and `lvita stats`)."""
+    if num_videos:
+        return "video"
+    if num_images > 1:
+        return "multi_image"
+    return "image" if num_images else "text"
+
+
 @dataclass(frozen=True, slots=True)
 class ImagePlan:
     """How one image becomes tiles: grid from the header size, thumbnail first when tiled."""
@@ -120,11 +132,7 @@ class SamplePlan:
 
     @property
     def modality(self) -> str:
-        if self.videos:
-            return "video"
-        if len(self.images) > 1:
-            return "multi_image"
-        return "image" if self.images else "text"
+        return media_modality(len(self.images), len(self.videos))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-TILE_SIZE = 448
+from lvita_data.schema import TILE_SIZE
+
 TOKENS_PER_TILE = 256
 TILE_WRAPPED_TOKENS = TOKENS_PER_TILE + 2
 

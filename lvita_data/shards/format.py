@@ -38,6 +38,7 @@ import numpy as np
 import yaml
 
 from lvita_data.errors import ShardFormatError
+from lvita_data.strict_yaml import expand_env
 
 SHARD_FORMAT_VERSION = 1
 ARRAY_MEMBERS = ("input_ids", "labels", "position_ids", "cu_seqlens")
@@ -123,8 +124,6 @@ class BuildManifest:
     def tokenizer_spec(self) -> str:
         """The tokenizer: ``qwen2.5`` (bundled) or a directory, ``${VAR}`` expanded and a
         relative path resolved against the source manifest's directory, as the build did."""
-        from lvita_data.manifest import expand_env
-
         spec = expand_env(str(self.data.get("tokenizer", BUNDLED_TOKENIZER)))
         if spec == BUNDLED_TOKENIZER:
             return spec
