@@ -236,3 +236,15 @@ def test_lvita_model_imports_torch_and_safetensors_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_public_api_is_lazy_and_complete():
+    code = (
+        "import sys, lvita_data; light = 'PIL' not in sys.modules and 'av' not in sys.modules; "
+        "names = [getattr(lvita_data, n).__name__ for n in lvita_data.__all__[1:]]; "
+        "print(light, lvita_data.__version__, names)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    light, version, names = out.stdout.split(" ", 2)
+    assert light == "True" and version[0].isdigit()
+    assert "build_stage" in names and "ShardLoader" in names and "verify_build" in names
