@@ -1,0 +1,100 @@
+"""`verify_build`: check a finished build directory and return its `VerifyReport`.
+
+Reads `index.json` (its shard list and format) and the build settings (`load_settings`; when they
+are unreadable only checksums, tar structure and digests are checked), checks the files
+(`check_files`), each shard in a pool of `workers` processes (`verify_shard`), that no key is
+used by two shards, the accounting (`check_accounting`) and, when `.nv-meta/` exists, the
+Energon metadata (`lvita_data.shards.energon.check_energon_metadata`, only over intact shards).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from lvita_data.shards.format import SHARD_FORMAT_VERSION, STATE_DIR
+from lvita_data.verify.accounting import check_accounting, check_files, read_json
+from lvita_data.verify.report import Problem, VerifyReport
+from lvita_data.verify.settings import Settings, load_settings
+from lvita_data.verify.shard import ShardTask, verify_shard
+
+
+def _recorded_digests(out: Path, entry: dict) -> dict[str, str] | None:
+    if isinstance(entry.get("digests"), dict):
+        return entry["digests"]
+    done = out / STATE_DIR / "done" / f"{entry['name']}.json"
+    try:
+        record = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    digests = record.get("digests")
+    return digests if isinstance(digests, dict) else None
+
+
+def verify_build(
+    out_dir: str | os.PathLike[str], *, workers: int = 1, decode_tiles: bool = True
+) -> VerifyReport:
+    """Check a build directory (see `lvita_data.verify`); never raises for a damaged build."""
+    out = Path(out_dir)
+    report = VerifyReport(str(out), tiles_decoded=decode_tiles)
+    problems = report.problems
+    if not out.is_dir():
+        problems.append(Problem("files", "not a directory"))
+        return report
+    index = read_json(out / "index.json", problems, "index.json")
+    try:
+        shards = list(index["shards"])
+        for entry in shards:
+            entry["name"], entry["bytes"], entry["sha256"], entry["samples"], entry["tokens"]
+        if index["format"] != SHARD_FORMAT_VERSION:
+            problems.append(Problem("files", f"index.json format {index['format']}"))
+    except (TypeError, KeyError) as error:
+        if index is not None:
+            problems.append(Problem("files", f"index.json lacks field {error}"))
+        return report
+    report.shards = len(shards)
+    settings: Settings | None
+    try:
+        settings = load_settings(out, index, decode_tiles=decode_tiles)
+    except Exception as error:  # missing/odd manifest copy, tokenizer not loadable, ...
+        message = f"cannot read the build settings ({error}): only checksums and tar structure"
+        problems.append(Problem("build", message))
+        settings = None
+    check_files(out, index, problems)
+    tasks = [
+        ShardTask(str(out / entry["name"]), entry, settings, _recorded_digests(out, entry))
+        for entry in shards
+    ]
+    if workers > 1 and len(tasks) > 1:
+        # spawn, not fork: a forked child can inherit locks held by threads of this process
+        # (PyAV's decoder threads, the tokenizer's pool) and deadlock when it touches them
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+            results = list(pool.map(verify_shard, tasks))
+    else:
+        results = [verify_shard(task) for task in tasks]
+    owners: dict[str, str] = {}
+    for result in results:
+        problems.extend(result.problems)
+        report.samples += result.samples
+        report.tokens += result.tokens
+        report.tiles += result.tiles
+        report.digests_checked += result.digests_checked
+        for key in result.keys:
+            if key in owners and owners[key] != result.name:
+                problems.append(Problem("tar", f"key also used in {owners[key]}", result.name, key))
+            owners.setdefault(key, result.name)
+    if settings is not None:
+        check_accounting(out, results, problems)
+    if (out / ".nv-meta").is_dir():
+        from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
+
+        if all(r.intact and r.scan is not None and not r.scan.problems for r in results):
+            layouts = [layout_from_scan(r.name, r.scan) for r in results]  # type: ignore[arg-type]
+            problems.extend(
+                Problem("energon", message) for message in check_energon_metadata(out, layouts)
+            )
+    return report
