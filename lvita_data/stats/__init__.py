@@ -1,1 +1,2 @@
-"""`lvita stats`: packing statistics of a build (`compute`) and the HTML report (`html`)."""
+"""`lvita stats`: packing statistics of a build: per-shard scans (`scan`), the statistics
+(`compute`), the terminal report (`text`) and the HTML report (`html`)."""

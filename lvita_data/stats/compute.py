@@ -38,21 +38,22 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
-import yaml
 
-from lvita_data.errors import StatsError
+from lvita_data.errors import ShardFormatError, StatsError
+from lvita_data.manifest import StageManifest
+from lvita_data.pool import map_tasks
+from lvita_data.schema import Reject
+from lvita_data.shards.format import MANIFEST_COPY, ShardInfo, read_build_manifest
+from lvita_data.stats.scan import DatasetScan, ShardScan, scan_shard
 
 STATS_FORMAT_VERSION = 1
-MODALITIES = ("text", "image", "multi_image", "video")
 PACK_BINS = 20
 """Bins of the after-packing histogram (real tokens per pack), each T / PACK_BINS wide."""
 MIN_LENGTH_EDGE = 64
@@ -61,109 +62,6 @@ MIN_LENGTH_EDGE = 64
 
 def _round(value: float) -> float:
     return round(float(value), 6)
-
-
-def sample_modality(sample: dict) -> str:
-    """Modality of one packed sample's meta (as `SamplePlan.modality`)."""
-    if sample.get("videos"):
-        return "video"
-    images = len(sample.get("images") or ())
-    if images > 1:
-        return "multi_image"
-    return "image" if images else "text"
-
-
-@dataclass(slots=True)
-class _DatasetScan:
-    samples: int = 0
-    tokens: int = 0
-    modalities: Counter = field(default_factory=Counter)
-    modality_tokens: Counter = field(default_factory=Counter)
-    videos: int = 0
-    frames_requested: int = 0
-    frames_chosen: int = 0
-    videos_fitted: int = 0
-
-    def merge(self, other: _DatasetScan) -> None:
-        self.samples += other.samples
-        self.tokens += other.tokens
-        self.modalities.update(other.modalities)
-        self.modality_tokens.update(other.modality_tokens)
-        self.videos += other.videos
-        self.frames_requested += other.frames_requested
-        self.frames_chosen += other.frames_chosen
-        self.videos_fitted += other.videos_fitted
-
-
-@dataclass(slots=True)
-class _ShardScan:
-    """What one shard contributes (merged in shard order, so the result never depends on
-    the number of worker processes)."""
-
-    name: str
-    capacity: int
-    packs: int = 0
-    tokens: int = 0
-    alignment_padding: int = 0
-    tail_padding: int = 0
-    overfull: int = 0
-    samples_per_pack: list[int] = field(default_factory=list)
-    tiles_per_pack: list[int] = field(default_factory=list)
-    pack_tokens: list[int] = field(default_factory=list)
-    sample_lengths: list[int] = field(default_factory=list)
-    datasets: dict[str, _DatasetScan] = field(default_factory=dict)
-
-    def add_pack(self, meta: dict) -> None:
-        samples = meta.get("samples") or []
-        self.packs += 1
-        real = sum(int(s["length"]) for s in samples)
-        end = max((int(s["offset"]) + int(s["length"]) for s in samples), default=0)
-        self.tokens += real
-        self.alignment_padding += end - real
-        self.tail_padding += self.capacity - end
-        self.overfull += end > self.capacity
-        self.samples_per_pack.append(len(samples))
-        self.tiles_per_pack.append(int(meta.get("num_tiles", 0)))
-        self.pack_tokens.append(real)
-        for sample in samples:
-            length = int(sample["length"])
-            self.sample_lengths.append(length)
-            scan = self.datasets.setdefault(str(sample["dataset"]), _DatasetScan())
-            modality = sample_modality(sample)
-            scan.samples += 1
-            scan.tokens += length
-            scan.modalities[modality] += 1
-            scan.modality_tokens[modality] += length
-            for video in sample.get("videos") or ():
-                chosen = len(video.get("frames") or ())
-                requested = int(video.get("requested_frames", chosen))
-                scan.videos += 1
-                scan.frames_requested += requested
-                scan.frames_chosen += chosen
-                scan.videos_fitted += chosen < requested
-
-
-def read_pack_metas(path: str | os.PathLike[str]) -> Iterable[tuple[str, dict]]:
-    """(key, meta) of every packed sequence of a shard, in tar order; other members are skipped
-    without being read."""
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".meta.json"):
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    key = member.name[: -len(".meta.json")]
-                    yield key, json.loads(handle.read())
-    except (OSError, tarfile.TarError, ValueError) as error:
-        raise StatsError(f"{path}: cannot read shard: {error}") from None
-
-
-def _scan_shard(args: tuple[str, str, int]) -> _ShardScan:
-    path, name, capacity = args
-    scan = _ShardScan(name=name, capacity=capacity)
-    for _, meta in read_pack_metas(path):
-        scan.add_pack(meta)
-    return scan
 
 
 def _histogram(values: np.ndarray, edges: Sequence[int]) -> dict:
@@ -197,11 +95,28 @@ def _summary(values: np.ndarray) -> dict:
     }
 
 
-def _as_dict(item: Any) -> dict:
-    return item.to_json() if hasattr(item, "to_json") else dict(item)
+class _DatasetReport(Protocol):
+    def to_json(self) -> dict: ...
 
 
-def _read_json(path: Path) -> Any:
+class PlanReports(Protocol):
+    """What compute_stats reads of the planner's `StagePlan`: its per-dataset reports."""
+
+    @property
+    def datasets(self) -> Sequence[_DatasetReport]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A dataset entry of the manifest, as the statistics name it."""
+
+    name: str
+    group: str
+    ratio: float | None
+    max_samples: int | None
+
+
+def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -210,103 +125,109 @@ def _read_json(path: Path) -> Any:
         raise StatsError(f"{path}: cannot read: {error}") from None
 
 
-def _read_rejects(path: Path) -> list[dict]:
+def _read_rejects(path: Path) -> list[tuple[str, str]]:
+    """(dataset, reason) of every line of `rejects.jsonl`."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StatsError(f"{path} not found: not a finished lvita build") from None
     try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as error:
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [(str(r["dataset"]), str(r["reason"])) for r in lines]
+    except (ValueError, KeyError, TypeError) as error:
         raise StatsError(f"{path}: invalid JSON line: {error}") from None
 
 
-def _manifest_entries(manifest: Any, out: Path) -> list[dict]:
-    """name, group, ratio, max_samples of each dataset entry, in manifest order."""
+def _manifest_entries(manifest: StageManifest | None, out: Path) -> list[_Entry]:
+    """name, group, ratio, max_samples of each dataset entry, in manifest order: from the
+    manifest in memory, else from the build's `manifest.yaml` copy (none without one)."""
     if manifest is not None:
         return [
-            {
-                "name": d.name,
-                "group": d.group or d.name,
-                "ratio": float(d.ratio),
-                "max_samples": d.max_samples,
-            }
+            _Entry(d.name, d.group or d.name, float(d.ratio), d.max_samples)
             for d in manifest.datasets
         ]
-    try:
-        data = yaml.safe_load((out / "manifest.yaml").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (out / MANIFEST_COPY).is_file():
         return []
-    except (OSError, yaml.YAMLError) as error:
-        raise StatsError(f"{out / 'manifest.yaml'}: cannot read: {error}") from None
+    try:
+        data = read_build_manifest(out).data
+    except ShardFormatError as error:
+        raise StatsError(str(error)) from None
     entries = []
-    for d in (data or {}).get("datasets") or []:
+    for d in data.get("datasets") or []:
         name = str(d["name"])
         max_samples = d.get("max_samples")
         entries.append(
-            {
-                "name": name,
-                "group": str(d.get("group") or name),
-                "ratio": float(d.get("ratio", 1.0)),
-                "max_samples": None if max_samples is None else int(max_samples),
-            }
+            _Entry(
+                name,
+                str(d.get("group") or name),
+                float(d.get("ratio", 1.0)),
+                None if max_samples is None else int(max_samples),
+            )
         )
     return entries
 
 
-def _plan_reports(plan: Any, out: Path) -> list[dict] | None:
+def _plan_reports(plan: PlanReports | None, out: Path) -> list[dict] | None:
+    """The planner's per-dataset reports: from the plan in memory, else from the `plan` key of
+    the build's `stats.json` (None without one)."""
     if plan is not None:
-        datasets = plan.datasets if hasattr(plan, "datasets") else plan
-        return [_as_dict(d) for d in datasets]
+        return [d.to_json() for d in plan.datasets]
     saved = _read_json(out / "stats.json")
-    if not isinstance(saved, dict):
-        return None
-    if isinstance(saved.get("plan"), list):
+    if isinstance(saved, dict) and isinstance(saved.get("plan"), list):
         return saved["plan"]
-    # stats.json of builds before `lvita stats`: the planner reports under "datasets"
-    old = saved.get("datasets")
-    if isinstance(old, list) and all(isinstance(d, dict) and "format" in d for d in old):
-        return old
     return None
 
 
-def _shard_names(shards: Sequence[Any] | None, out: Path) -> tuple[list[dict], dict | None]:
-    if shards is not None:
-        return [_as_dict(s) if not isinstance(s, str) else {"name": s} for s in shards], None
+def _index_shards(out: Path) -> tuple[list[ShardInfo], str, int]:
+    """The shards, stage and T of a finished build's `index.json`."""
     index = _read_json(out / "index.json")
     if not isinstance(index, dict):
         raise StatsError(f"{out / 'index.json'} not found: not a finished lvita build")
-    return [dict(s) for s in index.get("shards", [])], index
+    try:
+        shards = [
+            ShardInfo(
+                name=str(s["name"]),
+                samples=int(s["samples"]),
+                tokens=int(s["tokens"]),
+                bytes=int(s.get("bytes", 0)),
+                sha256=str(s.get("sha256", "")),
+            )
+            for s in index.get("shards", [])
+        ]
+        return shards, str(index["stage"]), int(index["max_seq_len"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise StatsError(f"{out / 'index.json'}: malformed ({error!r})") from None
 
 
 def compute_stats(
     out_dir: str | os.PathLike[str],
     *,
-    shards: Sequence[Any] | None = None,
-    rejects: Sequence[Any] | None = None,
-    plan: Any = None,
-    manifest: Any = None,
+    shards: Sequence[ShardInfo] | None = None,
+    rejects: Sequence[Reject] | None = None,
+    plan: PlanReports | None = None,
+    manifest: StageManifest | None = None,
     workers: int = 1,
 ) -> dict:
     """Statistics of a build directory (see the module docstring for what each number means).
 
     Without keywords everything is read from `out_dir`. The build passes what it has in memory,
-    before writing `index.json` and `manifest.yaml`: `shards` (ShardInfo or index.json dicts, or
-    names), `rejects` (Reject or rejects.jsonl dicts), `plan` (the StagePlan, or its per-dataset
-    report dicts) and `manifest` (the StageManifest). `workers` > 1 reads shards in parallel.
+    before writing `index.json` and `manifest.yaml`: `shards`, `rejects`, `plan` (the
+    `StagePlan`) and `manifest`; `shards` needs `manifest`. `workers` > 1 reads shards in
+    parallel (`lvita_data.pool.map_tasks`).
     """
     out = Path(out_dir)
     if not out.is_dir():
         raise StatsError(f"{out} is not a directory")
-    shard_list, index = _shard_names(shards, out)
-    if manifest is not None:
-        stage, capacity = manifest.stage, int(manifest.pack.max_seq_len)
-    elif index is not None:
-        stage, capacity = str(index["stage"]), int(index["max_seq_len"])
+    if shards is None:
+        shard_list, stage, capacity = _index_shards(out)
+        if manifest is not None:
+            stage, capacity = manifest.stage, int(manifest.pack.max_seq_len)
+    elif manifest is not None:
+        shard_list, stage, capacity = list(shards), manifest.stage, int(manifest.pack.max_seq_len)
     else:
         raise StatsError("compute_stats: pass manifest= together with shards=")
     reject_list = (
-        [_as_dict(r) for r in rejects]
+        [(r.dataset, str(r.reason)) for r in rejects]
         if rejects is not None
         else _read_rejects(out / "rejects.jsonl")
     )
@@ -315,17 +236,13 @@ def compute_stats(
 
     tasks = []
     for shard in shard_list:
-        path = out / shard["name"]
+        path = out / shard.name
         if not path.is_file():
             raise StatsError(f"{path}: shard listed in the index is missing")
-        tasks.append((str(path), shard["name"], capacity))
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-            scans = list(pool.map(_scan_shard, tasks))
-    else:
-        scans = [_scan_shard(task) for task in tasks]
+        tasks.append((str(path), shard.name, capacity))
+    scans = list(map_tasks(scan_shard, tasks, workers=workers))
     for shard, scan in zip(shard_list, scans, strict=True):
-        expected = (shard.get("samples", scan.packs), shard.get("tokens", scan.tokens))
+        expected = (shard.samples, shard.tokens)
         if expected != (scan.packs, scan.tokens):
             raise StatsError(
                 f"{scan.name}: the index lists {expected[0]} packs / {expected[1]} tokens, the "
@@ -339,9 +256,9 @@ def compute_stats(
 def _assemble(
     stage: str,
     capacity: int,
-    scans: list[_ShardScan],
-    rejects: list[dict],
-    entries: list[dict],
+    scans: list[ShardScan],
+    rejects: list[tuple[str, str]],
+    entries: list[_Entry],
     reports: list[dict] | None,
 ) -> dict:
     packs = sum(s.packs for s in scans)
@@ -350,29 +267,29 @@ def _assemble(
     tiles = np.array([n for s in scans for n in s.tiles_per_pack], dtype=np.int64)
     pack_tokens = np.array([n for s in scans for n in s.pack_tokens], dtype=np.int64)
     lengths = np.array([n for s in scans for n in s.sample_lengths], dtype=np.int64)
-    datasets: dict[str, _DatasetScan] = {}
+    datasets: dict[str, DatasetScan] = {}
     for scan in scans:
         for name, part in scan.datasets.items():
-            datasets.setdefault(name, _DatasetScan()).merge(part)
+            datasets.setdefault(name, DatasetScan()).merge(part)
 
     by_dataset: dict[str, Counter] = {}
-    for reject in rejects:
-        by_dataset.setdefault(str(reject["dataset"]), Counter())[str(reject["reason"])] += 1
+    for dataset, reason in rejects:
+        by_dataset.setdefault(dataset, Counter())[reason] += 1
     by_reason: Counter = Counter()
     for counts in by_dataset.values():
         by_reason.update(counts)
 
     planned = {str(r["name"]): r for r in reports} if reports is not None else None
-    names = [e["name"] for e in entries]
+    names = [e.name for e in entries]
     extra = set(datasets) | set(by_dataset) | set(planned or ())
     names += sorted(extra - set(names))
-    entry_of = {e["name"]: e for e in entries}
+    entry_of = {e.name: e for e in entries}
     plan_total = sum(int(r.get("tokens", 0)) for r in planned.values()) if planned else 0
 
     rows = []
     for name in names:
-        scan = datasets.get(name, _DatasetScan())
-        entry = entry_of.get(name, {"group": name, "ratio": None, "max_samples": None})
+        scan = datasets.get(name, DatasetScan())
+        entry = entry_of.get(name, _Entry(name, name, None, None))
         rejected = by_dataset.get(name, Counter())
         report = planned.get(name) if planned is not None else None
         share = scan.tokens / tokens if tokens else 0.0
@@ -381,9 +298,9 @@ def _assemble(
         rows.append(
             {
                 "name": name,
-                "group": entry["group"],
-                "ratio": entry["ratio"],
-                "max_samples": entry["max_samples"],
+                "group": entry.group,
+                "ratio": entry.ratio,
+                "max_samples": entry.max_samples,
                 "selected": scan.samples + sum(rejected.values()),
                 "samples": scan.samples,
                 "tokens": scan.tokens,
@@ -501,8 +418,9 @@ def _assemble(
 
 __all__ = [
     "STATS_FORMAT_VERSION",
+    "PlanReports",
     "StatsError",
     "compute_stats",
-    "read_pack_metas",
-    "sample_modality",
+    "length_edges",
+    "pack_edges",
 ]

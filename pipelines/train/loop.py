@@ -69,8 +69,9 @@ import yaml
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lvita_data.errors import LoaderError
+from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.loader import PackedBatch, ShardLoader
+from lvita_data.shards.format import read_build_manifest
 from lvita_model.config import load_config
 from lvita_model.context_parallel.batch import context_parallel_inputs
 from lvita_model.head import IGNORE_INDEX, next_token_targets
@@ -133,8 +134,8 @@ def check_data(config: TrainConfig) -> Path:
         manifest = Path(config.data.manifest)
         try:
             wanted = yaml.safe_load(manifest.read_text(encoding="utf-8"))
-            built = yaml.safe_load((shards / "manifest.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as error:
+            built = read_build_manifest(shards).data
+        except (OSError, yaml.YAMLError, ShardFormatError) as error:
             raise TrainConfigError(f"data.manifest: {error}") from None
         if wanted != built:
             raise TrainConfigError(

@@ -17,10 +17,11 @@ from lvita_data.build.plan import plan_stage
 from lvita_data.build.run import build_stage
 from lvita_data.errors import StatsError
 from lvita_data.manifest import load_manifest
-from lvita_data.schema import IGNORE_INDEX, Reject, RejectReason
-from lvita_data.shards.writer import ShardInfo, load_npy
-from lvita_data.stats.compute import compute_stats, sample_modality
+from lvita_data.schema import IGNORE_INDEX, Reject, RejectReason, media_modality
+from lvita_data.shards.format import ShardInfo, load_npy
+from lvita_data.stats.compute import compute_stats
 from lvita_data.stats.html import PACKED, render_html, write_html
+from lvita_data.stats.scan import read_pack_metas
 from lvita_data.stats.text import format_stats
 from lvita_data.tokenizer.tokenizer import load_tokenizer
 from pipelines.cli import EXIT_CODES, run
@@ -117,7 +118,8 @@ def test_numbers_match_the_build(which, stage1_build, variant_build):
             counts = per_dataset.setdefault(s["dataset"], Counter())
             counts["samples"] += 1
             counts["tokens"] += s["length"]
-            counts["modality:" + sample_modality(s)] += 1
+            modality = media_modality(len(s.get("images") or ()), len(s.get("videos") or ()))
+            counts["modality:" + modality] += 1
         assert (arrays["input_ids"][~used] == pad).all()
         assert (arrays["labels"][~used] == IGNORE_INDEX).all()
         real += int(used.sum())
@@ -193,11 +195,7 @@ def test_build_stats_json_is_compute_stats(stage1_build, demo_env):
     assert in_memory == stats
     assert compute_stats(stage1_build, workers=2) == stats
     saved = json.loads((stage1_build / "stats.json").read_text(encoding="utf-8"))
-    if "stats_format" in saved:  # build.py writes compute_stats(...)
-        assert saved == stats
-    else:  # the build's older minimal stats: the shared numbers agree
-        for key in ("stage", "max_seq_len", "packs", "tokens", "padding_tokens"):
-            assert saved[key] == stats[key]
+    assert saved == stats  # build.py writes compute_stats(...)
 
 
 def test_json_round_trip_and_determinism(stage1_build):
@@ -244,11 +242,31 @@ def test_cli_stats_json_and_errors(stage1_build, tmp_path, capsys):
 def test_inconsistent_index_is_an_error(stage1_build):
     manifest = load_manifest(STAGE1)
     index = json.loads((stage1_build / "index.json").read_text(encoding="utf-8"))
-    shard = {**index["shards"][0], "tokens": index["shards"][0]["tokens"] + 1}
+    shard = ShardInfo(**{**index["shards"][0], "tokens": index["shards"][0]["tokens"] + 1})
     with pytest.raises(StatsError, match="inconsistent"):
         compute_stats(stage1_build, shards=[shard], manifest=manifest)
     with pytest.raises(StatsError, match="missing"):
-        compute_stats(stage1_build, shards=[{"name": "nope.tar"}], manifest=manifest)
+        compute_stats(stage1_build, shards=[ShardInfo("nope.tar", 0, 0, 0, "")], manifest=manifest)
+
+
+def test_a_damaged_tar_header_is_an_error_not_the_end_of_the_shard(stage1_build, tmp_path):
+    """`tarfile` ends an archive silently at a damaged header; the shard tar reader does not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(stage1_build, copy)
+    name = json.loads((copy / "index.json").read_text(encoding="utf-8"))["shards"][0]["name"]
+    path = copy / name
+    assert len(list(read_pack_metas(path))) > 1
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    first_key = members[0].name.split(".")[0]
+    victim = next(m for m in members if not m.name.startswith(first_key + "."))  # 2nd pack
+    data = bytearray(path.read_bytes())
+    data[victim.offset + 148] ^= 0xFF  # the checksum field of its first header
+    path.write_bytes(bytes(data))
+    with tarfile.open(path) as tar:  # tarfile stops there without a word
+        assert len(tar.getmembers()) < len(members)
+    with pytest.raises(StatsError, match="cannot read shard"):
+        compute_stats(copy)
 
 
 def test_without_planner_report_targets_are_null(stage1_build, tmp_path):
