@@ -35,7 +35,8 @@ import numpy as np
 from lvita_data.errors import LoaderError
 from lvita_data.loader.reader import Pack
 from lvita_data.media.tiles import decode_tile, normalize_tile_into, normalize_tiles_torch
-from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE
+from lvita_data.samples.tiling import TOKENS_PER_TILE
+from lvita_data.schema import TILE_SIZE
 
 Allocate = Callable[..., np.ndarray]
 """``allocate(shape, dtype=...)`` makes the pixel array, like ``np.empty`` (the default)."""

@@ -19,18 +19,27 @@ memory and over PCIe) and `PackedBatch.to_torch` normalises them on the device, 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from lvita_data.loader.batch import PackedBatch
+from lvita_data.loader.batch import Allocate, PackedBatch
 
-if TYPE_CHECKING:
-    from lvita_data.loader.loader import ShardLoader
+
+class BatchSource(Protocol):
+    """What the workers need of a `lvita_data.loader.loader.ShardLoader` (which is pickled to
+    each worker): its batches by (epoch, start pack) and the DataLoader settings."""
+
+    batch_size: int
+    num_workers: int
+    prefetch_factor: int | None
+    multiprocessing_context: str | None
+
+    def batch_at(self, epoch: int, start: int, *, allocate: Allocate = ...) -> PackedBatch: ...
 
 
 def worker_batches(
-    loader: ShardLoader, epoch: int, start: int, count: int
+    loader: BatchSource, epoch: int, start: int, count: int
 ) -> Iterator[PackedBatch]:
     """The `count` batches of `loader`'s rank slice of `epoch` from pack `start`, decoded by
     ``loader.num_workers`` DataLoader workers and yielded in order (pixels as numpy arrays)."""
@@ -65,7 +74,7 @@ def _identity(batch):
 class _BatchView:
     """Map-style view for torch's DataLoader: item k = the k-th remaining batch of an epoch."""
 
-    def __init__(self, loader: ShardLoader, epoch: int, start: int, count: int) -> None:
+    def __init__(self, loader: BatchSource, epoch: int, start: int, count: int) -> None:
         self.loader, self.epoch, self.start, self.count = loader, epoch, start, count
 
     def __len__(self) -> int:

@@ -92,8 +92,14 @@ from PIL import Image, UnidentifiedImageError
 from lvita_data.errors import SkipSample
 from lvita_data.media.probe import open_image
 from lvita_data.media.video import decode_frames, list_frame_dir
-from lvita_data.samples.tiling import TILE_SIZE
-from lvita_data.schema import ImagePlan, MediaRef, RejectReason, TokenizedSample, VideoPlan
+from lvita_data.schema import (
+    TILE_SIZE,
+    ImagePlan,
+    MediaRef,
+    RejectReason,
+    TokenizedSample,
+    VideoPlan,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
