@@ -74,6 +74,17 @@ def test_stage_recipe_matches_reference_table(stage: int) -> None:
     assert recipe.warmup_steps == round(0.03 * iterations)
 
 
+@pytest.mark.parametrize("family", ["longvita", "demo"])
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_stage_seed_agrees_with_the_stage_manifests(family: str, stage: int) -> None:
+    """The seed is written in the stage manifests and in STAGE_RECIPES (manifests/ is not
+    installed with the package, so the recipes cannot read it): the two copies must agree."""
+    from lvita_data.manifest import load_manifest
+
+    manifest = CONFIGS.parents[1] / "manifests" / family / f"stage{stage}.yaml"
+    assert load_manifest(manifest).seed == STAGE_RECIPES[stage].seed
+
+
 def test_resolve_recipe_applies_overrides_and_seed(tmp_path: Path) -> None:
     body = MINIMAL + (
         "recipe: {lr: 1.0e-4, iterations: 10, betas: [0.8, 0.95], trainable: [llm]}\nseed: 7\n"
