@@ -253,6 +253,69 @@ def compute_stats(
     return _assemble(stage, capacity, scans, reject_list, entries, reports)
 
 
+def _dataset_row(
+    name: str,
+    scan: DatasetScan,
+    entry: _Entry,
+    rejected: Counter,
+    target_tokens: int | None,
+    tokens: int,
+    plan_total: int,
+) -> dict:
+    """One dataset's row: what was packed next to what the plan asked for (see the module doc)."""
+    share = scan.tokens / tokens if tokens else 0.0
+    target = target_tokens / plan_total if target_tokens is not None and plan_total else None
+    return {
+        "name": name,
+        "group": entry.group,
+        "ratio": entry.ratio,
+        "max_samples": entry.max_samples,
+        "selected": scan.samples + sum(rejected.values()),
+        "samples": scan.samples,
+        "tokens": scan.tokens,
+        "share": _round(share),
+        "target_tokens": target_tokens,
+        "target_share": None if target is None else _round(target),
+        "share_delta": None if target is None else _round(share - target),
+        "mean_length": _round(scan.tokens / scan.samples) if scan.samples else 0.0,
+        "modalities": {m: scan.modalities[m] for m in sorted(scan.modalities)},
+        "frames": {
+            "videos": scan.videos,
+            "requested": scan.frames_requested,
+            "chosen": scan.frames_chosen,
+            "videos_fitted": scan.videos_fitted,
+        },
+        "rejects": {r: rejected[r] for r in sorted(rejected)},
+    }
+
+
+def _group_rows(rows: list[dict], tokens: int, plan_total: int) -> list[dict]:
+    """The mixture groups (manifest `group`, default the entry name) of the dataset rows."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        group = groups.setdefault(
+            row["group"],
+            {"name": row["group"], "datasets": [], "samples": 0, "tokens": 0, "target_tokens": 0},
+        )
+        group["datasets"].append(row["name"])
+        group["samples"] += row["samples"]
+        group["tokens"] += row["tokens"]
+        if row["target_tokens"] is None or group["target_tokens"] is None:
+            group["target_tokens"] = None
+        else:
+            group["target_tokens"] += row["target_tokens"]
+    for group in groups.values():
+        share = group["tokens"] / tokens if tokens else 0.0
+        group["share"] = _round(share)
+        if group["target_tokens"] is None or not plan_total:
+            group["target_tokens"] = group["target_share"] = group["share_delta"] = None
+        else:
+            target = group["target_tokens"] / plan_total
+            group["target_share"] = _round(target)
+            group["share_delta"] = _round(share - target)
+    return list(groups.values())
+
+
 def _assemble(
     stage: str,
     capacity: int,
@@ -288,60 +351,18 @@ def _assemble(
 
     rows = []
     for name in names:
-        scan = datasets.get(name, DatasetScan())
-        entry = entry_of.get(name, _Entry(name, name, None, None))
-        rejected = by_dataset.get(name, Counter())
         report = planned.get(name) if planned is not None else None
-        share = scan.tokens / tokens if tokens else 0.0
-        target_tokens = int(report.get("tokens", 0)) if report is not None else None
-        target = target_tokens / plan_total if target_tokens is not None and plan_total else None
         rows.append(
-            {
-                "name": name,
-                "group": entry.group,
-                "ratio": entry.ratio,
-                "max_samples": entry.max_samples,
-                "selected": scan.samples + sum(rejected.values()),
-                "samples": scan.samples,
-                "tokens": scan.tokens,
-                "share": _round(share),
-                "target_tokens": target_tokens,
-                "target_share": None if target is None else _round(target),
-                "share_delta": None if target is None else _round(share - target),
-                "mean_length": _round(scan.tokens / scan.samples) if scan.samples else 0.0,
-                "modalities": {m: scan.modalities[m] for m in sorted(scan.modalities)},
-                "frames": {
-                    "videos": scan.videos,
-                    "requested": scan.frames_requested,
-                    "chosen": scan.frames_chosen,
-                    "videos_fitted": scan.videos_fitted,
-                },
-                "rejects": {r: rejected[r] for r in sorted(rejected)},
-            }
+            _dataset_row(
+                name,
+                datasets.get(name, DatasetScan()),
+                entry_of.get(name, _Entry(name, name, None, None)),
+                by_dataset.get(name, Counter()),
+                int(report.get("tokens", 0)) if report is not None else None,
+                tokens,
+                plan_total,
+            )
         )
-
-    groups: dict[str, dict] = {}
-    for row in rows:
-        group = groups.setdefault(
-            row["group"],
-            {"name": row["group"], "datasets": [], "samples": 0, "tokens": 0, "target_tokens": 0},
-        )
-        group["datasets"].append(row["name"])
-        group["samples"] += row["samples"]
-        group["tokens"] += row["tokens"]
-        if row["target_tokens"] is None or group["target_tokens"] is None:
-            group["target_tokens"] = None
-        else:
-            group["target_tokens"] += row["target_tokens"]
-    for group in groups.values():
-        share = group["tokens"] / tokens if tokens else 0.0
-        group["share"] = _round(share)
-        if group["target_tokens"] is None or not plan_total:
-            group["target_tokens"] = group["target_share"] = group["share_delta"] = None
-        else:
-            target = group["target_tokens"] / plan_total
-            group["target_share"] = _round(target)
-            group["share_delta"] = _round(share - target)
 
     modality_samples: Counter = Counter()
     modality_tokens: Counter = Counter()
@@ -409,7 +430,7 @@ def _assemble(
         ),
         "planned_tokens": plan_total if planned else None,
         "datasets": rows,
-        "groups": list(groups.values()),
+        "groups": _group_rows(rows, tokens, plan_total),
         "plan": reports,
     }
     # Plain JSON types only: a round trip through json gives back an equal dict.
