@@ -1,20 +1,20 @@
 """`verify_build`: check a finished build directory and return its `VerifyReport`.
 
-Reads `index.json` (its shard list and format) and the build settings (`load_settings`; when they
-are unreadable only checksums, tar structure and digests are checked), checks the files
-(`check_files`), each shard in a pool of `workers` processes (`verify_shard`), that no key is
-used by two shards, the accounting (`check_accounting`) and, when `.nv-meta/` exists, the
-Energon metadata (`lvita_data.shards.energon.check_energon_metadata`, only over intact shards).
+Reads `index.json` (its shard list and format) and the build settings (`load_settings`; when
+they are unreadable only checksums, tar structure and digests are checked), then checks the
+files (`check_files`), each shard (`verify_shard`, in `workers` processes of
+`lvita_data.pool.map_tasks`), that no key is used by two shards, the accounting
+(`check_accounting`) and, when `.nv-meta/` exists, the Energon metadata
+(`lvita_data.shards.energon.check_energon_metadata`, only over intact shards).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from lvita_data.pool import map_tasks
 from lvita_data.shards.format import SHARD_FORMAT_VERSION, STATE_DIR
 from lvita_data.verify.accounting import check_accounting, check_files, read_json
 from lvita_data.verify.report import Problem, VerifyReport
@@ -68,14 +68,7 @@ def verify_build(
         ShardTask(str(out / entry["name"]), entry, settings, _recorded_digests(out, entry))
         for entry in shards
     ]
-    if workers > 1 and len(tasks) > 1:
-        # spawn, not fork: a forked child can inherit locks held by threads of this process
-        # (PyAV's decoder threads, the tokenizer's pool) and deadlock when it touches them
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
-            results = list(pool.map(verify_shard, tasks))
-    else:
-        results = [verify_shard(task) for task in tasks]
+    results = list(map_tasks(verify_shard, tasks, workers=workers, ordered=True))
     owners: dict[str, str] = {}
     for result in results:
         problems.extend(result.problems)
