@@ -84,7 +84,8 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from lvita_data.build.plan import format_report, plan_stage
+    from lvita_data.build.plan import plan_stage
+    from lvita_data.build.report import format_report
     from lvita_data.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
