@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 
 from lvita_data.errors import ManifestError
-from lvita_data.strict_yaml import build_dataclass, expand_env, resolve_path
+from lvita_data.strict_yaml import build_dataclass, resolve_path
 
 SCHEMA_VERSION = 1
 DATASET_FORMATS = ("longvita_jsonl", "llava_json", "hf_parquet", "text_jsonl")
@@ -235,6 +235,5 @@ __all__ = [
     "StageManifest",
     "VideoConfig",
     "expand_dataset_files",
-    "expand_env",  # re-exported from lvita_data.strict_yaml for its older importers
     "load_manifest",
 ]
