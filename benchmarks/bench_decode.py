@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 
 from lvita_model.attention import SdpaBackend
+from lvita_model.baselines import generate_recompute
 from lvita_model.config import LLMConfig, LongVitaConfig
 from lvita_model.head import last_position_logits
-from lvita_model.baselines import generate_recompute
 from lvita_model.inference import generate
 from lvita_model.model import build_model
 

@@ -1,1 +1,2 @@
-"""All container and pixel I/O: image/video probes (`probe`), video decoders (`video`), 448 tiles (`tiles`)."""
+"""All container and pixel I/O: image and video probes (`probe`), video decoders (`video`),
+448x448 tiles and their normalisation (`tiles`)."""

@@ -1,1 +1,2 @@
-"""RawRecord -> TokenizedSample from media metadata only: chat template, tiling, frame indices, vision token counts."""
+"""RawRecord -> TokenizedSample from media metadata only: reading and tokenizing rows (`read`), the
+chat template, tiling, frame indices and vision token counts (`tokenize` puts them together)."""

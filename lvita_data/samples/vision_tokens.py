@@ -1,8 +1,8 @@
 """Vision token layout of Long-VITA as id arrays (pure; no tokenizer, no pixels).
 
 `image_token_ids(grid)` and `video_token_ids(num_frames)` return exactly the ids that replace one
-`<image>` / `<video>` tag (see `lvita_data.samples.tiling` for the image layout). A video frame is one
-448 tile: `<vid>` + 256 x `<VID_CONTEXT>` + `</vid>` = 258 tokens, no timestamps or separators.
+`<image>` / `<video>` tag (see `lvita_data.samples.tiling` for the image layout). A video frame is
+one 448 tile: `<vid>` + 256 x `<VID_CONTEXT>` + `</vid>` = 258 tokens, no timestamps or separators.
 Arrays are cached per (grid, ids) and per frame count, so assembling a sample is a concatenation.
 """
 

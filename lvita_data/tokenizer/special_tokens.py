@@ -58,7 +58,8 @@ VIDEO_TAG = "<video>"
 
 @dataclass(frozen=True, slots=True)
 class SpecialIds:
-    """Token ids the Long-VITA layout needs; built from a tokenizer by `lvita_data.tokenizer.tokenizer`."""
+    """Token ids the Long-VITA layout needs; built from a tokenizer by
+    `lvita_data.tokenizer.tokenizer`."""
 
     pad: int
     im_start: int

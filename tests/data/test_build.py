@@ -1,4 +1,4 @@
-"""`lvita build` (lvita_data.build.run, lvita_data.shards.writer): determinism across worker counts and
+"""`lvita build` (lvita_data.build, lvita_data.shards.writer): determinism across worker counts and
 executors, the shard format's invariants, crash safety (kill -9, then --resume) and refusals.
 
 One small mixed manifest over the session demo corpus (captions, parquet with embedded images,

@@ -1,4 +1,5 @@
-"""Tests of lvita_data.tokenizer.tokenizer: tiktoken parity over the same ranks, ids, cache, local dirs."""
+"""Tests of lvita_data.tokenizer.tokenizer: tiktoken parity over the same ranks, ids, cache,
+local dirs."""
 
 from __future__ import annotations
 

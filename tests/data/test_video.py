@@ -1,4 +1,4 @@
-"""lvita_data.media.video on tiny synthetic videos written with PyAV (CPU, each test well under 1 s).
+"""lvita_data.media.video on tiny synthetic videos written with PyAV (CPU, each test < 1 s).
 
 Every frame carries its own number as a 4x3 grid of 16-px black/white blocks (12 bits), which
 survives lossy compression, so a decoded frame can be identified without trusting timestamps.
