@@ -12,7 +12,8 @@ raises more than ImportError); the device is ``{cuda,npu}:LOCAL_RANK``.
 **Mesh.** ``init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))``: CP is the
 inner dimension, so the ranks of a CP group are adjacent (global rank = dp_rank * cp + cp_rank,
 the layout `lvita_model.context_parallel.base.check_shard_matches_group` expects); all CP
-ranks of a DP group read the same packs. The world size must be a multiple of ``parallel.cp`` (`TrainConfigError` otherwise).
+ranks of a DP group read the same packs. The world size must be a multiple of ``parallel.cp``
+(`TrainConfigError` otherwise).
 
 **Compute dtype.** One rule for training and generation (`compute_dtype`): ``auto`` is bfloat16
 on any accelerator (CUDA or NPU) and float32 on CPU. (Until Layout 2, `lvita generate` gave

@@ -1,6 +1,6 @@
 """Energon compatibility (lvita_data.shards.energon): the `.nv-meta/` and `*.tar.idx` lvita
-writes let the real `megatron-energon` open a build directory without `energon prepare`, agree with what
-`energon prepare` writes, and are byte-reproducible. Skipped without megatron-energon."""
+writes let the real `megatron-energon` open a build directory without `energon prepare`, agree
+with what `energon prepare` writes, and are byte-reproducible. Skipped without megatron-energon."""
 
 from __future__ import annotations
 
