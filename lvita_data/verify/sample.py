@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import zlib
@@ -26,7 +25,13 @@ import numpy as np
 
 from lvita_data.samples.tiling import TILE_SIZE
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards.format import ARRAY_MEMBERS, SHARD_FORMAT_VERSION, npy_bytes
+from lvita_data.shards.format import (
+    ARRAY_MEMBERS,
+    SHARD_FORMAT_VERSION,
+    load_npy,
+    npy_bytes,
+    tile_member,
+)
 from lvita_data.verify.report import Problem, SampleProblems
 from lvita_data.verify.settings import Settings
 from lvita_data.verify.text import check_text
@@ -74,7 +79,7 @@ def _png_problem(data: bytes) -> str | None:
 
 def _load_array(name: str, data: bytes, out: SampleProblems) -> np.ndarray | None:
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = load_npy(data)
     except Exception as error:  # any parse failure of damaged bytes
         out.add(f"does not load as .npy: {error}", name)
         return None
@@ -136,7 +141,7 @@ def check_sample(
             meta = None
     # tiles: names, count, bytes
     if meta is not None:
-        expected_names = [f"tile{i:06d}.{settings.tile_format}" for i in range(meta_tiles)]
+        expected_names = [tile_member(i, settings.tile_format) for i in range(meta_tiles)]
         if sorted(tile_names) != expected_names:
             out.add(f"{len(tile_names)} tile member(s), meta.json says {meta_tiles}")
     for part in sorted(tile_names):

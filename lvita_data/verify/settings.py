@@ -25,6 +25,8 @@ class Settings:
     special: SpecialIds
     vocab_size: int
     role_prefix: dict[str, np.ndarray]
+    vision_ids: np.ndarray
+    """The 9 vision placeholder ids (`ChatTemplate.reserved_set`), sorted, int32."""
     decode_tiles: bool = True
 
 
@@ -60,5 +62,6 @@ def load_settings(out: Path, index: dict, *, decode_tiles: bool = True) -> Setti
         special=tokenizer.special_ids,
         vocab_size=tokenizer.vocab_size,
         role_prefix=dict(template.role_prefix),
+        vision_ids=np.array(sorted(template.reserved_set), dtype=np.int32),
         decode_tiles=decode_tiles,
     )

@@ -66,22 +66,8 @@ def check_text(
     except (KeyError, TypeError, ValueError, IndexError) as error:
         out.add(f"{what}: media metadata malformed: {error}", "meta.json")
         return 0
-    vision_ids = np.array(
-        [
-            special.img_start,
-            special.img_end,
-            special.img_context,
-            special.patch_start,
-            special.patch_end,
-            special.patch_context,
-            special.vid_start,
-            special.vid_end,
-            special.vid_context,
-        ],
-        dtype=np.int32,
-    )
     tiles = sum(t for _, t in blocks)
-    is_vision_id = np.isin(ids, vision_ids)
+    is_vision_id = np.isin(ids, settings.vision_ids)
     vision = np.zeros(ids.shape[0], dtype=bool)
     cursor = 0
     starts = np.flatnonzero((ids == special.img_start) | (ids == special.vid_start))
