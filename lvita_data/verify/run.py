@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from lvita_data.pool import map_tasks
+from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
 from lvita_data.shards.format import SHARD_FORMAT_VERSION, STATE_DIR
 from lvita_data.verify.accounting import check_accounting, check_files, read_json
 from lvita_data.verify.report import Problem, VerifyReport
@@ -82,12 +83,10 @@ def verify_build(
             owners.setdefault(key, result.name)
     if settings is not None:
         check_accounting(out, results, problems)
-    if (out / ".nv-meta").is_dir():
-        from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
-
-        if all(r.intact and r.scan is not None and not r.scan.problems for r in results):
-            layouts = [layout_from_scan(r.name, r.scan) for r in results]  # type: ignore[arg-type]
-            problems.extend(
-                Problem("energon", message) for message in check_energon_metadata(out, layouts)
-            )
+    clean = all(r.intact and r.scan is not None and not r.scan.problems for r in results)
+    if clean and (out / ".nv-meta").is_dir():  # Energon's view needs every shard intact
+        layouts = [layout_from_scan(r.name, r.scan) for r in results]  # type: ignore[arg-type]
+        problems.extend(
+            Problem("energon", message) for message in check_energon_metadata(out, layouts)
+        )
     return report
