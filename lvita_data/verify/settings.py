@@ -17,6 +17,8 @@ from lvita_data.tokenizer.special_tokens import SpecialIds
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What a sample is checked against; `decode_tiles=False` skips decoding the tiles."""
+
     stage: str
     max_seq_len: int
     reset_attention: bool
