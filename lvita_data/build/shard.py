@@ -34,6 +34,7 @@ from lvita_data.schema import Reject, TokenizedSample
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     SHARD_FORMAT_VERSION,
+    meta_bytes,
     npy_bytes,
     sample_digest,
     sample_key,
@@ -130,7 +131,7 @@ def _pack_sample(
         "num_tiles": tile_index,
         "samples": metas,
     }
-    out["meta.json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+    out["meta.json"] = meta_bytes(meta)
     return out, sum(s.plan.length for s, _, _ in members)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -70,6 +71,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def meta_bytes(meta: Mapping[str, Any]) -> bytes:
+    """The canonical `meta.json` of a pack: UTF-8, keys sorted, no spaces added by indent."""
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     SHARD_FORMAT_VERSION,
     load_npy,
+    meta_bytes,
     npy_bytes,
     tile_member,
 )
@@ -122,7 +123,7 @@ def check_sample(
         except (ValueError, UnicodeError) as error:
             out.add(f"does not parse: {error}", "meta.json")
         else:
-            canonical = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+            canonical = meta_bytes(meta)
             if canonical != parts["meta.json"]:
                 out.add("not the canonical JSON lvita writes (damaged?)", "meta.json")
     if meta is not None:
