@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from html import escape
 
 from lvita_data.fileio import write_text_atomic
-from lvita_data.stats.text import DATASET_COLUMNS, delta, pct
+from lvita_data.stats.text import DATASET_COLUMNS, dataset_rows, pct
 
 PACKED = "#1f77b4"
 """Colour of the packed / after-packing series (the test looks for it in the screenshot)."""
@@ -315,41 +315,7 @@ def render_html(stats: dict) -> str:
             _figure_html(plot_rejects(stats), "Rejected records by reason and dataset"),
         ]
     )
-    rows = []
-    for d in stats["datasets"]:
-        f = d["frames"]
-        rows.append(
-            (
-                d["name"],
-                d["group"],
-                "-" if d["ratio"] is None else f"{d['ratio']:g}",
-                d["selected"],
-                d["samples"],
-                sum(d["rejects"].values()),
-                f"{d['tokens']:,}",
-                pct(d["share"]),
-                pct(d["target_share"]),
-                delta(d["share_delta"]),
-                f"{f['chosen']} / {f['requested']}" if f["videos"] else "-",
-                " + ".join(f"{k} {v}" for k, v in d["modalities"].items()) or "-",
-            )
-        )
-    rows.append(
-        (
-            "TOTAL",
-            "",
-            "",
-            sum(d["selected"] for d in stats["datasets"]),
-            stats["samples"],
-            stats["rejects"],
-            f"{stats['tokens']:,}",
-            pct(1.0 if stats["tokens"] else 0.0),
-            pct(1.0) if stats["planned_tokens"] else "-",
-            "",
-            f"{frames['chosen']} / {frames['requested']}" if frames["videos"] else "-",
-            " + ".join(f"{m} {v['samples']}" for m, v in stats["modalities"].items()) or "-",
-        )
-    )
+    rows = dataset_rows(stats, frames_sep=" / ")
     dataset_table = _html_table(
         DATASET_COLUMNS,
         rows,

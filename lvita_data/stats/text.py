@@ -86,6 +86,48 @@ def _mix(counts: dict[str, int]) -> str:
     return " + ".join(f"{k} {v}" for k, v in counts.items()) or "-"
 
 
+def dataset_rows(stats: dict, *, frames_sep: str = "/") -> list[tuple[str | int, ...]]:
+    """The cells of `DATASET_COLUMNS`, one row per dataset and a TOTAL row (counts as ints); the
+    terminal report and the HTML report format the same rows."""
+    frames = stats["frames"]
+    rows: list[tuple[str | int, ...]] = []
+    for d in stats["datasets"]:
+        f = d["frames"]
+        rows.append(
+            (
+                d["name"],
+                d["group"],
+                "-" if d["ratio"] is None else f"{d['ratio']:g}",
+                d["selected"],
+                d["samples"],
+                sum(d["rejects"].values()),
+                f"{d['tokens']:,}",
+                pct(d["share"]),
+                pct(d["target_share"]),
+                delta(d["share_delta"]),
+                f"{f['chosen']}{frames_sep}{f['requested']}" if f["videos"] else "-",
+                _mix(d["modalities"]),
+            )
+        )
+    rows.append(
+        (
+            "TOTAL",
+            "",
+            "",
+            sum(d["selected"] for d in stats["datasets"]),
+            stats["samples"],
+            stats["rejects"],
+            f"{stats['tokens']:,}",
+            pct(1.0 if stats["tokens"] else 0.0),
+            pct(1.0) if stats["planned_tokens"] else "-",
+            "",
+            f"{frames['chosen']}{frames_sep}{frames['requested']}" if frames["videos"] else "-",
+            _mix({m: v["samples"] for m, v in stats["modalities"].items()}),
+        )
+    )
+    return rows
+
+
 def format_stats(stats: dict) -> str:
     """A readable terminal report: summary, per-dataset table, histograms, rejects."""
     capacity = stats["max_seq_len"]
@@ -106,41 +148,7 @@ def format_stats(stats: dict) -> str:
         "",
     ]
     header = DATASET_COLUMNS
-    rows = []
-    for d in stats["datasets"]:
-        f = d["frames"]
-        rows.append(
-            (
-                d["name"],
-                d["group"],
-                "-" if d["ratio"] is None else f"{d['ratio']:g}",
-                str(d["selected"]),
-                str(d["samples"]),
-                str(sum(d["rejects"].values())),
-                f"{d['tokens']:,}",
-                pct(d["share"]),
-                pct(d["target_share"]),
-                delta(d["share_delta"]),
-                f"{f['chosen']}/{f['requested']}" if f["videos"] else "-",
-                _mix(d["modalities"]),
-            )
-        )
-    rows.append(
-        (
-            "TOTAL",
-            "",
-            "",
-            str(sum(d["selected"] for d in stats["datasets"])),
-            str(stats["samples"]),
-            str(stats["rejects"]),
-            f"{stats['tokens']:,}",
-            pct(1.0 if stats["tokens"] else 0.0),
-            pct(1.0) if stats["planned_tokens"] else "-",
-            "",
-            f"{frames['chosen']}/{frames['requested']}" if frames["videos"] else "-",
-            _mix({m: v["samples"] for m, v in stats["modalities"].items()}),
-        )
-    )
+    rows = [tuple(map(str, row)) for row in dataset_rows(stats)]
     if all(d["group"] == d["name"] for d in stats["datasets"]):
         header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
         lines += _table(header, rows, left=(0, len(header) - 1))
