@@ -118,6 +118,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         executor=args.executor,
         resume=args.resume,
         progress=not args.quiet,
+        verify_media=args.verify_media,
     )
     shards = index["shards"]
     packs = sum(s["samples"] for s in shards)
@@ -228,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--executor", choices=("local", "ray"), default="local")
     build.add_argument("--resume", action="store_true", help="finish an interrupted build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--verify-media",
+        action="store_true",
+        help="decode every image while planning (else sizes and containers are checked)",
+    )
     build.set_defaults(run=_cmd_build)
 
     stats = commands.add_parser("stats", help="fill, padding, lengths, shares, rejects of a build")

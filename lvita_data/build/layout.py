@@ -20,7 +20,7 @@ from lvita_data.build.plan import StagePlan
 from lvita_data.manifest import StageManifest
 from lvita_data.packing.plan import plan_packs
 from lvita_data.schema import Reject, RejectReason
-from lvita_data.shards.format import SHARD_FORMAT_VERSION
+from lvita_data.shards.format import shard_format
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,8 @@ class BuildPlan:
 
     manifest_sha256: str
     stage: str
+    shard_format: int
+    """1: images as pre-cut tiles, 2: images as source bytes (``shards.image_storage``)."""
     files: list[FileRef]
     shards: list[list[list[tuple[int, int]]]]
     """shard -> pack -> (file index, row) of each packed sample."""
@@ -47,7 +49,7 @@ class BuildPlan:
 
     def to_json(self) -> dict:
         return {
-            "format": SHARD_FORMAT_VERSION,
+            "format": self.shard_format,
             "manifest_sha256": self.manifest_sha256,
             "stage": self.stage,
             "files": [asdict(f) for f in self.files],
@@ -58,7 +60,7 @@ class BuildPlan:
 
 def manifest_digest(manifest: StageManifest) -> str:
     """Hash of the parsed manifest (paths already resolved) and the tool's shard format."""
-    text = repr((manifest, SHARD_FORMAT_VERSION))
+    text = repr((manifest, shard_format(manifest.shards.image_storage)))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -111,6 +113,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
     return BuildPlan(
         manifest_sha256=manifest_digest(manifest),
         stage=manifest.stage,
+        shard_format=shard_format(manifest.shards.image_storage),
         files=files,
         shards=shards,
         pack_offset=list(range(0, len(packs), per_shard)),

@@ -48,7 +48,6 @@ from lvita_data.schema import Reject, RejectReason
 from lvita_data.shards.energon import write_energon_metadata
 from lvita_data.shards.format import (
     MANIFEST_COPY,
-    SHARD_FORMAT_VERSION,
     STATE_DIR,
     ShardInfo,
     manifest_header,
@@ -139,7 +138,7 @@ def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[Shard
     ]
     rejects = build_plan.plan_rejects + build_plan.pack_rejects + build_rejects
     index = {
-        "format": SHARD_FORMAT_VERSION,
+        "format": build_plan.shard_format,
         "tool": f"lvita {__version__}",
         "stage": manifest.stage,
         "max_seq_len": manifest.pack.max_seq_len,
@@ -154,7 +153,7 @@ def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[Shard
         compute_stats(out, shards=shards, rejects=rejects, plan=plan, manifest=manifest),
     )
     source_text = Path(manifest.source_path).read_text(encoding="utf-8")
-    header = manifest_header(__version__, manifest.source_path)
+    header = manifest_header(__version__, build_plan.shard_format, manifest.source_path)
     write_text_atomic(str(out / MANIFEST_COPY), header + source_text)
     write_energon_metadata(out, shards)
     write_json_atomic(str(out / "index.json"), index)
@@ -169,25 +168,39 @@ def build_stage(
     executor: str = "local",
     resume: bool = False,
     progress: bool = True,
+    verify_media: bool = False,
 ) -> dict:
-    """Build (or finish) the shards of a stage; returns the index written to index.json."""
+    """Build (or finish) the shards of a stage; returns the index written to index.json.
+
+    `verify_media` decodes every image while planning (`lvita build --verify-media`), so an
+    image truncated after a valid header is rejected there instead of reaching a format-2
+    shard as bytes; otherwise the shard tasks check sizes and containers (`media.source`).
+    """
     if executor not in EXECUTORS:
         raise BuildError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
     try:
-        return _build(manifest_path, Path(out_dir), workers, executor, resume, progress)
+        return _build(
+            manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media
+        )
     except PoolError as error:
         raise BuildError(str(error)) from None
 
 
 def _build(
-    manifest_path: str, out: Path, workers: int, executor: Executor, resume: bool, progress: bool
+    manifest_path: str,
+    out: Path,
+    workers: int,
+    executor: Executor,
+    resume: bool,
+    progress: bool,
+    verify_media: bool,
 ) -> dict:
     manifest = load_manifest(manifest_path)
     _check_before_planning(out, manifest_digest(manifest), resume)
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     with _locked(out):
         remove_temporaries(str(out))
-        plan = plan_stage(manifest, workers=workers, progress=progress)
+        plan = plan_stage(manifest, workers=workers, progress=progress, verify_media=verify_media)
         build_plan = make_build_plan(plan)
         _check_plan(out, build_plan)
         tasks = _tasks(out, build_plan)

@@ -15,6 +15,7 @@ executor or the order tasks finish in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -24,8 +25,9 @@ from functools import lru_cache
 from lvita_data.build.layout import FileRef
 from lvita_data.errors import SkipSample
 from lvita_data.fileio import write_json_atomic
-from lvita_data.manifest import StageManifest
-from lvita_data.media.tiles import encode_tiles, sample_tiles
+from lvita_data.manifest import ShardConfig, StageManifest
+from lvita_data.media.source import read_source_image
+from lvita_data.media.tiles import encode_tiles, sample_tiles, video_tiles
 from lvita_data.packing.assemble import assemble_pack
 from lvita_data.records import open_source
 from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
@@ -33,11 +35,13 @@ from lvita_data.samples.tokenize import SampleRules, tokenize_record
 from lvita_data.schema import Reject, TokenizedSample
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
-    SHARD_FORMAT_VERSION,
+    FORMAT_SOURCE,
+    image_member,
     meta_bytes,
     npy_bytes,
     sample_digest,
     sample_key,
+    shard_format,
     tile_member,
 )
 from lvita_data.shards.writer import write_shard
@@ -75,19 +79,49 @@ def _open(ref: FileRef):
     return _open_cached(ref, identity)
 
 
-def _sample_meta(sample: TokenizedSample, ref: FileRef, offset: int, num_tiles: int) -> dict:
+@dataclass(frozen=True, slots=True)
+class SamplePixels:
+    """What a sample puts into its pack besides its ids: stored tiles in placeholder order
+    (every tile in format 1, the video frames in format 2) and, in format 2, the (bytes,
+    extension) of each of its images."""
+
+    tiles: list[bytes]
+    images: list[tuple[bytes, str]]
+
+
+def sample_pixels(sample: TokenizedSample, shards: ShardConfig) -> SamplePixels:
+    """Decode, tile and encode what the storage stores (the only place pixels are touched);
+    `SkipSample` for an image or video that cannot be used."""
+    if shards.image_storage == "tiles":
+        return SamplePixels(encode_tiles(sample_tiles(sample), fmt=shards.tile_format), [])
+    images = [read_source_image(plan) for plan in sample.plan.images]
+    frames = [
+        tile
+        for kind, index in sample.media_order
+        if kind == "video"
+        for tile in video_tiles(sample.plan.videos[index])
+    ]
+    return SamplePixels(encode_tiles(frames, fmt=shards.tile_format), images)
+
+
+def _sample_meta(
+    sample: TokenizedSample, ref: FileRef, offset: int, image_members: Sequence[str]
+) -> dict:
+    images = [
+        {"size": [p.width, p.height], "grid": list(p.grid), "tiles": p.num_tiles}
+        for p in sample.plan.images
+    ]
+    for image, member in zip(images, image_members, strict=False):
+        image["member"] = member
     return {
         "dataset": sample.dataset,
         "file": ref.path,
         "record": sample.record_id,
         "length": sample.plan.length,
         "offset": offset,
-        "num_tiles": num_tiles,
+        "num_tiles": sample.plan.num_tiles,
         "media_order": [list(item) for item in sample.media_order],
-        "images": [
-            {"size": [p.width, p.height], "grid": list(p.grid), "tiles": p.num_tiles}
-            for p in sample.plan.images
-        ],
+        "images": images,
         "videos": [
             {
                 "frames": list(v.frame_indices),
@@ -102,7 +136,7 @@ def _sample_meta(sample: TokenizedSample, ref: FileRef, offset: int, num_tiles: 
 
 def _pack_sample(
     key: str,
-    members: Sequence[tuple[TokenizedSample, FileRef, list[bytes]]],
+    members: Sequence[tuple[TokenizedSample, FileRef, SamplePixels]],
     manifest: StageManifest,
     pad_id: int,
 ) -> tuple[dict[str, bytes], int]:
@@ -119,18 +153,29 @@ def _pack_sample(
     for name in ARRAY_MEMBERS:
         out[f"{name}.npy"] = npy_bytes(getattr(arrays, name))
     metas, tile_index = [], 0
-    for (sample, ref, tiles), offset in zip(members, arrays.cu_seqlens[:-1].tolist(), strict=True):
-        metas.append(_sample_meta(sample, ref, offset, len(tiles)))
-        for blob in tiles:
+    image_names: dict[bytes, str] = {}  # sha256 of the bytes -> member: each image stored once
+    for (sample, ref, pixels), offset in zip(members, arrays.cu_seqlens[:-1].tolist(), strict=True):
+        names = []
+        for data, extension in pixels.images:
+            digest = hashlib.sha256(data).digest()
+            if digest not in image_names:
+                image_names[digest] = image_member(len(image_names), extension)
+                out[image_names[digest]] = data
+            names.append(image_names[digest])
+        metas.append(_sample_meta(sample, ref, offset, names))
+        for blob in pixels.tiles:
             out[tile_member(tile_index, tile_format)] = blob
             tile_index += 1
+    version = shard_format(manifest.shards.image_storage)
     meta = {
         "stage": manifest.stage,
-        "format": SHARD_FORMAT_VERSION,
+        "format": version,
         "tile_format": tile_format,
-        "num_tiles": tile_index,
+        "num_tiles": sum(s.plan.num_tiles for s, _, _ in members),
         "samples": metas,
     }
+    if version == FORMAT_SOURCE:
+        meta["stored_tiles"] = tile_index
     out["meta.json"] = meta_bytes(meta)
     return out, sum(s.plan.length for s, _, _ in members)
 
@@ -171,11 +216,11 @@ def build_shard(task: ShardTask, context: BuildContext) -> dict:
                     rejects.append(sample)
                     continue
                 try:
-                    tiles = encode_tiles(sample_tiles(sample), fmt=manifest.shards.tile_format)
+                    pixels = sample_pixels(sample, manifest.shards)
                 except SkipSample as skip:
                     rejects.append(Row((file_index, row), _open(ref), ref.path, row).reject(skip))
                     continue
-                members.append((sample, ref, tiles))
+                members.append((sample, ref, pixels))
             if members:
                 key = sample_key(task.pack_offset + pack_number)
                 packed, tokens = _pack_sample(key, members, manifest, tokenizer.special_ids.pad)

@@ -11,10 +11,15 @@ A batch is `batch_size` packs (default 1: packs are already full sequences) of t
   boundaries concatenated, pack b shifted by b * T, ending at B * T; S = all packed samples.
   ``cu_seqlens_per_pack`` keeps each pack's own int32 [n_b + 1] array; ``max_seqlen``.
 - ``pixel_values``: float32 [N, 3, 448, 448], the N tiles of the batch in placeholder order,
-  bit-identical to the original's normalised tensors (decoded with
-  `lvita_data.media.tiles.decode_tile`, normalised with `lvita_data.media.tiles`' one table by
-  `normalize_tile_into`). With ``normalize=False`` uint8 [N, 448, 448, 3] (e.g. to normalise on
-  the accelerator); with ``decode_pixels=False`` None, and ``tile_data`` holds the encoded tiles.
+  bit-identical to the original's normalised tensors: stored tiles decoded with
+  `lvita_data.media.tiles.decode_tile`, format-2 source images decoded and cut with the
+  original's Pillow operations (`lvita_data.media.source.source_image_tiles`, once per image and
+  pack however many tiles come from it), all normalised with `lvita_data.media.tiles`' one table
+  by `normalize_tile_into`. An image that no longer decodes, or decodes to another size than
+  planned, raises `LoaderError` naming shard, key and member: it can never change the token
+  count. With ``normalize=False`` uint8 [N, 448, 448, 3] (e.g. to normalise on the
+  accelerator); with ``decode_pixels=False`` None, ``tile_data`` holds the encoded stored tiles
+  and ``image_data`` each pack's source images ({member: bytes}).
 - ``image_token_positions``: int64 [N, 256], for tile i the flat positions (into B * T) of its 256
   ``<IMG_CONTEXT>`` / ``<PATCH_CONTEXT>`` / ``<VID_CONTEXT>`` placeholders, in sequence order:
   ``embeddings.view(B * T, D)[image_token_positions[i]] = vision_features[i]``.
@@ -26,14 +31,16 @@ normalised there, on the device, bit-identically (`normalize_tiles_torch`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from lvita_data.errors import LoaderError
+from lvita_data.errors import LoaderError, SkipSample
 from lvita_data.loader.reader import Pack
+from lvita_data.media.source import source_image_tiles
 from lvita_data.media.tiles import decode_tile, normalize_tile_into, normalize_tiles_torch
 from lvita_data.samples.tiling import TOKENS_PER_TILE
 from lvita_data.schema import TILE_SIZE
@@ -65,7 +72,9 @@ class PackedBatch:
     keys: list[str]
     meta: list[dict]
     tile_data: list[bytes] | None = None
-    """The encoded tiles (only with decode_pixels=False)."""
+    """The encoded stored tiles (only with decode_pixels=False)."""
+    image_data: list[dict[str, bytes]] | None = None
+    """Per pack, its format-2 source images by member (only with decode_pixels=False)."""
     tile_format: str = "png"
 
     @property
@@ -140,16 +149,18 @@ def assemble_batch(
     cu_parts = [p.cu_seqlens[:-1] + b * seq_len for b, p in enumerate(packs)]
     cu_parts.append(np.array([len(packs) * seq_len], dtype=np.int32))
     positions = [p.placeholders + b * seq_len for b, p in enumerate(packs)]
-    blobs = [t for p in packs for t in p.tiles]
     formats = {p.tile_format for p in packs}
     tile_format = packs[0].tile_format
-    pixel_values = tile_data = None
+    pixel_values = tile_data = image_data = None
     if decode_pixels:
         if len(formats) > 1:
             raise LoaderError(f"packs of one batch use different tile formats {formats}")
-        pixel_values = _decode_tiles(blobs, tile_format, normalize, allocate)
+        pixel_values = _decode_tiles(packs, normalize, allocate)
     else:
-        tile_data = [bytes(b) for b in blobs]
+        tile_data = [bytes(t) for p in packs for t in p.tiles]
+        image_data = [
+            {s.member: bytes(s.data) for s, _ in p.tile_sources if s is not None} for p in packs
+        ]
     return PackedBatch(
         input_ids=np.stack([p.input_ids for p in packs]),
         labels=np.stack([p.labels for p in packs]),
@@ -162,24 +173,47 @@ def assemble_batch(
             if positions
             else np.empty((0, TOKENS_PER_TILE), dtype=np.int64)
         ),
-        tiles_per_pack=np.array([len(p.tiles) for p in packs], dtype=np.int32),
+        tiles_per_pack=np.array([len(p.tile_sources) for p in packs], dtype=np.int32),
         keys=[p.key for p in packs],
         meta=[p.meta for p in packs],
         tile_data=tile_data,
+        image_data=image_data,
         tile_format=tile_format,
     )
 
 
-def _decode_tiles(
-    blobs: Sequence[memoryview], tile_format: str, normalize: bool, allocate: Allocate
-) -> np.ndarray:
+def _decode_tiles(packs: Sequence[Pack], normalize: bool, allocate: Allocate) -> np.ndarray:
     """float32 [N, 3, 448, 448] normalised tiles, or uint8 [N, 448, 448, 3] without `normalize`."""
-    if not normalize:
-        out = allocate((len(blobs), TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
-        for i, blob in enumerate(blobs):
-            out[i] = decode_tile(blob, tile_format)
-        return out
-    out = allocate((len(blobs), 3, TILE_SIZE, TILE_SIZE), dtype=np.float32)
-    for i, blob in enumerate(blobs):
-        normalize_tile_into(decode_tile(blob, tile_format), out[i])
+    count = sum(len(p.tile_sources) for p in packs)
+    if normalize:
+        out = allocate((count, 3, TILE_SIZE, TILE_SIZE), dtype=np.float32)
+    else:
+        out = allocate((count, TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
+    i = 0
+    for pack in packs:
+        for tile in _pack_tiles(pack):
+            if normalize:
+                normalize_tile_into(tile, out[i])
+            else:
+                out[i] = tile
+            i += 1
     return out
+
+
+def _pack_tiles(pack: Pack) -> Iterator[np.ndarray]:
+    """uint8 [448, 448, 3] tiles of one pack in placeholder order; a source image is decoded
+    and cut once per pack, when its first tile is needed."""
+    cut: dict[str, list[Image.Image]] = {}
+    for source, index in pack.tile_sources:
+        if source is None:
+            yield decode_tile(pack.tiles[index], pack.tile_format)
+            continue
+        if source.member not in cut:
+            try:
+                cut[source.member] = source_image_tiles(
+                    bytes(source.data), source.size, source.grid, source.member
+                )
+            except SkipSample as error:
+                raise LoaderError(f"{pack.where}: image {error.detail}") from None
+        tiles = cut[source.member]
+        yield np.asarray(tiles[index])

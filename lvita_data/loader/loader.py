@@ -56,7 +56,7 @@ from lvita_data.loader.batch import Allocate, PackedBatch, assemble_batch
 from lvita_data.loader.order import epoch_order, num_batches, rank_slice, seed_words
 from lvita_data.loader.reader import Pack, ShardReader
 from lvita_data.loader.workers import worker_batches
-from lvita_data.shards.format import BUNDLED_TOKENIZER, SHARD_FORMAT_VERSION, read_build_manifest
+from lvita_data.shards.format import BUNDLED_TOKENIZER, SHARD_FORMATS, read_build_manifest
 from lvita_data.tokenizer.special_tokens import (
     LONGVITA_SPECIAL_TOKENS,
     QWEN25_NUM_BPE_TOKENS,
@@ -64,8 +64,6 @@ from lvita_data.tokenizer.special_tokens import (
     SpecialIds,
 )
 
-SHARD_FORMAT = SHARD_FORMAT_VERSION
-"""The shard format this loader reads."""
 STATE_VERSION = 1
 
 
@@ -184,9 +182,9 @@ class ShardLoader:
             index = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise LoaderError(f"{path}: {error}") from None
-        if index.get("format") != SHARD_FORMAT:
+        if index.get("format") not in SHARD_FORMATS:
             raise LoaderError(
-                f"{path}: shard format {index.get('format')!r}, this loader reads {SHARD_FORMAT}"
+                f"{path}: shard format {index.get('format')!r}, this loader reads {SHARD_FORMATS}"
             )
         if not index.get("shards"):
             raise LoaderError(f"{path}: no shards")
@@ -332,4 +330,4 @@ class ShardLoader:
         )
 
 
-__all__ = ["SHARD_FORMAT", "STATE_VERSION", "ShardLoader", "bundled_vision_ids"]
+__all__ = ["STATE_VERSION", "ShardLoader", "bundled_vision_ids"]

@@ -17,9 +17,12 @@ must not do at import time (nor while iterating without workers).
 Checks
 ------
 Every pack is checked while it is read: the four arrays are int32 [T] (cu_seqlens [n + 1] from 0
-to T), the tile members are ``tile000000 .. tile{N-1}`` in the meta's format, and the number of
-vision placeholders in ``input_ids`` is exactly 256 * N. A violation raises `LoaderError` naming
-the shard and the key.
+to T), the stored tile members are ``tile000000 .. tile{M-1}`` in the meta's tile format (M =
+``num_tiles`` in format 1, ``stored_tiles`` in format 2), in format 2 every image of the meta
+names an ``image*`` member with a positive size and a grid whose tile count it states, and the
+number of vision placeholders in ``input_ids`` is exactly 256 * N for the N tiles the pack's
+media stand for (`Pack.tile_sources`, walked in each sample's ``media_order``). A violation
+raises `LoaderError` naming the shard and the key. Pixels are decoded later (`batch`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from typing import TypeVar
 import numpy as np
 
 from lvita_data.errors import LoaderError, ShardFormatError
-from lvita_data.samples.tiling import TOKENS_PER_TILE
-from lvita_data.shards.format import ARRAY_MEMBERS
+from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
+from lvita_data.shards.format import ARRAY_MEMBERS, FORMAT_SOURCE, FORMAT_TILES, SHARD_FORMATS
 from lvita_data.shards.tar import TarSample, group_samples, scan_tar_file
 
 ARRAY_NAMES = tuple(ARRAY_MEMBERS)
@@ -47,12 +50,31 @@ KEEP_SHARDS = 4
 """Shards whose tar scan and open file a process keeps (least recently used ones go)."""
 
 _TILE_NAME = re.compile(r"^tile(\d+)\.([a-z0-9]+)$")
+_IMAGE_NAME = re.compile(r"^image\d{6}\.[a-z0-9]+$")
+MAX_GRID_TILES = 64
+"""Upper bound of cols * rows accepted from a shard (Long-VITA uses at most 12)."""
 _Value = TypeVar("_Value")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceImage:
+    """A format-2 image member: its bytes, and the size and grid the pack's tokens were
+    planned for."""
+
+    member: str
+    data: memoryview
+    size: tuple[int, int]
+    grid: tuple[int, int]
+
+
+TileSource = tuple[SourceImage | None, int]
+"""Where one vision tile comes from: (None, j) the stored tile j, (image, k) tile k of the
+image cut with `lvita_data.media.tiles.image_tiles` (thumbnail first)."""
 
 
 @dataclass(slots=True)
 class Pack:
-    """One checked pack: the shard's arrays, its meta.json and its encoded tiles (not decoded)."""
+    """One checked pack: the shard's arrays, its meta.json and its encoded pixels (not decoded)."""
 
     key: str
     input_ids: np.ndarray
@@ -61,8 +83,13 @@ class Pack:
     cu_seqlens: np.ndarray
     meta: dict
     tiles: list[memoryview]
+    """The stored tiles in order (format 1: all tiles; format 2: video frames)."""
     tile_format: str
     placeholders: np.ndarray  # int64 [n_tiles, 256], positions within the pack
+    tile_sources: list[TileSource]
+    """One entry per vision tile, in placeholder order."""
+    where: str
+    """Shard and key, for errors."""
 
 
 def parse_pack(
@@ -106,14 +133,29 @@ def parse_pack(
     except ValueError as error:
         raise LoaderError(f"{where}: meta.json: {error}") from None
     tile_format = meta.get("tile_format", "png")
-    tiles = _numbered_tiles(members, meta, tile_format, where)
+    version = meta.get("format", FORMAT_TILES)
+    if version not in SHARD_FORMATS:
+        raise LoaderError(
+            f"{where}: meta.json format {version!r}, this loader reads {SHARD_FORMATS}"
+        )
+    stored = meta.get("stored_tiles") if version == FORMAT_SOURCE else meta.get("num_tiles")
+    tiles = _numbered_tiles(members, stored, tile_format, where)
+    if version == FORMAT_SOURCE:
+        sources = _tile_sources(members, meta, len(tiles), where)
+    else:
+        sources = [(None, j) for j in range(len(tiles))]
+    if meta.get("num_tiles") != len(sources):
+        raise LoaderError(
+            f"{where}: the media stand for {len(sources)} tiles, meta num_tiles "
+            f"{meta.get('num_tiles')}"
+        )
     img, patch, vid = vision_ids
     mask = (input_ids == img) | (input_ids == patch) | (input_ids == vid)
     positions = np.flatnonzero(mask)
-    if positions.shape[0] != len(tiles) * TOKENS_PER_TILE:
+    if positions.shape[0] != len(sources) * TOKENS_PER_TILE:
         raise LoaderError(
-            f"{where}: {positions.shape[0]} vision placeholders for {len(tiles)} tiles "
-            f"(expected {len(tiles) * TOKENS_PER_TILE}; wrong special_ids?)"
+            f"{where}: {positions.shape[0]} vision placeholders for {len(sources)} tiles "
+            f"(expected {len(sources) * TOKENS_PER_TILE}; wrong special_ids?)"
         )
     return Pack(
         key=key,
@@ -124,15 +166,66 @@ def parse_pack(
         meta=meta,
         tiles=tiles,
         tile_format=tile_format,
-        placeholders=positions.reshape(len(tiles), TOKENS_PER_TILE),
+        placeholders=positions.reshape(len(sources), TOKENS_PER_TILE),
+        tile_sources=sources,
+        where=where,
     )
 
 
+def _pair(value: object, what: str, where: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(type(v) is int and 0 < v < 1 << 20 for v in value)
+    ):
+        raise LoaderError(f"{where}: meta.json {what} {value!r} is not two positive ints")
+    return value[0], value[1]
+
+
+def _tile_sources(
+    members: dict[str, memoryview], meta: dict, stored: int, where: str
+) -> list[TileSource]:
+    """Format 2: the source of every vision tile, walking each sample's ``media_order``."""
+    sources: list[TileSource] = []
+    next_stored = 0
+    try:
+        for sample in meta["samples"]:
+            for kind, index in sample["media_order"]:
+                if kind not in ("image", "video") or type(index) is not int or index < 0:
+                    raise LoaderError(f"{where}: media_order entry {[kind, index]!r}")
+                if kind == "video":
+                    frames = len(sample["videos"][index]["frames"])
+                    sources += [(None, next_stored + j) for j in range(frames)]
+                    next_stored += frames
+                    continue
+                image = sample["images"][index]
+                member, grid = image["member"], _pair(image["grid"], "grid", where)
+                if not isinstance(member, str) or not _IMAGE_NAME.match(member):
+                    raise LoaderError(f"{where}: image member name {member!r}")
+                if member not in members:
+                    raise LoaderError(f"{where}: image member {member} is missing")
+                if grid[0] * grid[1] > MAX_GRID_TILES or image["tiles"] != num_tiles(grid):
+                    raise LoaderError(f"{where}: {member}: grid {grid}, tiles {image['tiles']}")
+                source = SourceImage(
+                    member, members[member], _pair(image["size"], "size", where), grid
+                )
+                sources += [(source, k) for k in range(image["tiles"])]
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise LoaderError(
+            f"{where}: meta.json does not describe the pack's media: {error!r}"
+        ) from None
+    if next_stored != stored:
+        raise LoaderError(
+            f"{where}: the videos use {next_stored} stored tiles, the pack has {stored}"
+        )
+    return sources
+
+
 def _numbered_tiles(
-    members: dict[str, memoryview], meta: dict, tile_format: str, where: str
+    members: dict[str, memoryview], expected: object, tile_format: str, where: str
 ) -> list[memoryview]:
-    """The tile members in order: ``tile000000 .. tile{N-1}``, all in `tile_format`, N = the
-    meta's ``num_tiles``."""
+    """The stored tile members in order: ``tile000000 .. tile{N-1}``, all in `tile_format`, N =
+    `expected` (the meta's count)."""
     numbered = {}
     for name, data in members.items():
         match = _TILE_NAME.match(name)
@@ -142,10 +235,8 @@ def _numbered_tiles(
             raise LoaderError(f"{where}: {name} is not in the tile format {tile_format!r}")
         numbered[int(match.group(1))] = data
     num_tiles = len(numbered)
-    if sorted(numbered) != list(range(num_tiles)) or meta.get("num_tiles") != num_tiles:
-        raise LoaderError(
-            f"{where}: tiles {sorted(numbered)} do not match meta num_tiles {meta.get('num_tiles')}"
-        )
+    if sorted(numbered) != list(range(num_tiles)) or expected != num_tiles:
+        raise LoaderError(f"{where}: tiles {sorted(numbered)} do not match the meta's {expected}")
     return [numbered[i] for i in range(num_tiles)]
 
 

@@ -240,11 +240,23 @@ def normalize_tiles_torch(tiles):
 # decoding media
 
 
-def _decode_rgb(handle: BinaryIO, name: str) -> Image.Image:
+def decode_rgb(
+    handle: BinaryIO, name: str, expected_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """``Image.open(handle).convert("RGB")`` fully decoded; with `expected_size`, an image of
+    another size (read from its header, before any pixel is decoded) is ``corrupt_image``.
+    Raises `SkipSample` (``corrupt_image``, ``decompression_bomb``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(handle)
+            if expected_size is not None and image.size != tuple(expected_size):
+                width, height = expected_size
+                raise SkipSample(
+                    RejectReason.corrupt_image,
+                    f"{name}: size {image.size[0]}x{image.size[1]} differs from the planned "
+                    f"{width}x{height}",
+                )
             image.load()  # first frame of animations, like the original's convert()
             return _rgb(image)
     except Image.DecompressionBombError as error:
@@ -261,7 +273,7 @@ def load_image(ref: MediaRef) -> Image.Image:
     """
     name = ref.name or ref.path or "<embedded image>"
     with open_image(ref) as handle:
-        return _decode_rgb(handle, name)
+        return decode_rgb(handle, name)
 
 
 def plan_tiles(plan: ImagePlan) -> list[Image.Image]:

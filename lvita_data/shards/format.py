@@ -1,4 +1,4 @@
-"""WebDataset shard format of lvita (SHARD FORMAT version 1): member names, arrays, build files.
+"""WebDataset shard formats of lvita (versions 1 and 2): member names, arrays, build files.
 
 A build directory holds `{stage}-{NNNNNN}.tar` shards; one WebDataset sample per packed sequence,
 key `{NNNNNNNNN}` (the global pack index), members (all `.npy` load with allow_pickle=False):
@@ -7,12 +7,26 @@ key `{NNNNNNNNN}` (the global pack index), members (all `.npy` load with allow_p
 - `position_ids.npy` int32 [T]  restarting per sample when pack.reset_attention, else 0..T-1
 - `cu_seqlens.npy`   int32 [n+1] boundaries of the n packed samples, the tail padding accounted to
                      the last one (as the original), so cu_seqlens[-1] == T
-- `meta.json`        stage, tile format, and per packed sample: dataset, file, record, length,
-                     offset, images (size, grid, tiles), videos (frames chosen / requested, fps)
-- `tile000000.png`.. the vision tiles in order of their placeholders in `input_ids` (per image:
-                     thumbnail first when tiled, then row-major tiles; per video: one per frame),
-                     448x448 RGB, lossless: the loader's normalization reproduces the original's
-                     float32 tensors exactly (`lvita_data.media.tiles.normalize_tiles`).
+- `meta.json`        format, stage, tile format, ``num_tiles`` (every vision tile the pack's
+                     placeholders stand for), and per packed sample: dataset, file, record,
+                     length, offset, media_order, images (size, grid, tiles; in format 2 also the
+                     ``member`` holding the image), videos (frames chosen / requested, fps)
+- `tile000000.png`.. stored 448x448 RGB tiles, lossless, in order of their placeholders in
+                     `input_ids`: the loader's normalization reproduces the original's float32
+                     tensors exactly (`lvita_data.media.tiles.normalize_tiles`).
+- `image000000.jpg`.. (format 2) each distinct source image of the pack once, as the exact bytes
+                     of its file or parquet cell; the extension names its format (jpg, png,
+                     webp, gif, bmp, tiff, ...).
+
+**Format 1** (``shards.image_storage: tiles``): every tile is stored, per image the thumbnail first
+when tiled, then row-major tiles; per video one tile per frame. **Format 2** (``image_storage:
+source``, the default): images are stored once as their source bytes and cut into tiles by the
+loader with the original's Pillow operations (`lvita_data.media.source`), bit-identical to format
+1's tiles; only video frames are stored as tiles (meta ``stored_tiles`` counts them). Pre-cut
+image tiles cost 6.6-33x the source JPEG's bytes (a 640x480 photo: 82 kB -> 13 PNG tiles of
+2.7 MB); video frames stay tiles because decoding a long video at load time would be far too
+slow (~200 ms per frame sought in a 60 s 720p clip against ~7 ms to decode a stored PNG tile).
+
 Tars are byte-reproducible: members sorted per sample, mtime 0 (PAX record ``mtime=0.0``),
 uid/gid 0, empty user/group names, mode 0444, samples in pack order (`lvita_data.shards.tar`,
 which also holds the one tar parser). Every file of a build is written atomically
@@ -41,7 +55,12 @@ import yaml
 from lvita_data.errors import ShardFormatError
 from lvita_data.strict_yaml import expand_env
 
-SHARD_FORMAT_VERSION = 1
+FORMAT_TILES = 1
+"""Shard format whose images are stored as pre-cut tiles (``shards.image_storage: tiles``)."""
+FORMAT_SOURCE = 2
+"""Shard format whose images are stored as their source bytes (``image_storage: source``)."""
+SHARD_FORMATS = (FORMAT_TILES, FORMAT_SOURCE)
+"""The formats the loader, verify and stats read."""
 ARRAY_MEMBERS = ("input_ids", "labels", "position_ids", "cu_seqlens")
 STATE_DIR = ".lvita-build"
 """The build's own state (plan, shard tasks, done records) inside its output directory."""
@@ -61,6 +80,15 @@ def sample_key(pack_index: int) -> str:
 
 def tile_member(index: int, tile_format: str) -> str:
     return f"tile{index:06d}.{tile_format}"
+
+
+def image_member(index: int, extension: str) -> str:
+    return f"image{index:06d}.{extension}"
+
+
+def shard_format(image_storage: str) -> int:
+    """The format a build with this ``shards.image_storage`` writes."""
+    return FORMAT_SOURCE if image_storage == "source" else FORMAT_TILES
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -110,9 +138,9 @@ def sample_digest(members: Mapping[str, bytes | str]) -> str:
     return digest.hexdigest()
 
 
-def manifest_header(version: str, source: str | os.PathLike[str]) -> str:
+def manifest_header(version: str, shard_format: int, source: str | os.PathLike[str]) -> str:
     """First line of a build's `manifest.yaml` copy: lvita version, shard format, source path."""
-    return f"# lvita {version}, shard format {SHARD_FORMAT_VERSION}, from {os.fspath(source)}\n"
+    return f"# lvita {version}, shard format {shard_format}, from {os.fspath(source)}\n"
 
 
 @dataclass(frozen=True, slots=True)
