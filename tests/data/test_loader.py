@@ -17,9 +17,10 @@ import pytest
 from lvita_data.build.run import build_stage
 from lvita_data.errors import LoaderError
 from lvita_data.loader import PackedBatch, ShardLoader, epoch_order
-from lvita_data.loader.loader import SHARD_FORMAT, bundled_vision_ids
-from lvita_data.loader.reader import ARRAY_NAMES
-from lvita_data.media.tiles import decode_tiles, normalize_tiles
+from lvita_data.loader.batch import assemble_batch
+from lvita_data.loader.loader import bundled_vision_ids
+from lvita_data.loader.reader import ARRAY_NAMES, parse_pack
+from lvita_data.media.tiles import decode_tiles, image_tiles, normalize_tiles, tiles_array
 from lvita_data.shards.tar import group_samples, scan_tar_file
 from lvita_data.tokenizer.special_tokens import SpecialIds
 from lvita_data.tokenizer.tokenizer import load_tokenizer
@@ -45,6 +46,7 @@ rejects:
   min_selected: 1
 shards:
   packs_per_shard: 5
+  image_storage: {storage}
 datasets:
   - name: lv_image_caption
     format: longvita_jsonl
@@ -64,15 +66,24 @@ datasets:
 
 
 @pytest.fixture(scope="module")
-def build(demo_corpus, tmp_path_factory) -> Path:
-    """A small image + video + text build: 16 packs of 2048 tokens in shards of 5, 5, 5, 1."""
+def builds(demo_corpus, tmp_path_factory) -> dict[str, Path]:
+    """The same small image + video + text stage (16 packs of 2048 tokens in shards of 5, 5, 5,
+    1) built with each image storage: "source" (format 2) and "tiles" (format 1)."""
     root = demo_corpus[0]
     work = tmp_path_factory.mktemp("loader")
-    manifest = work / "loadertest.yaml"
-    manifest.write_text(MANIFEST.format(root=root), encoding="utf-8")
-    out = work / "out"
-    build_stage(str(manifest), str(out), workers=1, progress=False)
+    out = {}
+    for storage in ("source", "tiles"):
+        manifest = work / f"loadertest-{storage}.yaml"
+        manifest.write_text(MANIFEST.format(root=root, storage=storage), encoding="utf-8")
+        out[storage] = work / storage
+        build_stage(str(manifest), str(out[storage]), workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module", params=["source", "tiles"])
+def build(builds, request) -> Path:
+    """Each loader test runs on both shard formats."""
+    return builds[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +133,12 @@ def assert_batches_equal(a: list[PackedBatch], b: list[PackedBatch]) -> None:
 # reading
 
 
-def test_constants_match_the_shard_writer():
+def test_constants_match_the_shard_writer(build):
     from lvita_data.shards import format as shards
 
-    assert shards.SHARD_FORMAT_VERSION == SHARD_FORMAT == 1
+    assert shards.SHARD_FORMATS == (1, 2)
+    index = json.loads((build / "index.json").read_text())
+    assert index["format"] == (2 if build.name == "source" else 1)
     assert tuple(shards.ARRAY_MEMBERS) == ARRAY_NAMES
 
 
@@ -229,29 +242,135 @@ def test_round_trip_arrays_equal_the_tar(build, tar_packs):
         assert batch.max_seqlen == int(np.diff(batch.cu_seqlens).max())
 
 
+def expected_tiles(members: dict[str, bytes]) -> tuple[np.ndarray, list[bytes]]:
+    """(uint8 tiles of a pack in placeholder order, its stored tile members), computed from the
+    members with the original's operations: stored tiles decoded; a format-2 image opened with
+    Pillow, ``convert("RGB")`` and cut for its grid, independently of the loader's code path."""
+    from PIL import Image
+
+    meta = json.loads(members["meta.json"])
+    stored = [
+        members[f"tile{i:06d}.png"] for i in range(meta.get("stored_tiles", meta["num_tiles"]))
+    ]
+    if meta["format"] == 1:
+        return decode_tiles(stored, "png"), stored
+    tiles, next_stored = [], 0
+    for sample in meta["samples"]:
+        for kind, index in sample["media_order"]:
+            if kind == "video":
+                frames = len(sample["videos"][index]["frames"])
+                tiles.extend(decode_tiles(stored[next_stored : next_stored + frames], "png"))
+                next_stored += frames
+            else:
+                image = sample["images"][index]
+                rgb = Image.open(io.BytesIO(members[image["member"]])).convert("RGB")
+                assert list(rgb.size) == image["size"]
+                tiles.extend(tiles_array(image_tiles(rgb, tuple(image["grid"]))))
+    return np.stack(tiles) if tiles else np.empty((0, 448, 448, 3), np.uint8), stored
+
+
 def test_pixels_equal_normalize_tiles_of_decode(build, tar_packs):
     loader = ShardLoader(build, shuffle=False, batch_size=2)
     raw = ShardLoader(build, shuffle=False, batch_size=2, normalize=False)
     undecoded = ShardLoader(build, shuffle=False, batch_size=2, decode_pixels=False)
-    total = 0
+    total = images = 0
     for batch, uint8, encoded in zip(loader, raw, undecoded, strict=True):
-        blobs = []
+        expected_parts, blobs = [], []
         for key in batch.keys:
-            members = tar_packs[key]
-            count = json.loads(members["meta.json"])["num_tiles"]
-            blobs.extend(members[f"tile{i:06d}.png"] for i in range(count))
-        expected_uint8 = decode_tiles(blobs, "png")
+            pack_tiles, stored = expected_tiles(tar_packs[key])
+            expected_parts.append(pack_tiles)
+            blobs.extend(stored)
+        expected_uint8 = np.concatenate(expected_parts)
         expected = normalize_tiles(expected_uint8)
+        count = expected.shape[0]
         assert batch.pixel_values.dtype == np.float32
-        assert batch.pixel_values.shape == (len(blobs), 3, 448, 448)
+        assert batch.pixel_values.shape == (count, 3, 448, 448)
         assert np.array_equal(batch.pixel_values, expected)  # bit-identical
         assert np.array_equal(uint8.pixel_values, expected_uint8)
         assert encoded.pixel_values is None and encoded.tile_data == blobs
+        for key, sources in zip(batch.keys, encoded.image_data, strict=True):
+            assert sources == {k: v for k, v in tar_packs[key].items() if k.startswith("image")}
+            images += len(sources)
         # one tile per placeholder group, per pack and in all
-        assert batch.num_tiles == len(blobs) == int(batch.tiles_per_pack.sum())
-        assert batch.image_token_positions.shape == (len(blobs), 256)
-        total += len(blobs)
+        assert batch.num_tiles == count == int(batch.tiles_per_pack.sum())
+        assert batch.image_token_positions.shape == (count, 256)
+        total += count
     assert total > 50
+    assert (images > 10) == (build.name == "source")  # format 2 stores the images as such
+
+
+def test_both_storages_give_bit_identical_batches(builds):
+    source = all_batches(ShardLoader(builds["source"], shuffle=False, batch_size=2))
+    tiles = all_batches(ShardLoader(builds["tiles"], shuffle=False, batch_size=2))
+    assert_batches_equal(source, tiles)
+    assert sum(b.num_tiles for b in source) > 50
+    size = {k: sum(p.stat().st_size for p in v.glob("*.tar")) for k, v in builds.items()}
+    assert size["source"] < size["tiles"] / 2  # the demo's small PNGs: ~4x smaller
+
+
+def test_each_image_is_stored_once_per_pack(builds, demo_corpus, tmp_path):
+    """Two tags of one image in a sample (and the same image in two samples of a pack) store
+    its bytes once; the loader cuts it once and gives both uses the same tiles."""
+    root = demo_corpus[0]
+    record = {
+        "messages": [
+            {"role": "user", "content": "<image>\n<image>\nSame twice?"},
+            {"role": "assistant", "content": "Yes."},
+        ],
+        "images": ["images/img_1x2.jpg", "images/img_1x2.jpg"],
+        "videos": [],
+    }
+    data = tmp_path / "twice.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    manifest = tmp_path / "twice.yaml"
+    text = MANIFEST.format(root=root, storage="source").split("datasets:")[0]
+    text += f"datasets:\n  - name: twice\n    format: longvita_jsonl\n    path: {data}\n"
+    text += f"    media_root: {root}/longvita\n"
+    manifest.write_text(text)
+    build_stage(str(manifest), str(tmp_path / "out"), workers=1, progress=False)
+    batch = next(iter(ShardLoader(tmp_path / "out", shuffle=False)))
+    members = ShardLoader(tmp_path / "out", shuffle=False, decode_pixels=False)
+    images = next(iter(members)).image_data[0]
+    assert list(images) == ["image000000.jpg"]
+    half = batch.num_tiles // 2
+    assert half > 1 and np.array_equal(batch.pixel_values[:half], batch.pixel_values[half:])
+
+
+def _first_image_pack(build: Path) -> tuple[str, dict[str, memoryview], str]:
+    loader = ShardLoader(build, shuffle=False)
+    for number in range(loader.num_packs):
+        key, members = loader.read_raw(number)
+        images = [name for name in members if name.startswith("image")]
+        if images:
+            return key, dict(members), images[0]
+    raise AssertionError("no pack with a source image")
+
+
+def _load(members: dict[str, memoryview], key: str) -> None:
+    pack = parse_pack(
+        key, members, where=f"shard sample {key}", seq_len=2048, vision_ids=bundled_vision_ids()
+    )
+    assemble_batch([pack], 2048)
+
+
+def test_a_changed_or_damaged_source_image_raises(builds):
+    """An image member that decodes to another size than planned, or not at all, is a
+    LoaderError naming the shard, the key and the member: never a changed token count."""
+    from PIL import Image
+
+    key, members, name = _first_image_pack(builds["source"])
+    _load(members, key)  # intact
+    image = Image.open(io.BytesIO(bytes(members[name])))
+    smaller = io.BytesIO()
+    image.resize((image.width - 1, image.height)).save(smaller, image.format)
+    with pytest.raises(LoaderError, match=rf"shard sample {key}: image {name}: size"):
+        _load({**members, name: memoryview(smaller.getvalue())}, key)
+    data = bytes(members[name])
+    with pytest.raises(LoaderError, match=rf"shard sample {key}: image {name}"):
+        _load({**members, name: memoryview(data[: len(data) // 2])}, key)
+    del members[name]
+    with pytest.raises(LoaderError, match=rf"image member {name} is missing"):
+        _load(members, key)
 
 
 def expected_contexts(meta: dict, ids: SpecialIds) -> list[int]:
