@@ -1,6 +1,6 @@
 """`lvita verify DIR`: check a finished build byte by byte and sample by sample.
 
-What is checked (shard format v1, see `lvita_data.shards.format`), and where:
+What is checked (shard formats 1 and 2, see `lvita_data.shards.format`), and where:
 1. Files (`accounting`): every shard of `index.json` exists with its size and sha256 (`shard`); no
    other `*.tar`, no leftover `*.tmp-*`; `stats.json` and `rejects.jsonl` parse.
 2. Tar structure (`shard`), with the lenient parser of `lvita_data.shards.tar`: every header is
@@ -9,7 +9,9 @@ What is checked (shard format v1, see `lvita_data.shards.format`), and where:
    sample key, or the nearest key when its name is damaged too.
 3. Per sample (`sample`, with vision blocks, ChatML turns and labels in `text`): arrays, shapes,
    `cu_seqlens`, canonical `meta.json`, alignment, padding, positions, vocabulary, vision blocks,
-   labels equal to the template's, tiles (count, PNG CRCs, 448x448 RGB, decoding).
+   labels equal to the template's, tiles (count, PNG CRCs, 448x448 RGB, decoding); in format 2
+   the source images (`images`: names, references, header size, container, decoding) and the
+   placeholder accounting of stored and cut tiles.
 4. Per-sample digests (`shard`), when the build recorded them: a changed byte anywhere inside a
    sample's member data names the shard and key even where the content passes every invariant.
 5. Accounting (`accounting`): per dataset, selected == packed + rejected; shard counts ==

@@ -49,8 +49,12 @@ class VerifyReport:
     samples: int = 0
     tokens: int = 0
     tiles: int = 0
+    """Stored tile members (format 1: every vision tile; format 2: the video frames)."""
+    images: int = 0
+    """Source image members (format 2)."""
     digests_checked: int = 0
     tiles_decoded: bool = True
+    """Whether tiles (and source images) were decoded."""
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -65,6 +69,7 @@ class VerifyReport:
             "samples": self.samples,
             "tokens": self.tokens,
             "tiles": self.tiles,
+            "images": self.images,
             "tiles_decoded": self.tiles_decoded,
             "digests_checked": self.digests_checked,
             "problems": [p.to_json() for p in self.problems],
@@ -74,7 +79,9 @@ class VerifyReport:
         lines = [
             f"lvita verify {self.out_dir}: {self.shards} shard(s), {self.samples} packed "
             f"sequence(s), {self.tokens:,} tokens, {self.tiles} tile(s)"
-            + ("" if self.tiles_decoded else " (tiles not decoded)")
+            + (f", {self.images} source image(s)" if self.images else "")
+            + ("" if self.tiles_decoded else " (not decoded)" if self.images else "")
+            + ("" if self.tiles_decoded or self.images else " (tiles not decoded)")
             + f", {self.digests_checked} sample digest(s) checked"
         ]
         if self.ok:

@@ -1,6 +1,7 @@
 """`verify_build`: check a finished build directory and return its `VerifyReport`.
 
-Reads `index.json` (its shard list and format) and the build settings (`load_settings`; when
+Reads `index.json` (its shard list and format, one of `SHARD_FORMATS`; each pack's meta.json
+must name the same format) and the build settings (`load_settings`; when
 they are unreadable only checksums, tar structure and digests are checked), then checks the
 files (`check_files`), each shard (`verify_shard`, in `workers` processes of
 `lvita_data.pool.map_tasks`), that no key is used by two shards, the accounting
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from lvita_data.pool import map_tasks
 from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
-from lvita_data.shards.format import SHARD_FORMAT_VERSION, STATE_DIR
+from lvita_data.shards.format import SHARD_FORMATS, STATE_DIR
 from lvita_data.verify.accounting import check_accounting, check_files, read_json
 from lvita_data.verify.report import Problem, VerifyReport
 from lvita_data.verify.settings import Settings, load_settings
@@ -50,7 +51,7 @@ def verify_build(
         shards = list(index["shards"])
         for entry in shards:
             entry["name"], entry["bytes"], entry["sha256"], entry["samples"], entry["tokens"]
-        if index["format"] != SHARD_FORMAT_VERSION:
+        if index["format"] not in SHARD_FORMATS:
             problems.append(Problem("files", f"index.json format {index['format']}"))
     except (TypeError, KeyError) as error:
         if index is not None:
@@ -76,6 +77,7 @@ def verify_build(
         report.samples += result.samples
         report.tokens += result.tokens
         report.tiles += result.tiles
+        report.images += result.images
         report.digests_checked += result.digests_checked
         for key in result.keys:
             if key in owners and owners[key] != result.name:

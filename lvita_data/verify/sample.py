@@ -1,16 +1,20 @@
-"""The per-sample checks of shard format v1 (`check_sample`): one sample's members in memory.
+"""The per-sample checks of shard formats 1 and 2 (`check_sample`): one sample's members in
+memory. A pack is checked as the format `index.json` names (its meta.json must name the same).
 
-- Members: the four arrays and `meta.json`, tiles `tile000000..` in the build's tile format, no
-  unknown member.
+- Members: the four arrays and `meta.json`, tiles `tile000000..` in the build's tile format, in
+  format 2 image members `image000000.{ext}..`, no unknown member.
 - Arrays load with allow_pickle=False, are int32 and 1-D, and are the canonical `.npy` bytes;
   shapes [T] and [n + 1]; `cu_seqlens` starts at 0, strictly increases and ends at T.
-- `meta.json` is the canonical JSON lvita writes, of this stage and tile format.
+- `meta.json` is the canonical JSON lvita writes, of this format, stage and tile format.
 - Packed sample i starts at cu_seqlens[i] (a multiple of `pack.align`) and fills its aligned
   length; padding is the pad token with label -100; positions restart per segment when
   `pack.reset_attention`, else run 0..T-1; ids are inside the vocabulary; every label is -100 or
   its input id. Vision blocks, ChatML turns and labels: `lvita_data.verify.text`.
-- Tiles: meta `num_tiles` == tile members == the tiles the samples stand for; PNG tiles pass
-  every chunk CRC and are 448x448 RGB (and decode, unless `decode_tiles=False`).
+- Tiles, format 1: meta `num_tiles` == tile members == the tiles the samples stand for.
+  Format 2: meta `num_tiles` == the tiles the samples stand for (image grids and video frames)
+  == the pack's vision placeholders / 256; meta `stored_tiles` == tile members == the frames of
+  the pack's videos; the image members: `lvita_data.verify.images`. Either format: PNG tiles
+  pass every chunk CRC and are 448x448 RGB (and decode, unless `decode_tiles=False`).
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lvita_data.samples.tiling import TILE_SIZE
+from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE
 from lvita_data.schema import IGNORE_INDEX
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
-    SHARD_FORMAT_VERSION,
+    FORMAT_SOURCE,
+    FORMAT_TILES,
+    SHARD_FORMATS,
     load_npy,
     meta_bytes,
     npy_bytes,
     tile_member,
 )
+from lvita_data.verify.images import IMAGE_PATTERN, check_images
 from lvita_data.verify.report import Problem, SampleProblems
 from lvita_data.verify.settings import Settings
 from lvita_data.verify.text import check_text
@@ -48,6 +55,7 @@ class SampleSummary:
     """(file, record) of each packed sample."""
     tokens: int = 0
     tiles: int = 0
+    images: int = 0
 
 
 def _png_problem(data: bytes) -> str | None:
@@ -92,24 +100,38 @@ def _load_array(name: str, data: bytes, out: SampleProblems) -> np.ndarray | Non
     return array
 
 
+def _meta_format(parts: Mapping[str, bytes], settings: Settings) -> int:
+    """The format a pack is checked as: the index's, else what its meta.json names."""
+    if settings.shard_format is not None:
+        return settings.shard_format
+    try:
+        version = json.loads(parts["meta.json"])["format"]
+    except Exception:  # missing or damaged: reported by the meta checks
+        return FORMAT_TILES
+    return version if version in SHARD_FORMATS else FORMAT_TILES
+
+
 def check_sample(
     shard: str, key: str, parts: Mapping[str, bytes], settings: Settings
 ) -> tuple[list[Problem], SampleSummary]:
-    """Every per-sample invariant of shard format v1 (see the module docstring)."""
+    """Every per-sample invariant of shard formats 1 and 2 (see the module docstring)."""
     out = SampleProblems(shard, key)
     summary = SampleSummary()
+    version = _meta_format(parts, settings)
     for name in ARRAY_MEMBERS:
         if f"{name}.npy" not in parts:
             out.add(f"member {name}.npy missing")
     if "meta.json" not in parts:
         out.add("member meta.json missing")
-    tile_names = []
+    tile_names, image_names = [], []
     for part in parts:
         match = TILE_PATTERN.match(part)
         if match:
             tile_names.append(part)
             if match.group(2) != settings.tile_format:
                 out.add(f"tile format {match.group(2)!r}, the build uses {settings.tile_format}")
+        elif version == FORMAT_SOURCE and IMAGE_PATTERN.match(part):
+            image_names.append(part)
         elif part not in ("meta.json", *(f"{n}.npy" for n in ARRAY_MEMBERS)):
             out.add("unknown member", part)
     arrays = {}
@@ -126,10 +148,11 @@ def check_sample(
             canonical = meta_bytes(meta)
             if canonical != parts["meta.json"]:
                 out.add("not the canonical JSON lvita writes (damaged?)", "meta.json")
+    stored_field = "stored_tiles" if version == FORMAT_SOURCE else "num_tiles"
     if meta is not None:
         try:
             samples = list(meta["samples"])
-            if meta["format"] != SHARD_FORMAT_VERSION or meta["stage"] != settings.stage:
+            if meta["format"] != version or meta["stage"] != settings.stage:
                 out.add(f"format {meta['format']} stage {meta['stage']!r}", "meta.json")
             if meta["tile_format"] != settings.tile_format:
                 out.add(f"tile_format {meta['tile_format']!r}", "meta.json")
@@ -137,14 +160,16 @@ def check_sample(
             summary.refs = [(str(s["file"]), str(s["record"])) for s in samples]
             summary.tokens = sum(int(s["length"]) for s in samples)
             meta_tiles = int(meta["num_tiles"])
+            meta_stored = int(meta[stored_field])
         except (KeyError, TypeError, ValueError) as error:
             out.add(f"malformed: missing or bad field {error}", "meta.json")
             meta = None
     # tiles: names, count, bytes
     if meta is not None:
-        expected_names = [tile_member(i, settings.tile_format) for i in range(meta_tiles)]
+        expected_names = [tile_member(i, settings.tile_format) for i in range(meta_stored)]
         if sorted(tile_names) != expected_names:
-            out.add(f"{len(tile_names)} tile member(s), meta.json says {meta_tiles}")
+            said = "says" if version == FORMAT_TILES else "stored_tiles"
+            out.add(f"{len(tile_names)} tile member(s), meta.json {said} {meta_stored}")
     for part in sorted(tile_names):
         data = parts[part]
         problem = _png_problem(data) if part.endswith(".png") else None
@@ -158,6 +183,9 @@ def check_sample(
         if problem:
             out.add(problem, part)
     summary.tiles = len(tile_names)
+    summary.images = len(image_names)
+    if meta is not None and version == FORMAT_SOURCE:
+        check_images(samples, parts, image_names, settings, out)
 
     capacity = settings.max_seq_len
     if meta is None or any(arrays.get(n) is None for n in ARRAY_MEMBERS):
@@ -236,10 +264,35 @@ def check_sample(
                 "input_ids.npy",
             )
         tiles += check_text(number, start, ids[start:end], labels[start:end], sample, settings, out)
-    if tiles != meta_tiles or tiles != len(tile_names):
+    if version == FORMAT_TILES:
+        if tiles != meta_tiles or tiles != len(tile_names):
+            out.add(
+                f"its samples stand for {tiles} tile(s), meta num_tiles {meta_tiles}, "
+                f"{len(tile_names)} tile member(s)",
+                "meta.json",
+            )
+        return out.problems, summary
+    placeholders = int(np.isin(ids, settings.special.vision_context_ids).sum())
+    if tiles != meta_tiles or placeholders != TOKENS_PER_TILE * meta_tiles:
         out.add(
             f"its samples stand for {tiles} tile(s), meta num_tiles {meta_tiles}, "
+            f"{placeholders} vision placeholders ({TOKENS_PER_TILE} per tile)",
+            "meta.json",
+        )
+    frames = _video_frames(samples)
+    if frames is not None and (frames != meta_stored or frames != len(tile_names)):
+        out.add(
+            f"its videos have {frames} frame(s), meta stored_tiles {meta_stored}, "
             f"{len(tile_names)} tile member(s)",
             "meta.json",
         )
     return out.problems, summary
+
+
+def _video_frames(samples: list) -> int | None:
+    """Frames of all videos of a pack (format 2's stored tiles); None when the meta is malformed
+    (reported by `check_text`)."""
+    try:
+        return sum(len(video["frames"]) for sample in samples for video in sample["videos"])
+    except (KeyError, TypeError):
+        return None

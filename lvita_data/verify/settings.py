@@ -1,7 +1,7 @@
-"""The build settings verify checks against: stage, capacity, `pack.reset_attention`,
-`pack.align`, tile format, and from the build's tokenizer its special ids, vocabulary size and
-the ChatML role prefixes. From `index.json` where it records them, else the build's copy of its
-stage manifest (`manifest.yaml`).
+"""The build settings verify checks against: shard format, stage, capacity,
+`pack.reset_attention`, `pack.align`, tile format, and from the build's tokenizer its special
+ids, vocabulary size and the ChatML role prefixes. From `index.json` where it records them,
+else the build's copy of its stage manifest (`manifest.yaml`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lvita_data.shards.format import read_build_manifest
+from lvita_data.shards.format import SHARD_FORMATS, read_build_manifest
 from lvita_data.tokenizer.special_tokens import SpecialIds
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What a sample is checked against; `decode_tiles=False` skips decoding the tiles."""
+    """What a sample is checked against; `decode_tiles=False` skips decoding the tiles (and, in
+    format 2, the source images)."""
 
     stage: str
     max_seq_len: int
@@ -30,6 +31,9 @@ class Settings:
     vision_ids: np.ndarray
     """The 9 vision placeholder ids (`ChatTemplate.reserved_set`), sorted, int32."""
     decode_tiles: bool = True
+    shard_format: int | None = None
+    """The format `index.json` names; None when it names none lvita reads (reported by
+    `verify_build`; each pack is then checked as the format its meta.json names)."""
 
 
 def load_settings(out: Path, index: dict, *, decode_tiles: bool = True) -> Settings:
@@ -66,4 +70,5 @@ def load_settings(out: Path, index: dict, *, decode_tiles: bool = True) -> Setti
         role_prefix=dict(template.role_prefix),
         vision_ids=np.array(sorted(template.reserved_set), dtype=np.int32),
         decode_tiles=decode_tiles,
+        shard_format=index.get("format") if index.get("format") in SHARD_FORMATS else None,
     )

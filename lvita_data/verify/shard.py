@@ -48,6 +48,7 @@ class ShardResult:
     samples: int = 0
     tokens: int = 0
     tiles: int = 0
+    images: int = 0
     digests_checked: int = 0
     datasets: Counter = field(default_factory=Counter)
     refs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -188,6 +189,7 @@ def _check_members(data, scan: TarScan, task: ShardTask, result: ShardResult) ->
         result.samples += 1
         result.tokens += summary.tokens
         result.tiles += summary.tiles
+        result.images += summary.images
         result.datasets.update(summary.datasets)
         result.refs[key] = summary.refs
     if task.digests is not None:
