@@ -3,9 +3,11 @@ is reported with the shard and the sample key; invariant and accounting breaks a
 
 One small mixed build over the session demo corpus (captions, multi-image, parquet with embedded
 images, text only, videos, bad records incl. a JPEG truncated after a valid header), `pack.align`
-8 and 4 packs per shard. Per-sample digests are recorded the way the build is meant to record
-them (`sample_digest` of each sample dict handed to `write_shard`, into the completion records),
-by wrapping `write_shard`.
+8 and 4 packs per shard, in shard format 2 (the default: images as source bytes, video frames as
+tiles) and the same manifest with `shards.image_storage: tiles` (format 1: every tile stored).
+Per-sample digests are recorded the way the build is meant to record them (`sample_digest` of
+each sample dict handed to `write_shard`, into the completion records), by wrapping
+`write_shard`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,14 @@ import pytest
 import lvita_data.build.shard as build_module
 from lvita_data.build.run import STATE_DIR, build_stage
 from lvita_data.fileio import sha256_file
-from lvita_data.shards.format import load_npy, npy_bytes, sample_digest
+from lvita_data.shards.format import (
+    FORMAT_SOURCE,
+    FORMAT_TILES,
+    load_npy,
+    meta_bytes,
+    npy_bytes,
+    sample_digest,
+)
 from lvita_data.shards.tar import scan_tar, split_member_name
 from lvita_data.shards.writer import write_shard
 from lvita_data.verify import check_sample, load_settings, verify_build
@@ -75,13 +85,15 @@ datasets:
 """
 
 
-@pytest.fixture(scope="module")
-def built(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
+def _build(demo_corpus, tmp_path_factory, storage: str):
     """(build directory as `lvita build` writes it today, digests per shard and key)."""
     root = demo_corpus[0]
-    base = tmp_path_factory.mktemp("verify")
+    base = tmp_path_factory.mktemp(f"verify-{storage}")
     manifest = base / "verify.yaml"
-    manifest.write_text(MANIFEST.format(root=root), encoding="utf-8")
+    text = MANIFEST.format(root=root).replace(
+        "  packs_per_shard: 4\n", f"  packs_per_shard: 4\n  image_storage: {storage}\n"
+    )
+    manifest.write_text(text, encoding="utf-8")
     out = base / "build"
     digests: dict[str, dict[str, str]] = {}
     real_write_shard = build_module.write_shard
@@ -100,6 +112,24 @@ def built(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]
         patch.setattr(build_module, "write_shard", recording_write_shard)
         build_stage(str(manifest), str(out), workers=1, progress=False)
     return out, digests
+
+
+@pytest.fixture(scope="module")
+def built(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
+    """The build in shard format 2 (`shards.image_storage: source`, the default)."""
+    return _build(demo_corpus, tmp_path_factory, "source")
+
+
+@pytest.fixture(scope="module")
+def built_tiles(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
+    """The same build in shard format 1 (`shards.image_storage: tiles`)."""
+    return _build(demo_corpus, tmp_path_factory, "tiles")
+
+
+@pytest.fixture(params=["source", "tiles"])
+def either(request) -> tuple[Path, dict[str, dict[str, str]]]:
+    """Each of the two builds, for the checks that hold for both formats."""
+    return request.getfixturevalue("built" if request.param == "source" else "built_tiles")
 
 
 def copy_build(built, destination: Path, *, with_digests: bool = False) -> Path:
@@ -152,12 +182,14 @@ def problems_at(report, shard: str) -> list:
 def test_intact_build_passes_everything(built, capsys):
     out, digests = built
     index = index_of(out)
+    assert index["format"] == FORMAT_SOURCE
     assert len(index["shards"]) >= 3, "the manifest should give several shards"
     report = verify_build(out, workers=2)
     assert report.ok, report.format()
     assert report.samples == sum(s["samples"] for s in index["shards"])
     assert report.tokens == sum(s["tokens"] for s in index["shards"])
-    assert report.tiles > 0 and report.tiles_decoded
+    assert report.tiles > 0 and report.tiles_decoded  # the video frames
+    assert report.images > 0 and "source image(s)" in report.format()
     assert report.digests_checked == report.samples  # the build records per-sample digests
     assert run(["verify", str(out)]) == EXIT_OK
     assert "OK" in capsys.readouterr().out
@@ -166,6 +198,21 @@ def test_intact_build_passes_everything(built, capsys):
     assert payload["ok"] and payload["problems"] == []
     rejects = (out / "rejects.jsonl").read_text(encoding="utf-8")
     assert "corrupt_image" in rejects  # a build-time reject is part of the accounting
+
+
+def test_intact_format_1_build_passes(built_tiles, built, capsys):
+    out, _ = built_tiles
+    index = index_of(out)
+    assert index["format"] == FORMAT_TILES
+    report = verify_build(out)
+    assert report.ok, report.format()
+    assert report.images == 0 and "image" not in report.format()
+    assert report.digests_checked == report.samples > 0
+    source = verify_build(built[0], decode_tiles=False)
+    assert (report.samples, report.tokens) == (source.samples, source.tokens)
+    assert report.tiles > source.tiles  # format 2 stores only the video frames as tiles
+    assert run(["verify", str(out), "--no-decode"]) == EXIT_OK
+    assert "(tiles not decoded)" in capsys.readouterr().out
 
 
 def test_recorded_digests_are_checked(built, tmp_path):
@@ -220,8 +267,8 @@ def _npy_data_start(path: Path, parts, member: str) -> int:
         "padding",
     ],
 )
-def test_flipped_byte_names_shard_and_key(built, tmp_path, where):
-    out = copy_build(built, tmp_path / "b")
+def test_flipped_byte_names_shard_and_key(either, tmp_path, where):
+    out = copy_build(either, tmp_path / "b")
     name, path, key, parts, _ = _target(out)
     data = path.read_bytes()
     if where == "input_ids in a vision block":
@@ -260,8 +307,8 @@ def test_flipped_byte_names_shard_and_key(built, tmp_path, where):
     assert run(["verify", str(out), "--no-decode"]) == EXIT_VERIFY_PROBLEMS
 
 
-def test_flip_in_end_of_archive_names_the_last_key(built, tmp_path):
-    out = copy_build(built, tmp_path / "b")
+def test_flip_in_end_of_archive_names_the_last_key(either, tmp_path):
+    out = copy_build(either, tmp_path / "b")
     name, path, _, _, keys = _target(out)
     size = path.stat().st_size
     for offset in (size - 700, scan_tar(path.read_bytes()).end + 3):
@@ -286,10 +333,10 @@ def _user_text_byte(out: Path, path: Path) -> tuple[str, int]:
     raise AssertionError("no user text token found")
 
 
-def test_flip_that_passes_every_invariant_needs_the_digest(built, tmp_path):
+def test_flip_that_passes_every_invariant_needs_the_digest(either, tmp_path):
     """A text id of a user turn turned into another id passes every content check: only the
     per-sample digests the build records locate it to the shard and the sample key."""
-    copy = copy_build(built, tmp_path / "copy")
+    copy = copy_build(either, tmp_path / "copy")
     name, path, _, _, _ = _target(copy)
     key, offset = _user_text_byte(copy, path)
     flip(path, offset, 0x01)
@@ -312,8 +359,8 @@ def _multi_sample_pack(out: Path):
     raise AssertionError("no pack with two samples")
 
 
-def test_sample_invariants(built):
-    out, _ = built
+def test_sample_invariants(either):
+    out, _ = either
     settings = load_settings(out, index_of(out))
     shard, key, members = _multi_sample_pack(out)
     assert check_sample(shard, key, members, settings)[0] == []
@@ -464,3 +511,222 @@ def test_without_manifest_copy_checksums_and_tar_are_still_checked(built, tmp_pa
     flip(path, parts["meta.json"][0] - 512 + 150)  # the checksum field of a header
     report = verify_build(out, decode_tiles=False)
     assert any(p.kind == "tar" and p.shard == name and p.key == key for p in report.problems)
+
+
+# --------------------------------------------------------------------------------------------
+# format 2: the source image members
+
+
+def _image_target(out: Path) -> tuple[str, Path, str, dict[str, tuple[int, int]]]:
+    """A shard and in it a sample (not the first) with a JPEG and a PNG image member."""
+    name = index_of(out)["shards"][1]["name"]
+    path = out / name
+    for key, parts in samples_of(path)[1:]:
+        if "image000000.jpg" in parts and any(p.startswith("image") for p in parts if ".png" in p):
+            return name, path, key, parts
+    raise AssertionError("no sample with a JPEG and a PNG image member in the second shard")
+
+
+def _sof_height(data: bytes) -> int:
+    """Offset of the low byte of a JPEG's height in its start-of-frame segment."""
+    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
+        at = data.find(marker)
+        if at >= 0:
+            return at + 6
+    raise AssertionError("no SOF marker")
+
+
+@pytest.mark.parametrize("where", ["jpeg size field", "jpeg scan data", "png data"])
+def test_flipped_image_byte_names_shard_key_and_member(built, tmp_path, where):
+    out = copy_build(built, tmp_path / "b")
+    name, path, key, parts = _image_target(out)
+    png = next(p for p in sorted(parts) if p.startswith("image") and p.endswith(".png"))
+    member = png if where == "png data" else "image000000.jpg"
+    start, size = parts[member]
+    if where == "jpeg size field":
+        offset = start + _sof_height(read_parts(path, parts)[member])
+    else:
+        offset = start + size // 2
+    flip(path, offset, 0x01 if where == "jpeg size field" else 0x5A)
+    shallow = verify_build(out, decode_tiles=False)
+    deep = verify_build(out)
+    for report in (shallow, deep):
+        assert any(p.kind == "checksum" and p.shard == name for p in report.problems)
+        digest = [(p.shard, p.key) for p in report.problems if p.kind == "digest"]
+        assert digest == [(name, key)], report.format()
+    image = [(p.shard, p.key, p.member) for p in deep.problems if p.kind == "sample"]
+    if where == "jpeg scan data":  # header and container intact: the digest tells (a JPEG
+        assert not [p for p in shallow.problems if p.kind == "sample"], shallow.format()
+        assert set(image) <= {(name, key, member)}, deep.format()  # decoder may take it)
+        return
+    assert set(image) == {(name, key, member)}, deep.format()  # once per reference at most
+    if where == "jpeg size field":  # the header is read without decoding a pixel
+        assert all("meta.json plans" in p.message for p in deep.problems if p.kind == "sample")
+        assert {p.member for p in shallow.problems if p.kind == "sample"} == {member}
+    else:  # PNG data inside its container: found by decoding it, as the loader would
+        assert any("does not decode" in p.message for p in deep.problems), deep.format()
+        assert not [p for p in shallow.problems if p.kind == "sample"], shallow.format()
+
+
+def _pack_members(out: Path, shard: str, key: str) -> dict[str, bytes]:
+    path = out / shard
+    return read_parts(path, dict(samples_of(path))[key])
+
+
+def _with_meta(members: dict[str, bytes], change) -> dict[str, bytes]:
+    meta = json.loads(members["meta.json"])
+    change(meta)
+    return {**members, "meta.json": meta_bytes(meta)}
+
+
+def test_image_member_invariants(built, built_tiles):
+    out, _ = built
+    settings = load_settings(out, index_of(out))
+    assert settings.shard_format == FORMAT_SOURCE
+    name, _, key, _ = _image_target(out)
+    members = _pack_members(out, name, key)
+    assert check_sample(name, key, members, settings)[0] == []
+    images = sorted(p for p in members if p.startswith("image"))
+    jpeg, png = images[0], next(p for p in images if p.endswith(".png"))
+
+    def found(changed: dict[str, bytes], decode: bool = False) -> list[tuple[str | None, str]]:
+        problems, _ = check_sample(name, key, changed, replace(settings, decode_tiles=decode))
+        assert problems, "not caught"
+        assert all(p.shard == name and p.key == key for p in problems)
+        return [(p.member, p.message) for p in problems]
+
+    def member_of(image_entry: int):
+        def change(meta):
+            meta["samples"][0]["images"][image_entry]["member"] = "image000005.jpg"
+
+        return change
+
+    missing = found({k: v for k, v in members.items() if k != png})
+    assert (png, f"image member is missing ({_first_reference(members, png)} refers to it)") in (
+        missing
+    )
+    extra = found({**members, "image000009.jpg": members[jpeg]})
+    assert extra == [("image000009.jpg", "image member no image entry of meta.json refers to")]
+    renamed = {k: v for k, v in members.items() if k != png}
+    renamed["image000042.png"] = members[png]
+    messages = found(renamed)
+    assert any(m == png and "missing" in text for m, text in messages), messages
+    assert any(m == "image000042.png" and "refers to" in text for m, text in messages), messages
+    dangling = found(_with_meta(members, member_of(0)))
+    assert any(m == "image000005.jpg" and "missing" in text for m, text in dangling), dangling
+    assert any(m == "meta.json" and "numbered by first" in text for m, text in dangling), dangling
+
+    def no_member(meta):
+        del meta["samples"][0]["images"][0]["member"]
+
+    assert any("member, size or grid" in text for _, text in found(_with_meta(members, no_member)))
+
+    def as_png(meta):
+        for sample in meta["samples"]:
+            for image in sample["images"]:
+                if image["member"] == jpeg:
+                    image["member"] = jpeg.replace(".jpg", ".png")
+
+    relabelled = _with_meta({k: v for k, v in members.items() if k != jpeg}, as_png)
+    relabelled[jpeg.replace(".jpg", ".png")] = members[jpeg]
+    assert any("JPEG data in a .png member" in text for _, text in found(relabelled))
+
+    truncated = found({**members, jpeg: members[jpeg][: len(members[jpeg]) // 2]}, decode=True)
+    assert (jpeg, "JPEG data is incomplete (truncated?)") in truncated
+
+    def wider(meta):
+        for sample in meta["samples"]:
+            for image in sample["images"]:
+                if image["member"] == png:
+                    image["size"][0] += 1
+
+    wide = found(_with_meta(members, wider))
+    assert any(m == png and "meta.json plans" in text for m, text in wide), wide
+
+    def more_tiles(meta):
+        meta["num_tiles"] += 1
+
+    assert any("stand for" in text for _, text in found(_with_meta(members, more_tiles)))
+
+    def format_1(meta):
+        meta["format"] = FORMAT_TILES
+
+    assert any("format 1 stage" in text for _, text in found(_with_meta(members, format_1)))
+
+    # an image member has no place in a format-1 pack
+    tiles_out, _ = built_tiles
+    tiles_settings = load_settings(tiles_out, index_of(tiles_out))
+    assert tiles_settings.shard_format == FORMAT_TILES
+    tiles_members = _pack_members(tiles_out, name, key)
+    problems, _ = check_sample(name, key, {**tiles_members, jpeg: members[jpeg]}, tiles_settings)
+    assert [(p.member, p.message) for p in problems] == [(jpeg, "unknown member")]
+
+
+def _first_reference(members: dict[str, bytes], member: str) -> str:
+    for number, sample in enumerate(json.loads(members["meta.json"])["samples"]):
+        for index, image in enumerate(sample["images"]):
+            if image["member"] == member:
+                return f"packed sample {number} image {index}"
+    raise AssertionError(member)
+
+
+def test_stored_tiles_are_the_video_frames(built):
+    out, _ = built
+    settings = load_settings(out, index_of(out))
+    name, _, key, _, _ = _target(out)  # a pack with a video
+    members = _pack_members(out, name, key)
+    meta = json.loads(members["meta.json"])
+    frames = sum(len(v["frames"]) for s in meta["samples"] for v in s["videos"])
+    assert meta["stored_tiles"] == frames == sum(p.startswith("tile") for p in members) > 0
+    assert meta["num_tiles"] > frames or any(s["images"] for s in meta["samples"])
+    assert check_sample(name, key, members, settings)[0] == []
+
+    def fewer(meta):
+        meta["stored_tiles"] -= 1
+
+    problems, _ = check_sample(name, key, _with_meta(members, fewer), settings)
+    messages = [p.message for p in problems]
+    assert f"{frames} tile member(s), meta.json stored_tiles {frames - 1}" in messages, messages
+    assert any("its videos have" in m for m in messages), messages
+    last = max(p for p in members if p.startswith("tile"))
+    problems, _ = check_sample(name, key, {k: v for k, v in members.items() if k != last}, settings)
+    assert any("tile member(s), meta.json stored_tiles" in p.message for p in problems)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "renamed"])
+def test_image_member_changes_in_a_shard(built, tmp_path, change):
+    out = copy_build(built, tmp_path / "b")
+    name, path, key, parts = _image_target(out)
+    samples = _samples_as_dicts(path)
+    sample = next(s for s in samples if s["__key__"] == key)
+    png = next(p for p in sorted(sample) if p.startswith("image") and p.endswith(".png"))
+    if change == "missing":
+        del sample[png]
+        wanted = png
+    elif change == "extra":
+        sample["image000099.png"] = sample[png]
+        wanted = "image000099.png"
+    else:
+        sample["image000077.png"] = sample.pop(png)
+        wanted = "image000077.png"
+    _rewrite_shard(out, name, samples)
+    report = verify_build(out, decode_tiles=False)
+    located = [(p.kind, p.shard, p.key, p.member) for p in report.problems]
+    assert ("sample", name, key, wanted) in located, report.format()
+    assert ("digest", name, key, None) in located, report.format()
+    assert {p.key for p in report.problems if p.kind != "energon"} == {key}, report.format()
+
+
+def test_index_and_meta_formats(built, tmp_path):
+    out = copy_build(built, tmp_path / "b")
+    index = index_of(out)
+    index["format"] = 3
+    (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    report = verify_build(out, decode_tiles=False)
+    assert [p.message for p in report.problems] == ["index.json format 3"], report.format()
+    index["format"] = FORMAT_TILES  # a format-2 build that calls itself format 1
+    (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    report = verify_build(out, decode_tiles=False)
+    assert report.problems and all(p.key for p in report.problems), report.format()
+    assert any("format 2 stage" in p.message for p in report.problems)
+    assert any(p.message == "unknown member" for p in report.problems)
