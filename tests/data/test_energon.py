@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from lvita_data.shards.energon import (
     read_layout,
     write_energon_metadata,
 )
-from lvita_data.shards.format import ShardInfo
+from lvita_data.shards.format import FORMAT_SOURCE, ShardInfo
 from lvita_data.verify import verify_build
 
 energon = pytest.importorskip("megatron.energon")
@@ -139,8 +140,10 @@ def test_metadata_is_reproducible(built, tmp_path):
     assert not list(copy.rglob("*.tmp-*"))
 
 
-@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
-def test_energon_loads_every_sample_byte_for_byte(built):
+@pytest.fixture(scope="module")
+def energon_parts(built) -> dict[str, dict[str, bytes]]:
+    """key -> {part: bytes} of every sample, as the real Energon loader hands them out (a
+    CrudeWebdataset cooked into raw member bytes, no decoding)."""
     from megatron.energon import (
         Cooker,
         DefaultTaskEncoder,
@@ -174,14 +177,44 @@ def test_energon_loads_every_sample_byte_for_byte(built):
         task_encoder=RawEncoder(),
     )
     loaded = {}
-    for sample in get_loader(dataset):
-        assert sample.__key__ not in loaded
-        assert sample.__subflavors__ == {"lvita": "packed"}
-        loaded[sample.__key__] = sample.parts
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'pin_memory' argument is set as true")
+        for sample in get_loader(dataset):
+            assert sample.__key__ not in loaded
+            assert sample.__subflavors__ == {"lvita": "packed"}
+            loaded[sample.__key__] = sample.parts
+    return loaded
+
+
+def test_energon_loads_every_sample_byte_for_byte(built, energon_parts):
     expected = tar_samples(built)
-    assert sorted(loaded) == sorted(expected)
+    assert sorted(energon_parts) == sorted(expected)
     for key, parts in expected.items():
-        assert loaded[key] == parts, key
+        assert energon_parts[key] == parts, key
+
+
+def test_energon_hands_out_the_source_image_bytes(built, energon_parts):
+    """Format 2 (the default): every ``image*`` part Energon yields is the exact bytes of the
+    source file its meta.json entry stands for; the video frames are the stored tiles."""
+    index = json.loads((built / "index.json").read_text(encoding="utf-8"))
+    assert index["format"] == FORMAT_SOURCE
+    extensions = set()
+    for key, parts in energon_parts.items():
+        meta = json.loads(parts["meta.json"])
+        assert meta["format"] == FORMAT_SOURCE
+        referenced = set()
+        for sample in filter(lambda s: s["images"], meta["samples"]):
+            jsonl = Path(sample["file"])  # longvita_jsonl, record = line number from 0
+            line = jsonl.read_text(encoding="utf-8").splitlines()[int(sample["record"])]
+            for image, path in zip(sample["images"], json.loads(line)["images"], strict=True):
+                source = (jsonl.parent / path).read_bytes()
+                assert parts[image["member"]] == source, (key, image["member"], path)
+                referenced.add(image["member"])
+                extensions.add(image["member"].rsplit(".", 1)[1])
+        assert referenced == {part for part in parts if part.startswith("image")}, key
+        tiles = sorted(part for part in parts if part.startswith("tile"))
+        assert tiles == [f"tile{j:06d}.png" for j in range(meta["stored_tiles"])], key
+    assert {"jpg", "png"} <= extensions
 
 
 def test_energon_index_check(built):
