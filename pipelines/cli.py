@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="machine-readable report")
     verify.add_argument("--workers", type=int, default=1, help="parallel processes over shards")
     verify.add_argument(
-        "--no-decode", action="store_true", help="check PNG CRCs and headers, do not decode tiles"
+        "--no-decode",
+        action="store_true",
+        help="check PNG CRCs, image headers and containers; decode no tile or source image",
     )
     verify.set_defaults(run=_cmd_verify)
 

@@ -14,9 +14,10 @@ key `{NNNNNNNNN}` (the global pack index), members (all `.npy` load with allow_p
 - `tile000000.png`.. stored 448x448 RGB tiles, lossless, in order of their placeholders in
                      `input_ids`: the loader's normalization reproduces the original's float32
                      tensors exactly (`lvita_data.media.tiles.normalize_tiles`).
-- `image000000.jpg`.. (format 2) each distinct source image of the pack once, as the exact bytes
-                     of its file or parquet cell; the extension names its format (jpg, png,
-                     webp, gif, bmp, tiff, ...).
+- `image000000.jpg`.. (format 2) each distinct source image of the pack once (same bytes = same
+                     member), as the exact bytes of its file or parquet cell, numbered in order of
+                     first reference (packed samples in order, each sample's ``images`` in
+                     order); the extension names its format (jpg, png, webp, gif, bmp, tiff, ...).
 
 **Format 1** (``shards.image_storage: tiles``): every tile is stored, per image the thumbnail first
 when tiled, then row-major tiles; per video one tile per frame. **Format 2** (``image_storage:
