@@ -37,8 +37,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 Executor = Literal["local", "ray"]
 EXECUTORS: tuple[Executor, ...] = ("local", "ray")
-START_METHOD = "spawn"
-"""How local workers start (see the module doc); tests that patch a task function set "fork"."""
 _NO_SHARED = object()
 _shared: Any = _NO_SHARED  # the `shared` object in a local worker process
 
@@ -90,7 +88,7 @@ def _map_local(
 ) -> Iterator[R]:
     with ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
-        mp_context=multiprocessing.get_context(START_METHOD),
+        mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
         initargs=(shared is not _NO_SHARED, None if shared is _NO_SHARED else shared),
     ) as pool:

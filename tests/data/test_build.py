@@ -26,7 +26,7 @@ import pytest
 from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
 from lvita_data.errors import BuildError
 from lvita_data.fileio import TEMP_MARKER, sha256_file, write_json_atomic
-from lvita_data.media.tiles import decode_tile, encode_tiles
+from lvita_data.media.tiles import decode_tile
 from lvita_data.samples.read import tokenizer_and_template
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
@@ -227,13 +227,16 @@ def read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
     return samples
 
 
-def test_shard_invariants(reference: Path) -> None:
+def test_shard_invariants(reference: Path, demo_corpus) -> None:
     index = json.loads((reference / "index.json").read_text(encoding="utf-8"))
+    images_dir = demo_corpus[0] / "longvita" / "images"
+    source_files = {p.read_bytes() for p in images_dir.rglob("*") if p.is_file()}
+    source_bytes_seen = 0
     tokenizer, _ = tokenizer_and_template("qwen2.5")
     special = tokenizer.special_ids
     vision = np.array(special.vision_context_ids)
     keys: list[str] = []
-    tiles_seen = 0
+    tiles_seen = images_seen = 0
     modalities: set[str] = set()
     for shard in index["shards"]:
         samples = read_samples(reference / shard["name"])
@@ -248,13 +251,23 @@ def test_shard_invariants(reference: Path) -> None:
             ids, labels, positions, cu = (arrays[name] for name in ARRAY_MEMBERS)
             assert cu[0] == 0 and cu[-1] == MAX_SEQ_LEN and (np.diff(cu) > 0).all()
             meta = json.loads(members["meta.json"])
-            assert meta["stage"] == "buildtest" and meta["format"] == 1
+            assert meta["stage"] == "buildtest" and meta["format"] == 2
             assert meta["tile_format"] == "png"
             tiles = sorted(m for m in members if m.startswith("tile"))
             assert tiles == [f"tile{i:06d}.png" for i in range(len(tiles))]
-            assert set(members) == {*(f"{n}.npy" for n in ARRAY_MEMBERS), "meta.json", *tiles}
-            assert meta["num_tiles"] == len(tiles)
-            assert np.isin(ids, vision).sum() == TOKENS_PER_TILE * len(tiles)
+            images = sorted(m for m in members if m.startswith("image"))
+            assert images == [f"image{i:06d}.{m.split('.')[1]}" for i, m in enumerate(images)]
+            arrays_and_meta = {*(f"{n}.npy" for n in ARRAY_MEMBERS), "meta.json"}
+            assert set(members) == {*arrays_and_meta, *tiles, *images}
+            assert meta["stored_tiles"] == len(tiles)  # format 2: the video frames
+            assert np.isin(ids, vision).sum() == TOKENS_PER_TILE * meta["num_tiles"]
+            assert meta["num_tiles"] == sum(s["num_tiles"] for s in meta["samples"])
+            frames = sum(len(v["frames"]) for s in meta["samples"] for v in s["videos"])
+            assert frames == len(tiles)
+            referenced = [i["member"] for s in meta["samples"] for i in s["images"]]
+            assert sorted(set(referenced)) == images  # every image member used, none missing
+            for name in images:  # the exact bytes of a source file (or of a parquet cell)
+                source_bytes_seen += members[name] in source_files
             assert len(meta["samples"]) == len(cu) - 1
             end = 0
             for sample, start, stop in zip(meta["samples"], cu[:-1], cu[1:], strict=True):
@@ -276,15 +289,49 @@ def test_shard_invariants(reference: Path) -> None:
             for name in tiles[:2]:
                 assert decode_tile(members[name], "png").shape == (448, 448, 3)
             tiles_seen += len(tiles)
+            images_seen += len(images)
         assert tokens == shard["tokens"]
     assert keys == sorted(set(keys))
-    assert tiles_seen > 0
+    assert tiles_seen > 0 and images_seen > source_bytes_seen > 0
     assert {"image", "text", "video"} <= modalities
     rejects = [json.loads(line) for line in (reference / "rejects.jsonl").read_text().splitlines()]
     reasons = {(r["dataset"], r["record"], r["reason"]) for r in rejects}
     assert ("custom", "2", "malformed_json") in reasons  # by the planner
-    assert ("custom", "1", "corrupt_image") in reasons  # only when the pixels are decoded
+    assert ("custom", "1", "corrupt_image") in reasons  # a JPEG cut short: no EOI marker
     assert json.loads((reference / "stats.json").read_text(encoding="utf-8"))
+
+
+def test_tiles_storage_writes_format_1(manifest: Path, reference: Path, tmp_path: Path) -> None:
+    """``shards.image_storage: tiles`` keeps shard format 1: every tile pre-cut, no image member;
+    the same packs and ids as the format-2 reference, several times the bytes."""
+    tiles_manifest = tmp_path / "tiles.yaml"
+    text = manifest.read_text(encoding="utf-8")
+    tiles_manifest.write_text(text.replace("shards:\n", "shards:\n  image_storage: tiles\n"))
+    out = tmp_path / "out"
+    build_stage(str(tiles_manifest), str(out), workers=1, progress=False)
+    index = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    assert index["format"] == 1
+    assert (out / "manifest.yaml").read_text().startswith("# lvita ")
+    assert ", shard format 1, from " in (out / "manifest.yaml").read_text().splitlines()[0]
+    reference_index = json.loads((reference / "index.json").read_text(encoding="utf-8"))
+    assert [s["samples"] for s in index["shards"]] == [
+        s["samples"] for s in reference_index["shards"]
+    ]
+    total = {"tiles": 0, "source": 0}
+    for shard, ref_shard in zip(index["shards"], reference_index["shards"], strict=True):
+        samples = read_samples(out / shard["name"])
+        for (key, members), (ref_key, ref_members) in zip(
+            samples, read_samples(reference / ref_shard["name"]), strict=True
+        ):
+            meta = json.loads(members["meta.json"])
+            assert key == ref_key and meta["format"] == 1 and "stored_tiles" not in meta
+            assert not any(m.startswith("image") for m in members)
+            assert meta["num_tiles"] == sum(m.startswith("tile") for m in members)
+            assert meta["num_tiles"] == json.loads(ref_members["meta.json"])["num_tiles"]
+            assert members["input_ids.npy"] == ref_members["input_ids.npy"]
+        total["tiles"] += shard["bytes"]
+        total["source"] += ref_shard["bytes"]
+    assert total["tiles"] > 2 * total["source"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,30 +426,47 @@ def test_a_broken_shard_is_redone(
     assert tree(out) == reference_tree
 
 
+CRASHING_WORKER = """\
+# Imported at start-up by every Python process of the test (PYTHONPATH): the build's pool
+# workers are spawned, so a monkeypatch of the test process would not reach them.
+import lvita_data.build.shard as shard
+
+_encode, _calls = shard.encode_tiles, []
+
+
+def crash_on_the_fifth_sample(tiles, fmt):
+    _calls.append(fmt)
+    if len(_calls) == 5:
+        raise RuntimeError("decoder crashed")
+    return _encode(tiles, fmt=fmt)
+
+
+shard.encode_tiles = crash_on_the_fifth_sample
+"""
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_failing_task_leaves_no_temporaries_and_resume_finishes(
     workers: int, manifest: Path, reference_tree: dict[str, str], tmp_path: Path, monkeypatch
 ) -> None:
-    import lvita_data.build.shard as shard
-    import lvita_data.pool as pool
-
-    calls = []
-    # fork the pool workers for this test only, so they run the patched function
-    monkeypatch.setattr(pool, "START_METHOD", "fork")
-
-    def crash_on_the_fifth_image(tiles, fmt):  # (per process: pool workers are forked)
-        calls.append(fmt)
-        if len(calls) == 5:
-            raise RuntimeError("decoder crashed")
-        return encode_tiles(tiles, fmt=fmt)
-
+    """A task that raises (not a counted reject) stops the build, in this process or in a pool
+    worker, leaves no temporary file, and --resume then finishes the identical build."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASHING_WORKER)
     out = tmp_path / "out"
-    monkeypatch.setattr(shard, "encode_tiles", crash_on_the_fifth_image)
-    with pytest.raises(RuntimeError, match="decoder crashed"):
-        build_stage(str(manifest), str(out), workers=workers, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+        if workers == 1:  # in this process: install the same crash here
+            namespace: dict = {}
+            exec(compile(CRASHING_WORKER, "crashing_worker", "exec"), namespace)
+            patch.setattr(
+                "lvita_data.build.shard.encode_tiles", namespace["crash_on_the_fifth_sample"]
+            )
+        with pytest.raises(RuntimeError, match="decoder crashed"):
+            build_stage(str(manifest), str(out), workers=workers, progress=False)
     assert not temporaries(out)
     assert not (out / "index.json").exists()
-    monkeypatch.undo()
     build_stage(str(manifest), str(out), resume=True, progress=False)
     assert tree(out) == reference_tree
 
