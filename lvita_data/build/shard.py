@@ -35,10 +35,12 @@ from lvita_data.samples.tokenize import SampleRules, tokenize_record
 from lvita_data.schema import Reject, TokenizedSample
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
+    ARRAYS_NPZ,
     FORMAT_SOURCE,
     image_member,
     meta_bytes,
     npy_bytes,
+    npz_bytes,
     sample_digest,
     sample_key,
     shard_format,
@@ -149,9 +151,13 @@ def _pack_sample(
         align=config.align,
     )
     tile_format = manifest.shards.tile_format
+    version = shard_format(manifest.shards.image_storage)
     out: dict[str, bytes] = {"__key__": key}  # type: ignore[dict-item]
-    for name in ARRAY_MEMBERS:
-        out[f"{name}.npy"] = npy_bytes(getattr(arrays, name))
+    if version == FORMAT_SOURCE:
+        out[ARRAYS_NPZ] = npz_bytes({name: getattr(arrays, name) for name in ARRAY_MEMBERS})
+    else:
+        for name in ARRAY_MEMBERS:
+            out[f"{name}.npy"] = npy_bytes(getattr(arrays, name))
     metas, tile_index = [], 0
     image_names: dict[bytes, str] = {}  # sha256 of the bytes -> member: each image stored once
     for (sample, ref, pixels), offset in zip(members, arrays.cu_seqlens[:-1].tolist(), strict=True):
@@ -166,7 +172,6 @@ def _pack_sample(
         for blob in pixels.tiles:
             out[tile_member(tile_index, tile_format)] = blob
             tile_index += 1
-    version = shard_format(manifest.shards.image_storage)
     meta = {
         "stage": manifest.stage,
         "format": version,

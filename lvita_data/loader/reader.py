@@ -16,8 +16,9 @@ must not do at import time (nor while iterating without workers).
 
 Checks
 ------
-Every pack is checked while it is read: the four arrays are int32 [T] (cu_seqlens [n + 1] from 0
-to T), the stored tile members are ``tile000000 .. tile{M-1}`` in the meta's tile format (M =
+Every pack is checked while it is read: the four arrays (``.npy`` members in format 1, inflated
+from ``arrays.npz`` in format 2 with each array's size bounded before inflating) are int32 [T]
+(cu_seqlens [n + 1] from 0 to T), the stored tile members are ``tile000000 .. tile{M-1}`` in the meta's tile format (M =
 ``num_tiles`` in format 1, ``stored_tiles`` in format 2), in format 2 every image of the meta
 names an ``image*`` member with a positive size and a grid whose tile count it states, and the
 number of vision placeholders in ``input_ids`` is exactly 256 * N for the N tiles the pack's
@@ -42,7 +43,14 @@ import numpy as np
 
 from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
-from lvita_data.shards.format import ARRAY_MEMBERS, FORMAT_SOURCE, FORMAT_TILES, SHARD_FORMATS
+from lvita_data.shards.format import (
+    ARRAY_MEMBERS,
+    ARRAYS_NPZ,
+    FORMAT_SOURCE,
+    FORMAT_TILES,
+    SHARD_FORMATS,
+    load_npz,
+)
 from lvita_data.shards.tar import TarSample, group_samples, scan_tar_file
 
 ARRAY_NAMES = tuple(ARRAY_MEMBERS)
@@ -111,12 +119,20 @@ def parse_pack(
     Raises:
         LoaderError: a member is missing or malformed, or the tiles and placeholders disagree.
     """
-    missing = [f"{n}.npy" for n in ARRAY_NAMES if f"{n}.npy" not in members]
     if "meta.json" not in members:
-        missing.append("meta.json")
-    if missing:
-        raise LoaderError(f"{where}: missing {missing}")
-    arrays = [_npy(members[f"{n}.npy"], n, where) for n in ARRAY_NAMES]
+        raise LoaderError(f"{where}: missing ['meta.json']")
+    try:
+        meta = json.loads(bytes(members["meta.json"]))
+    except ValueError as error:
+        raise LoaderError(f"{where}: meta.json: {error}") from None
+    if not isinstance(meta, dict):
+        raise LoaderError(f"{where}: meta.json is not an object")
+    version = meta.get("format", FORMAT_TILES)
+    if version not in SHARD_FORMATS:
+        raise LoaderError(
+            f"{where}: meta.json format {version!r}, this loader reads {SHARD_FORMATS}"
+        )
+    arrays = _arrays(members, version, seq_len, where)
     input_ids, labels, position_ids, cu_seqlens = arrays
     for name, array in zip(ARRAY_NAMES[:3], arrays[:3], strict=True):
         if array.shape[0] != seq_len:
@@ -128,10 +144,6 @@ def parse_pack(
         or (np.diff(cu_seqlens) < 0).any()
     ):
         raise LoaderError(f"{where}: cu_seqlens {cu_seqlens.tolist()} is not 0 .. {seq_len}")
-    try:
-        meta = json.loads(bytes(members["meta.json"]))
-    except ValueError as error:
-        raise LoaderError(f"{where}: meta.json: {error}") from None
     tile_format = meta.get("tile_format", "png")
     version = meta.get("format", FORMAT_TILES)
     if version not in SHARD_FORMATS:
@@ -240,12 +252,35 @@ def _numbered_tiles(
     return [numbered[i] for i in range(num_tiles)]
 
 
+def _arrays(
+    members: dict[str, memoryview], version: int, seq_len: int, where: str
+) -> list[np.ndarray]:
+    """The four int32 arrays: one `.npy` member each (format 1) or `arrays.npz` (format 2,
+    each inflated size bounded by T + 1 int32 values and the .npy header)."""
+    if version == FORMAT_SOURCE:
+        if ARRAYS_NPZ not in members:
+            raise LoaderError(f"{where}: missing ['{ARRAYS_NPZ}']")
+        try:
+            loaded = load_npz(bytes(members[ARRAYS_NPZ]), ARRAY_NAMES, 4 * (seq_len + 1) + 1024)
+        except ShardFormatError as error:
+            raise LoaderError(f"{where}: {ARRAYS_NPZ}: {error}") from None
+        return [_int32(loaded[name], name, where) for name in ARRAY_NAMES]
+    missing = [f"{n}.npy" for n in ARRAY_NAMES if f"{n}.npy" not in members]
+    if missing:
+        raise LoaderError(f"{where}: missing {missing}")
+    return [_npy(members[f"{n}.npy"], n, where) for n in ARRAY_NAMES]
+
+
 def _npy(data: memoryview, name: str, where: str) -> np.ndarray:
     """An int32 1-D array from .npy bytes (allow_pickle=False semantics: plain dtypes only)."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as error:
         raise LoaderError(f"{where}: {name}.npy: {error}") from None
+    return _int32(array, name, where)
+
+
+def _int32(array: np.ndarray, name: str, where: str) -> np.ndarray:
     if array.dtype != np.int32 or array.ndim != 1:
         raise LoaderError(f"{where}: {name}.npy is {array.dtype} {array.shape}, expected int32 1-D")
     return array

@@ -7,6 +7,9 @@ key `{NNNNNNNNN}` (the global pack index), members (all `.npy` load with allow_p
 - `position_ids.npy` int32 [T]  restarting per sample when pack.reset_attention, else 0..T-1
 - `cu_seqlens.npy`   int32 [n+1] boundaries of the n packed samples, the tail padding accounted to
                      the last one (as the original), so cu_seqlens[-1] == T
+- `arrays.npz`       (format 2, instead of the four `.npy` members) the same four arrays as
+                     ``{name}.npy`` inside one zip, DEFLATE level 1 (`npz_bytes`): 12 bytes per
+                     token became ~1.6, which matters next to a few hundred kB of JPEG per pack
 - `meta.json`        format, stage, tile format, ``num_tiles`` (every vision tile the pack's
                      placeholders stand for), and per packed sample: dataset, file, record,
                      length, offset, media_order, images (size, grid, tiles; in format 2 also the
@@ -45,7 +48,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,10 @@ FORMAT_SOURCE = 2
 SHARD_FORMATS = (FORMAT_TILES, FORMAT_SOURCE)
 """The formats the loader, verify and stats read."""
 ARRAY_MEMBERS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+ARRAYS_NPZ = "arrays.npz"
+"""Format 2: the four arrays in one compressed member (format 1: one ``.npy`` member each)."""
+NPZ_LEVEL = 1
+"""zlib level of `arrays.npz`: a pack of 4096 tokens takes ~6.6 kB instead of 49.7 kB."""
 STATE_DIR = ".lvita-build"
 """The build's own state (plan, shard tasks, done records) inside its output directory."""
 MANIFEST_COPY = "manifest.yaml"
@@ -100,6 +108,38 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The arrays as one reproducible `.npz` (what ``np.load`` reads): a zip of ``{name}.npy``
+    members in the given order, DEFLATE level `NPZ_LEVEL`, fixed timestamps and attributes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3  # Unix, whatever the platform writing it
+            info.external_attr = 0o444 << 16
+            archive.writestr(info, npy_bytes(array), compresslevel=NPZ_LEVEL)
+    return buffer.getvalue()
+
+
+def load_npz(data: bytes, names: Sequence[str], max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays `names` of an `.npz` someone handed over, with bounded work: exactly those
+    members, each at most `max_bytes` once inflated (checked before inflating), CRCs checked,
+    plain dtypes only (no pickle). `ShardFormatError` otherwise."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            found = [info.filename for info in infos]
+            if sorted(found) != sorted(f"{name}.npy" for name in names):
+                raise ShardFormatError(f"npz members {found}, expected {list(names)}")
+            too_big = [i.filename for i in infos if i.file_size > max_bytes]
+            if too_big:
+                raise ShardFormatError(f"npz members {too_big} inflate past {max_bytes} bytes")
+            return {name: load_npy(archive.read(f"{name}.npy")) for name in names}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as error:
+        raise ShardFormatError(f"unreadable npz: {error}") from None
 
 
 def meta_bytes(meta: Mapping[str, Any]) -> bytes:

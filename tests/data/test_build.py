@@ -30,7 +30,7 @@ from lvita_data.media.tiles import decode_tile
 from lvita_data.samples.read import tokenizer_and_template
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards.format import ARRAY_MEMBERS, load_npy
+from lvita_data.shards.format import ARRAY_MEMBERS, load_npy, load_npz, npz_bytes
 from lvita_data.shards.writer import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -244,7 +244,9 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
         tokens = 0
         for key, members in samples:
             keys.append(key)
-            arrays = {name: load_npy(members[f"{name}.npy"]) for name in ARRAY_MEMBERS}
+            assert members["arrays.npz"] == npz_bytes(  # format 2: one reproducible .npz
+                arrays := load_npz(members["arrays.npz"], ARRAY_MEMBERS, 4 * MAX_SEQ_LEN + 1024)
+            )
             assert all(a.dtype == np.int32 for a in arrays.values())
             for name in ("input_ids", "labels", "position_ids"):
                 assert arrays[name].shape == (MAX_SEQ_LEN,), name
@@ -257,8 +259,7 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
             assert tiles == [f"tile{i:06d}.png" for i in range(len(tiles))]
             images = sorted(m for m in members if m.startswith("image"))
             assert images == [f"image{i:06d}.{m.split('.')[1]}" for i, m in enumerate(images)]
-            arrays_and_meta = {*(f"{n}.npy" for n in ARRAY_MEMBERS), "meta.json"}
-            assert set(members) == {*arrays_and_meta, *tiles, *images}
+            assert set(members) == {"arrays.npz", "meta.json", *tiles, *images}
             assert meta["stored_tiles"] == len(tiles)  # format 2: the video frames
             assert np.isin(ids, vision).sum() == TOKENS_PER_TILE * meta["num_tiles"]
             assert meta["num_tiles"] == sum(s["num_tiles"] for s in meta["samples"])
@@ -328,7 +329,8 @@ def test_tiles_storage_writes_format_1(manifest: Path, reference: Path, tmp_path
             assert not any(m.startswith("image") for m in members)
             assert meta["num_tiles"] == sum(m.startswith("tile") for m in members)
             assert meta["num_tiles"] == json.loads(ref_members["meta.json"])["num_tiles"]
-            assert members["input_ids.npy"] == ref_members["input_ids.npy"]
+            ids = load_npz(ref_members["arrays.npz"], ARRAY_MEMBERS, 4 * MAX_SEQ_LEN + 1024)
+            assert load_npy(members["input_ids.npy"]).tolist() == ids["input_ids"].tolist()
         total["tiles"] += shard["bytes"]
         total["source"] += ref_shard["bytes"]
     assert total["tiles"] > 2 * total["source"]
