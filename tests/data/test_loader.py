@@ -338,7 +338,19 @@ def test_each_image_is_stored_once_per_pack(builds, demo_corpus, tmp_path):
     text += f"    media_root: {root}/longvita\n"
     manifest.write_text(text)
     build_stage(str(manifest), str(tmp_path / "out"), workers=1, progress=False)
-    batch = next(iter(ShardLoader(tmp_path / "out", shuffle=False)))
+    import lvita_data.loader.batch as batch_module
+
+    cuts = []
+    real_cut = batch_module.source_image_tiles
+
+    def counting_cut(*args):
+        cuts.append(args[3])
+        return real_cut(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_module, "source_image_tiles", counting_cut)
+        batch = next(iter(ShardLoader(tmp_path / "out", shuffle=False)))
+    assert cuts == ["image000000.jpg"]  # decoded and cut once for both of its uses
     members = ShardLoader(tmp_path / "out", shuffle=False, decode_pixels=False)
     images = next(iter(members)).image_data[0]
     assert list(images) == ["image000000.jpg"]
