@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from lvita_data.shards.format import ARRAY_MEMBERS
+
 MAX_PROBLEMS_PER_SAMPLE = 8
+ARRAY_NPY = frozenset(f"{name}.npy" for name in ARRAY_MEMBERS)
+"""The array members of format 1 (inside `arrays.npz` in format 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +102,18 @@ class SampleProblems:
     """The problems of one sample (its shard and key filled in), at most `MAX_PROBLEMS_PER_SAMPLE`:
     one badly damaged sample does not flood the report."""
 
-    def __init__(self, shard: str, key: str) -> None:
+    def __init__(self, shard: str, key: str, arrays_in: str | None = None) -> None:
         self.shard, self.key = shard, key
+        self.arrays_in = arrays_in
+        """Format 2: the member holding the arrays (``arrays.npz``); a problem the checks
+        place in an array's ``{name}.npy`` is reported in it, the message naming the array."""
         self.problems: list[Problem] = []
 
-    def add(self, message: str, member: str | None = None, kind: str = "sample") -> None:
+    def add(
+        self, message: str, member: str | None = None, kind: str = "sample", exact: bool = False
+    ) -> None:
+        """`exact`: `member` is a member of the tar as named (e.g. an unknown `.npy` member)."""
+        if self.arrays_in is not None and member in ARRAY_NPY and not exact:
+            message, member = f"{member}: {message}", self.arrays_in
         if len(self.problems) < MAX_PROBLEMS_PER_SAMPLE:
             self.problems.append(Problem(kind, message, self.shard, self.key, member))

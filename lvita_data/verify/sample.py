@@ -1,10 +1,14 @@
 """The per-sample checks of shard formats 1 and 2 (`check_sample`): one sample's members in
 memory. A pack is checked as the format `index.json` names (its meta.json must name the same).
 
-- Members: the four arrays and `meta.json`, tiles `tile000000..` in the build's tile format, in
-  format 2 image members `image000000.{ext}..`, no unknown member.
-- Arrays load with allow_pickle=False, are int32 and 1-D, and are the canonical `.npy` bytes;
-  shapes [T] and [n + 1]; `cu_seqlens` starts at 0, strictly increases and ends at T.
+- Members: the four arrays (format 1: one `.npy` member each; format 2: exactly `arrays.npz`, no
+  `.npy` member) and `meta.json`, tiles `tile000000..` in the build's tile format, in format 2
+  image members `image000000.{ext}..`, no unknown member.
+- Arrays load with allow_pickle=False, are int32 and 1-D, and are the canonical bytes lvita
+  writes (each `.npy`; format 2: `arrays.npz` is `npz_bytes` of its arrays, read by `load_npz`
+  with each array's inflated size bounded by `npz_limit`); shapes [T] and [n + 1]; `cu_seqlens`
+  starts at 0, strictly increases and ends at T. Format 2 reports an array's problems in member
+  `arrays.npz`, the message naming the array (`SampleProblems`).
 - `meta.json` is the canonical JSON lvita writes, of this format, stage and tile format.
 - Packed sample i starts at cu_seqlens[i] (a multiple of `pack.align`) and fills its aligned
   length; padding is the pad token with label -100; positions restart per segment when
@@ -31,12 +35,15 @@ from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE
 from lvita_data.schema import IGNORE_INDEX
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
+    ARRAYS_NPZ,
     FORMAT_SOURCE,
     FORMAT_TILES,
     SHARD_FORMATS,
     load_npy,
+    load_npz,
     meta_bytes,
     npy_bytes,
+    npz_bytes,
     tile_member,
 )
 from lvita_data.verify.images import IMAGE_PATTERN, check_images
@@ -86,18 +93,56 @@ def _png_problem(data: bytes) -> str | None:
     return "PNG has no IEND chunk (truncated)"
 
 
+def npz_limit(max_seq_len: int) -> int:
+    """The most bytes one array of `arrays.npz` may inflate to: T + 1 int32 values (the longest,
+    `cu_seqlens` of T one-token samples) and the `.npy` header; the loader reads with the same
+    bound."""
+    return 4 * (max_seq_len + 1) + 1024
+
+
+def _int32(name: str, array: np.ndarray, out: SampleProblems) -> np.ndarray | None:
+    if array.dtype != np.dtype("<i4") or array.ndim != 1:
+        out.add(f"dtype {array.dtype} ndim {array.ndim}, expected int32 1-D", name)
+        return None
+    return array
+
+
 def _load_array(name: str, data: bytes, out: SampleProblems) -> np.ndarray | None:
     try:
         array = load_npy(data)
     except Exception as error:  # any parse failure of damaged bytes
         out.add(f"does not load as .npy: {error}", name)
         return None
-    if array.dtype != np.dtype("<i4") or array.ndim != 1:
-        out.add(f"dtype {array.dtype} ndim {array.ndim}, expected int32 1-D", name)
+    if _int32(name, array, out) is None:
         return None
     if npy_bytes(array) != data:
         out.add("not the canonical .npy encoding of its array (damaged header?)", name)
     return array
+
+
+def _load_arrays(
+    parts: Mapping[str, bytes], version: int, settings: Settings, out: SampleProblems
+) -> dict[str, np.ndarray | None]:
+    """The four arrays that load as int32 1-D (None for one that does not): the `.npy` members
+    of format 1, or format 2's `arrays.npz` (bounded inflation, CRCs checked, canonical)."""
+    if version != FORMAT_SOURCE:
+        return {
+            name: _load_array(f"{name}.npy", parts[f"{name}.npy"], out)
+            for name in ARRAY_MEMBERS
+            if f"{name}.npy" in parts
+        }
+    if ARRAYS_NPZ not in parts:
+        return {}
+    data = parts[ARRAYS_NPZ]
+    try:
+        loaded = load_npz(data, ARRAY_MEMBERS, npz_limit(settings.max_seq_len))
+    except Exception as error:  # ShardFormatError, or a zlib error of a damaged stream
+        out.add(f"does not load as an .npz of the four arrays: {error}", ARRAYS_NPZ)
+        return {}
+    arrays = {name: _int32(f"{name}.npy", loaded[name], out) for name in ARRAY_MEMBERS}
+    if all(array is not None for array in arrays.values()) and npz_bytes(arrays) != data:
+        out.add("not the canonical arrays.npz lvita writes (damaged zip metadata?)", ARRAYS_NPZ)
+    return arrays
 
 
 def _meta_format(parts: Mapping[str, bytes], settings: Settings) -> int:
@@ -115,12 +160,15 @@ def check_sample(
     shard: str, key: str, parts: Mapping[str, bytes], settings: Settings
 ) -> tuple[list[Problem], SampleSummary]:
     """Every per-sample invariant of shard formats 1 and 2 (see the module docstring)."""
-    out = SampleProblems(shard, key)
-    summary = SampleSummary()
     version = _meta_format(parts, settings)
-    for name in ARRAY_MEMBERS:
-        if f"{name}.npy" not in parts:
-            out.add(f"member {name}.npy missing")
+    out = SampleProblems(shard, key, ARRAYS_NPZ if version == FORMAT_SOURCE else None)
+    summary = SampleSummary()
+    array_parts = (
+        (ARRAYS_NPZ,) if version == FORMAT_SOURCE else tuple(f"{n}.npy" for n in ARRAY_MEMBERS)
+    )
+    for part in array_parts:
+        if part not in parts:
+            out.add(f"member {part} missing")
     if "meta.json" not in parts:
         out.add("member meta.json missing")
     tile_names, image_names = [], []
@@ -132,12 +180,9 @@ def check_sample(
                 out.add(f"tile format {match.group(2)!r}, the build uses {settings.tile_format}")
         elif version == FORMAT_SOURCE and IMAGE_PATTERN.match(part):
             image_names.append(part)
-        elif part not in ("meta.json", *(f"{n}.npy" for n in ARRAY_MEMBERS)):
-            out.add("unknown member", part)
-    arrays = {}
-    for name in ARRAY_MEMBERS:
-        if f"{name}.npy" in parts:
-            arrays[name] = _load_array(f"{name}.npy", parts[f"{name}.npy"], out)
+        elif part != "meta.json" and part not in array_parts:
+            out.add("unknown member", part, exact=True)
+    arrays = _load_arrays(parts, version, settings, out)
     meta = None
     if "meta.json" in parts:
         try:

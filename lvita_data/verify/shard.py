@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lvita_data.shards.format import ARRAY_MEMBERS, sample_digest
+from lvita_data.shards.format import ARRAY_MEMBERS, ARRAYS_NPZ, sample_digest
 from lvita_data.shards.tar import TarMember, TarProblem, TarScan, scan_tar, split_member_name
 from lvita_data.verify.report import Problem
 from lvita_data.verify.sample import SampleSummary, check_sample
@@ -33,8 +33,9 @@ from lvita_data.verify.settings import Settings
 
 MAX_PROBLEMS_PER_SHARD = 200
 KEY_PATTERN = re.compile(r"^\d{9}$")
-FIRST_MEMBER = min(f"{name}.npy" for name in ARRAY_MEMBERS)
-"""Members are written in sorted name order: every sample starts with cu_seqlens.npy."""
+FIRST_MEMBERS = (min(f"{name}.npy" for name in ARRAY_MEMBERS), ARRAYS_NPZ)
+"""Members are written in sorted name order: every sample starts with cu_seqlens.npy (format 1)
+or arrays.npz (format 2)."""
 
 
 @dataclass(slots=True)
@@ -84,8 +85,8 @@ def _attribute(scan: TarScan, problem: TarProblem) -> tuple[str | None, str | No
             return key, problem.name
         if "PaxHeader" in problem.name and after is not None:
             return after_key, after.name  # a PAX header belongs to the member after it
-        if part == FIRST_MEMBER and after_key:
-            return after_key, None  # cu_seqlens.npy is the first member of every sample
+        if part in FIRST_MEMBERS and after_key:
+            return after_key, None  # the first member of every sample
     if before_key is None or before_key == after_key:
         return after_key, None
     if after_key is None:

@@ -5,6 +5,7 @@ with what `energon prepare` writes, and are byte-reproducible. Skipped without m
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 import sqlite3
@@ -15,6 +16,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -26,7 +28,7 @@ from lvita_data.shards.energon import (
     read_layout,
     write_energon_metadata,
 )
-from lvita_data.shards.format import FORMAT_SOURCE, ShardInfo
+from lvita_data.shards.format import ARRAY_MEMBERS, ARRAYS_NPZ, FORMAT_SOURCE, ShardInfo
 from lvita_data.verify import verify_build
 
 energon = pytest.importorskip("megatron.energon")
@@ -194,14 +196,25 @@ def test_energon_loads_every_sample_byte_for_byte(built, energon_parts):
 
 
 def test_energon_hands_out_the_source_image_bytes(built, energon_parts):
-    """Format 2 (the default): every ``image*`` part Energon yields is the exact bytes of the
-    source file its meta.json entry stands for; the video frames are the stored tiles."""
+    """Format 2 (the default): the parts are ``arrays.npz`` (what ``np.load`` reads: the four
+    int32 arrays), ``meta.json``, ``image*`` and ``tile*``; every ``image*`` part Energon yields
+    is the exact bytes of the source file its meta.json entry stands for; the video frames are
+    the stored tiles."""
     index = json.loads((built / "index.json").read_text(encoding="utf-8"))
     assert index["format"] == FORMAT_SOURCE
     extensions = set()
     for key, parts in energon_parts.items():
+        assert {p for p in parts if not p.startswith(("image", "tile"))} == {
+            ARRAYS_NPZ,
+            "meta.json",
+        }, key
         meta = json.loads(parts["meta.json"])
         assert meta["format"] == FORMAT_SOURCE
+        with np.load(io.BytesIO(parts[ARRAYS_NPZ]), allow_pickle=False) as arrays:
+            assert sorted(arrays.files) == sorted(ARRAY_MEMBERS), key
+            assert {arrays[name].dtype for name in ARRAY_MEMBERS} == {np.dtype(np.int32)}
+            assert arrays["input_ids"].shape == (4096,), key
+            assert arrays["cu_seqlens"].shape == (len(meta["samples"]) + 1,), key
         referenced = set()
         for sample in filter(lambda s: s["images"], meta["samples"]):
             jsonl = Path(sample["file"])  # longvita_jsonl, record = line number from 0

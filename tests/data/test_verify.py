@@ -7,14 +7,18 @@ images, text only, videos, bad records incl. a JPEG truncated after a valid head
 tiles) and the same manifest with `shards.image_storage: tiles` (format 1: every tile stored).
 Per-sample digests are recorded the way the build is meant to record them (`sample_digest` of
 each sample dict handed to `write_shard`, into the completion records), by wrapping
-`write_shard`.
+`write_shard`. Format 2 holds the four arrays in one `arrays.npz` (format 1: one `.npy` each):
+the checks that hold for both formats reach them through `arrays_of` / `with_arrays`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import struct
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +29,15 @@ import lvita_data.build.shard as build_module
 from lvita_data.build.run import STATE_DIR, build_stage
 from lvita_data.fileio import sha256_file
 from lvita_data.shards.format import (
+    ARRAY_MEMBERS,
+    ARRAYS_NPZ,
     FORMAT_SOURCE,
     FORMAT_TILES,
     load_npy,
+    load_npz,
     meta_bytes,
     npy_bytes,
+    npz_bytes,
     sample_digest,
 )
 from lvita_data.shards.tar import scan_tar, split_member_name
@@ -175,6 +183,26 @@ def problems_at(report, shard: str) -> list:
     return [p for p in report.problems if p.shard == shard]
 
 
+def arrays_of(members: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """The four arrays of a pack: its `arrays.npz` (format 2) or its `.npy` members (format 1)."""
+    if ARRAYS_NPZ in members:
+        return load_npz(members[ARRAYS_NPZ], ARRAY_MEMBERS, 1 << 20)
+    return {name: load_npy(members[f"{name}.npy"]) for name in ARRAY_MEMBERS}
+
+
+def with_arrays(members: dict[str, bytes], **changes: np.ndarray) -> dict[str, bytes]:
+    """The pack's members with some arrays replaced, encoded as the build encodes them."""
+    if ARRAYS_NPZ in members:
+        arrays = {**arrays_of(members), **changes}
+        return {**members, ARRAYS_NPZ: npz_bytes({n: arrays[n] for n in ARRAY_MEMBERS})}
+    return {**members, **{f"{name}.npy": npy_bytes(a) for name, a in changes.items()}}
+
+
+def array_member(members, name: str) -> str:
+    """The member holding array `name` (and its problems) in this pack's format."""
+    return ARRAYS_NPZ if ARRAYS_NPZ in members else f"{name}.npy"
+
+
 # --------------------------------------------------------------------------------------------
 # intact build
 
@@ -252,6 +280,18 @@ def _npy_data_start(path: Path, parts, member: str) -> int:
     return offset + raw.index(b"\n") + 1
 
 
+def _npz_entry(path: Path, parts, name: str) -> tuple[int, int, int]:
+    """(shard offset of its local zip header, of its DEFLATE data, compressed size) of array
+    `name` inside the `arrays.npz` member."""
+    start, _ = parts[ARRAYS_NPZ]
+    data = read_parts(path, parts)[ARRAYS_NPZ]
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    header = info.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[header + 26 : header + 30])
+    return start + header, start + header + 30 + name_length + extra_length, info.compress_size
+
+
 @pytest.mark.parametrize(
     "where",
     [
@@ -271,7 +311,18 @@ def test_flipped_byte_names_shard_and_key(either, tmp_path, where):
     out = copy_build(either, tmp_path / "b")
     name, path, key, parts, _ = _target(out)
     data = path.read_bytes()
-    if where == "input_ids in a vision block":
+    npz = ARRAYS_NPZ in parts  # format 2: the arrays are DEFLATE streams inside arrays.npz
+    if npz and where in ("input_ids in a vision block", "labels"):
+        array = "input_ids" if where.startswith("input_ids") else "labels"
+        _, start, size = _npz_entry(path, parts, array)
+        offset = start + size // 2  # caught by inflating (CRC or a bad stream)
+    elif npz and where == "npy header":  # the local header's compressed size, which zipfile
+        offset = _npz_entry(path, parts, "position_ids")[0] + 20  # ignores: canonical check
+    elif npz and where in ("tar header name", "pax header"):
+        offset = parts["meta.json"][0] - (512 if where == "tar header name" else 3 * 512) + 2
+    elif npz and where == "tar header of the first member":
+        offset = parts[ARRAYS_NPZ][0] - 512 + 4
+    elif where == "input_ids in a vision block":
         ids = load_npy(read_parts(path, parts)["input_ids.npy"])
         position = int(np.flatnonzero(ids == ids.max())[0])  # a vision placeholder id
         offset = _npy_data_start(path, parts, "input_ids.npy") + 4 * position
@@ -304,6 +355,13 @@ def test_flipped_byte_names_shard_and_key(either, tmp_path, where):
     located = [p for p in problems_at(report, name) if p.kind != "checksum"]
     assert located, report.format()
     assert located[0].key == key, report.format()
+    if npz and where in ("input_ids in a vision block", "labels", "npy header"):
+        arrays = [p for p in located if p.kind == "sample"]
+        assert arrays and {(p.key, p.member) for p in arrays} == {(key, ARRAYS_NPZ)}, (
+            report.format()
+        )
+        if where == "npy header":
+            assert any("canonical arrays.npz" in p.message for p in arrays), report.format()
     assert run(["verify", str(out), "--no-decode"]) == EXIT_VERIFY_PROBLEMS
 
 
@@ -320,16 +378,32 @@ def test_flip_in_end_of_archive_names_the_last_key(either, tmp_path):
     assert verify_build(out, decode_tiles=False).ok
 
 
-def _user_text_byte(out: Path, path: Path) -> tuple[str, int]:
-    """(key, byte offset) of the low byte of a text id in a user turn (not a special id)."""
+def _change_user_text_id(out: Path, path: Path) -> str:
+    """Turn a text id of a user turn (not a special id) into another text id in place, the
+    member keeping its size: format 1 flips the id's low bit in input_ids.npy, format 2 writes
+    the canonical arrays.npz of an id that compresses to the same size. Returns the key."""
     user = load_settings(out, index_of(out)).role_prefix["user"]
     for key, parts in samples_of(path):
-        ids = load_npy(read_parts(path, parts)["input_ids.npy"])
+        members = read_parts(path, parts)
+        ids = arrays_of(members)["input_ids"]
         windows = np.lib.stride_tricks.sliding_window_view(ids, user.shape[0])
         for start in np.flatnonzero((windows == user).all(axis=1)).tolist():
             position = start + user.shape[0]
-            if ids[position] < 150_000:
-                return key, _npy_data_start(path, parts, "input_ids.npy") + 4 * position
+            if ids[position] >= 150_000:
+                continue
+            if ARRAYS_NPZ not in members:
+                flip(path, _npy_data_start(path, parts, "input_ids.npy") + 4 * position, 0x01)
+                return key
+            offset, size = parts[ARRAYS_NPZ]
+            for mask in range(1, 256):
+                changed = ids.copy()
+                changed[position] ^= mask
+                data = with_arrays(members, input_ids=changed)[ARRAYS_NPZ]
+                if len(data) == size and changed[position] < 150_000:
+                    shard = bytearray(path.read_bytes())
+                    shard[offset : offset + size] = data
+                    path.write_bytes(bytes(shard))
+                    return key
     raise AssertionError("no user text token found")
 
 
@@ -338,8 +412,7 @@ def test_flip_that_passes_every_invariant_needs_the_digest(either, tmp_path):
     per-sample digests the build records locate it to the shard and the sample key."""
     copy = copy_build(either, tmp_path / "copy")
     name, path, _, _, _ = _target(copy)
-    key, offset = _user_text_byte(copy, path)
-    flip(path, offset, 0x01)
+    key = _change_user_text_id(copy, path)
     report = verify_build(copy, decode_tiles=False)
     digest = [p for p in report.problems if p.kind == "digest"]
     assert [(p.shard, p.key) for p in digest] == [(name, key)], report.format()
@@ -354,7 +427,7 @@ def _multi_sample_pack(out: Path):
     for entry in index_of(out)["shards"]:
         for key, parts in samples_of(out / entry["name"]):
             members = read_parts(out / entry["name"], parts)
-            if load_npy(members["cu_seqlens.npy"]).shape[0] > 2:
+            if arrays_of(members)["cu_seqlens"].shape[0] > 2:
                 return entry["name"], key, members
     raise AssertionError("no pack with two samples")
 
@@ -364,15 +437,17 @@ def test_sample_invariants(either):
     settings = load_settings(out, index_of(out))
     shard, key, members = _multi_sample_pack(out)
     assert check_sample(shard, key, members, settings)[0] == []
-    ids = load_npy(members["input_ids.npy"])
-    labels = load_npy(members["labels.npy"])
-    cu = load_npy(members["cu_seqlens.npy"])
+    arrays = arrays_of(members)
+    ids, labels, cu = arrays["input_ids"], arrays["labels"], arrays["cu_seqlens"]
     meta = json.loads(members["meta.json"])
 
-    def problems(**changes) -> str:
-        found, _ = check_sample(shard, key, {**members, **changes}, settings)
-        assert found, f"{list(changes)} not caught"
+    def problems(changed: dict[str, bytes], member: str | None = None) -> str:
+        """The messages of what `changed` breaks; `member`: the array all of them name."""
+        found, _ = check_sample(shard, key, changed, settings)
+        assert found, "not caught"
         assert all(p.shard == shard and p.key == key for p in found)
+        if member is not None:
+            assert {p.member for p in found} == {array_member(members, member)}, found
         return " | ".join(p.message for p in found)
 
     user = settings.role_prefix["user"]
@@ -380,34 +455,38 @@ def test_sample_invariants(either):
     user_text = int(np.flatnonzero((windows == user).all(axis=1))[0]) + user.shape[0]
     supervised_user = labels.copy()
     supervised_user[user_text] = ids[user_text]
-    assert "differ from the template" in problems(**{"labels.npy": npy_bytes(supervised_user)})
+    assert "differ from the template" in problems(with_arrays(members, labels=supervised_user))
 
     im_end = np.flatnonzero(labels == settings.special.im_end)
     unsupervised_end = labels.copy()
     unsupervised_end[im_end[0]] = -100
-    assert "differ from the template" in problems(**{"labels.npy": npy_bytes(unsupervised_end)})
+    assert "differ from the template" in problems(with_arrays(members, labels=unsupervised_end))
 
     flat = np.arange(ids.shape[0], dtype=np.int32)
-    assert "reset_attention" in problems(**{"position_ids.npy": npy_bytes(flat)})
+    flat_positions = problems(with_arrays(members, position_ids=flat), "position_ids")
+    assert "reset_attention" in flat_positions
 
     short_end = cu.copy()
     short_end[-1] -= 8
-    assert "end at" in problems(**{"cu_seqlens.npy": npy_bytes(short_end)})
+    assert "end at" in problems(with_arrays(members, cu_seqlens=short_end), "cu_seqlens")
 
     misaligned = cu.copy()
     misaligned[1] += 1
-    assert problems(**{"cu_seqlens.npy": npy_bytes(misaligned)})
+    assert problems(with_arrays(members, cu_seqlens=misaligned))
 
-    wide = ids.astype(np.int64)
-    assert "int32" in problems(**{"input_ids.npy": npy_bytes(wide)})
+    unsigned = ids.astype(np.uint32)  # int64 inflates past format 2's bound: see below
+    assert "int32" in problems(with_arrays(members, input_ids=unsigned), "input_ids")
+    if ARRAYS_NPZ not in members:
+        wide = ids.astype(np.int64)
+        assert "int32" in problems(with_arrays(members, input_ids=wide), "input_ids")
 
     meta_shifted = json.loads(json.dumps(meta))
     meta_shifted["samples"][1]["offset"] += 8
     encoded = json.dumps(meta_shifted, ensure_ascii=False, sort_keys=True).encode()
-    assert "offset" in problems(**{"meta.json": encoded})
+    assert "offset" in problems({**members, "meta.json": encoded})
 
     not_canonical = json.dumps(meta, indent=1).encode()
-    assert "canonical" in problems(**{"meta.json": not_canonical})
+    assert "canonical" in problems({**members, "meta.json": not_canonical})
 
     with_tiles = next(
         (members for members in _all_samples(out) if "tile000000.png" in members), None
@@ -421,6 +500,70 @@ def test_sample_invariants(either):
     extra = {**with_tiles, "notes.txt": b"hi"}
     found, _ = check_sample(shard, key, extra, settings)
     assert [p.member for p in found] == ["notes.txt"]
+
+
+def test_arrays_npz_invariants(built, built_tiles):
+    """Format 2: exactly one arrays.npz holding exactly the four arrays, read with bounded
+    inflation and checked to be the canonical bytes lvita writes; no .npy array member."""
+    out, _ = built
+    settings = load_settings(out, index_of(out))
+    shard, key, members = _multi_sample_pack(out)
+    assert ARRAYS_NPZ in members and not [p for p in members if p.endswith(".npy")]
+    arrays = arrays_of(members)
+    npy_members = {f"{n}.npy": npy_bytes(arrays[n]) for n in ARRAY_MEMBERS}
+
+    def found(changed: dict[str, bytes]) -> list[tuple[str | None, str]]:
+        problems, _ = check_sample(shard, key, changed, settings)
+        assert problems, "not caught"
+        assert all(p.shard == shard and p.key == key for p in problems)
+        return [(p.member, p.message) for p in problems]
+
+    def npz_problem(changed: dict[str, bytes]) -> str:
+        problems = found(changed)
+        assert {member for member, _ in problems} == {ARRAYS_NPZ}, problems
+        return " | ".join(message for _, message in problems)
+
+    without = {k: v for k, v in members.items() if k != ARRAYS_NPZ}
+    assert (None, "member arrays.npz missing") in found(without)
+    as_format_1 = found({**without, **npy_members})  # the format-1 layout in a format-2 pack
+    assert (None, "member arrays.npz missing") in as_format_1
+    assert {(name, "unknown member") for name in npy_members} <= set(as_format_1)
+    both = found({**members, "labels.npy": npy_members["labels.npy"]})
+    assert both == [("labels.npy", "unknown member")]
+
+    data = members[ARRAYS_NPZ]
+    reordered = npz_bytes({n: arrays[n] for n in reversed(ARRAY_MEMBERS)})
+    assert "not the canonical arrays.npz" in npz_problem({**members, ARRAYS_NPZ: reordered})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # what numpy writes: loads, but not lvita's bytes
+    assert "not the canonical" in npz_problem({**members, ARRAYS_NPZ: buffer.getvalue()})
+    extra = npz_bytes({**arrays, "extra": arrays["cu_seqlens"]})
+    assert "npz members" in npz_problem({**members, ARRAYS_NPZ: extra})
+    three = npz_bytes({n: arrays[n] for n in ARRAY_MEMBERS[:3]})
+    assert "npz members" in npz_problem({**members, ARRAYS_NPZ: three})
+    truncated = data[: len(data) // 2]
+    assert "does not load" in npz_problem({**members, ARRAYS_NPZ: truncated})
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x5A  # inside a DEFLATE stream: CRC or inflate error
+    assert "does not load" in npz_problem({**members, ARRAYS_NPZ: bytes(flipped)})
+    assert "does not load" in npz_problem({**members, ARRAYS_NPZ: b"not a zip"})
+    # bounded: an array larger than T + 1 int32 values is refused before it is inflated
+    wide = arrays["input_ids"].astype(np.int64)
+    assert "inflate past" in npz_problem(with_arrays(members, input_ids=wide))
+    bomb = np.zeros(4_000_000, dtype=np.int32)  # 16 MB of zeros, ~16 kB compressed
+    bomb_npz = with_arrays(members, labels=bomb)[ARRAYS_NPZ]
+    assert len(bomb_npz) < 100_000
+    assert "inflate past" in npz_problem({**members, ARRAYS_NPZ: bomb_npz})
+    short = arrays["labels"][:-8]
+    assert "labels.npy: shape" in npz_problem(with_arrays(members, labels=short))
+
+    # arrays.npz has no place in a format-1 pack
+    tiles_out, _ = built_tiles
+    tiles_settings = load_settings(tiles_out, index_of(tiles_out))
+    tiles_members = _pack_members(tiles_out, shard, key)
+    assert not [p for p in tiles_members if p.endswith(".npz")]
+    problems, _ = check_sample(shard, key, {**tiles_members, ARRAYS_NPZ: data}, tiles_settings)
+    assert [(p.member, p.message) for p in problems] == [(ARRAYS_NPZ, "unknown member")]
 
 
 def _all_samples(out: Path):
@@ -459,8 +602,9 @@ def test_duplicate_and_non_contiguous_keys(built, tmp_path):
 
     out = copy_build(built, tmp_path / "c")
     sample = second[0]
-    head = {k: v for k, v in sample.items() if k in ("__key__", "cu_seqlens.npy")}
-    tail = {k: v for k, v in sample.items() if k != "cu_seqlens.npy"}
+    first_part = min(k for k in sample if k != "__key__")  # arrays.npz (format 2)
+    head = {k: v for k, v in sample.items() if k in ("__key__", first_part)}
+    tail = {k: v for k, v in sample.items() if k != first_part}
     _rewrite_shard(out, shards[1], [head, *second[1:2], tail, *second[2:]])
     report = verify_build(out, decode_tiles=False)
     assert any(
