@@ -49,6 +49,7 @@ import json
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,8 +139,18 @@ def load_npz(data: bytes, names: Sequence[str], max_bytes: int) -> dict[str, np.
             if too_big:
                 raise ShardFormatError(f"npz members {too_big} inflate past {max_bytes} bytes")
             return {name: load_npy(archive.read(f"{name}.npy")) for name in names}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as error:
-        raise ShardFormatError(f"unreadable npz: {error}") from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,  # a damaged DEFLATE stream
+        NotImplementedError,  # a damaged compression-method field
+        RuntimeError,  # "encrypted" flag set
+        KeyError,
+        ValueError,
+        OSError,
+        EOFError,
+    ) as error:
+        raise ShardFormatError(f"unreadable npz: {error!r}") from None
 
 
 def meta_bytes(meta: Mapping[str, Any]) -> bytes:

@@ -358,6 +358,36 @@ def test_each_image_is_stored_once_per_pack(builds, demo_corpus, tmp_path):
     assert half > 1 and np.array_equal(batch.pixel_values[:half], batch.pixel_values[half:])
 
 
+def test_a_damaged_arrays_npz_is_a_loader_error_never_another_exception(builds):
+    """Every single-byte change of a real arrays.npz either still loads the same arrays (the
+    change hit bytes zip readers ignore) or raises LoaderError: bounded, no other exception."""
+    loader = ShardLoader(builds["source"], shuffle=False)
+    key, members = loader.read_raw(0)
+    data = bytes(members["arrays.npz"])
+    intact = parse_pack(
+        key, dict(members), where="w", seq_len=2048, vision_ids=bundled_vision_ids()
+    )
+    outcomes = {"same": 0, "error": 0}
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x55
+        try:
+            pack = parse_pack(
+                key,
+                {**members, "arrays.npz": memoryview(bytes(damaged))},
+                where="w",
+                seq_len=2048,
+                vision_ids=bundled_vision_ids(),
+            )
+        except LoaderError:
+            outcomes["error"] += 1
+            continue
+        outcomes["same"] += 1
+        assert np.array_equal(pack.input_ids, intact.input_ids)
+        assert np.array_equal(pack.labels, intact.labels)
+    assert outcomes["error"] > len(data) // 2  # did it run: most flips are caught
+
+
 def _first_image_pack(build: Path) -> tuple[str, dict[str, memoryview], str]:
     loader = ShardLoader(build, shuffle=False)
     for number in range(loader.num_packs):
