@@ -18,12 +18,13 @@ Checks
 ------
 Every pack is checked while it is read: the four arrays (``.npy`` members in format 1, inflated
 from ``arrays.npz`` in format 2 with each array's size bounded before inflating) are int32 [T]
-(cu_seqlens [n + 1] from 0 to T), the stored tile members are ``tile000000 .. tile{M-1}`` in the meta's tile format (M =
-``num_tiles`` in format 1, ``stored_tiles`` in format 2), in format 2 every image of the meta
-names an ``image*`` member with a positive size and a grid whose tile count it states, and the
-number of vision placeholders in ``input_ids`` is exactly 256 * N for the N tiles the pack's
-media stand for (`Pack.tile_sources`, walked in each sample's ``media_order``). A violation
-raises `LoaderError` naming the shard and the key. Pixels are decoded later (`batch`).
+(cu_seqlens [n + 1] from 0 to T); the stored tile members are ``tile000000 .. tile{M-1}`` in
+the meta's tile format (M = ``num_tiles`` in format 1, ``stored_tiles`` in format 2); in format
+2 every image of the meta names an ``image*`` member with a positive size and a grid whose tile
+count it states; and the number of vision placeholders in ``input_ids`` is exactly 256 * N for
+the N tiles the pack's media stand for (`Pack.tile_sources`, walked in each sample's
+``media_order``). A violation raises `LoaderError` naming the shard and the key. Pixels are
+decoded later (`batch`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -72,11 +73,14 @@ def _packs(out: Path):
         with tarfile.open(out / shard["name"]) as tar:
             for member in tar:
                 key, _, name = member.name.partition(".")
-                if name == "meta.json" or name.endswith(".npy"):
+                if name in ("meta.json", "arrays.npz") or name.endswith(".npy"):
                     members.setdefault(key, {})[name] = tar.extractfile(member).read()
         for key in sorted(members):
             item = members[key]
             arrays = {n[:-4]: load_npy(b) for n, b in item.items() if n.endswith(".npy")}
+            if "arrays.npz" in item:  # format 2
+                with np.load(io.BytesIO(item["arrays.npz"]), allow_pickle=False) as npz:
+                    arrays = {name: npz[name] for name in npz.files}
             yield json.loads(item["meta.json"]), arrays
 
 
