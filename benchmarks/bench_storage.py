@@ -64,9 +64,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
+from bench_loader import loader_pass  # noqa: E402  (this folder: one loader pass for both)
 from PIL import Image, ImageDraw, ImageFilter, ImageFont  # noqa: E402
 
-from lvita_data.loader import ShardLoader  # noqa: E402
 from lvita_data.media.tiles import decode_rgb, decode_tile, encode_tiles, image_tiles  # noqa: E402
 from lvita_data.samples.tiling import choose_grid, num_tiles  # noqa: E402
 
@@ -374,16 +374,6 @@ def shard_bytes(out: Path) -> dict[str, int]:
                     parts["meta"] += member.size
     parts["headers"] = parts["total"] - sum(parts[k] for k in ("image", "tile", "arrays", "meta"))
     return parts
-
-
-def loader_pass(out: Path, normalize: bool, workers: int) -> tuple[int, int]:
-    loader = ShardLoader(out, batch_size=1, normalize=normalize, num_workers=workers, seed=1)
-    packs = tiles = 0
-    for batch in loader:
-        packs += batch.batch_size
-        tiles += batch.num_tiles
-    loader.close()
-    return packs, tiles
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
