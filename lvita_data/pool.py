@@ -7,7 +7,9 @@ spec, manifest) is given; `shared` is sent to each worker once, not with every t
 
 Local processes are started with ``spawn``, never ``fork``: a forked child inherits locks held
 by threads of the parent (PyAV's decoder threads, the tokenizer's thread pool) and can deadlock
-when it touches them. Every worker runs `watch_parent`, so a killed parent (``kill -9``) takes its
+when it touches them (a test that forced ``fork`` hung exactly so, in PyAV's locks). A spawned
+worker imports the caller's main module again, so a script that runs tasks in parallel needs the
+usual ``if __name__ == "__main__":`` guard. Every worker runs `watch_parent`, so a killed parent (``kill -9``) takes its
 workers with it within 0.1 s instead of leaving them writing. With one worker or one task,
 tasks run in this process (no pickling, plain tracebacks).
 
