@@ -9,9 +9,9 @@ Local processes are started with ``spawn``, never ``fork``: a forked child inher
 by threads of the parent (PyAV's decoder threads, the tokenizer's thread pool) and can deadlock
 when it touches them (a test that forced ``fork`` hung exactly so, in PyAV's locks). A spawned
 worker imports the caller's main module again, so a script that runs tasks in parallel needs the
-usual ``if __name__ == "__main__":`` guard. Every worker runs `watch_parent`, so a killed parent (``kill -9``) takes its
-workers with it within 0.1 s instead of leaving them writing. With one worker or one task,
-tasks run in this process (no pickling, plain tracebacks).
+usual ``if __name__ == "__main__":`` guard. Every worker runs `watch_parent`, so a killed parent
+(``kill -9``) takes its workers with it within 0.1 s instead of leaving them writing. With one
+worker or one task, tasks run in this process (no pickling, plain tracebacks).
 
 Results come back in task order (``ordered=True``) or as they complete (``ordered=False``, for
 progress and for writing completion records early). The first failing task stops the run: its
