@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,9 +55,14 @@ def watch_parent() -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(128 + signum)  # Ctrl-C reaches the whole process group: the parent reports it
+
+
 def _init_worker(has_shared: bool, shared: Any) -> None:
     global _shared
     _shared = shared if has_shared else _NO_SHARED  # the sentinel does not survive pickling
+    signal.signal(signal.SIGINT, _exit_quietly)
     watch_parent()
 
 

@@ -1,4 +1,4 @@
-"""The `lvita` command line: thin wrappers over lvita_data (and later lvita_model).
+"""The `lvita` command line over lvita_data, lvita_model and the training pipeline.
 
     lvita demo-data DIR                     write the deterministic demo corpus
     lvita plan MANIFEST [--out PLAN.json]   exact lengths per selected sample, rejects, a report
@@ -9,8 +9,10 @@
     lvita train CONFIG [--no-resume]        train a stage (torchrun for DP x CP; pipelines.train)
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
-over the manifest's threshold, 5 build
-output directory problems, 6 verify found problems.
+over the manifest's threshold, 5 build output directory problems, 6 verify found problems, 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM). An interrupt prints one line with the command
+that resumes; finished shards and checkpoints are kept (every file is written atomically). Output
+cut short by a closed pipe (``lvita plan | head``) ends quietly.
 
 The library raises; this module alone prints and decides the exit code: `EXIT_CODES` maps each
 error class to its code (the most specific class of an error wins), `run` reports an error as
@@ -22,10 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
+from lvita_data import __version__
 from lvita_data.errors import (
     BuildError,
     LoaderError,
@@ -205,11 +211,31 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """`--help` states an option's default where it says something (not None, not False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        meaningful = action.default not in (None, False, argparse.SUPPRESS)
+        if meaningful and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lvita", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lvita",
+        description=__doc__.split("\n")[0],
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lvita {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    plan = commands.add_parser("plan", help="exact token lengths of a stage, before decoding")
+    plan = commands.add_parser(
+        "plan",
+        formatter_class=_HelpFormatter,
+        help="exact token lengths of a stage, before decoding",
+    )
     plan.add_argument("manifest", help="stage manifest YAML")
     plan.add_argument("--out", help="write the plan JSON (lengths per selected sample, rejects)")
     plan.add_argument("--workers", type=int, default=1, help="parallel processes over files")
@@ -222,11 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--quiet", action="store_true", help="no progress bar")
     plan.set_defaults(run=_cmd_plan)
 
-    build = commands.add_parser("build", help="packed WebDataset shards of a stage")
+    build = commands.add_parser(
+        "build",
+        formatter_class=_HelpFormatter,
+        help="packed WebDataset shards of a stage",
+    )
     build.add_argument("manifest", help="stage manifest YAML")
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument("--workers", type=int, default=1, help="parallel processes (or Ray CPUs)")
-    build.add_argument("--executor", choices=("local", "ray"), default="local")
+    build.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="where shard tasks run"
+    )
     build.add_argument("--resume", action="store_true", help="finish an interrupted build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.add_argument(
@@ -236,13 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(run=_cmd_build)
 
-    stats = commands.add_parser("stats", help="fill, padding, lengths, shares, rejects of a build")
+    stats = commands.add_parser(
+        "stats",
+        formatter_class=_HelpFormatter,
+        help="fill, padding, lengths, shares, rejects of a build",
+    )
     stats.add_argument("dir", help="build output directory")
     stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
     stats.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     stats.set_defaults(run=_cmd_stats)
 
-    verify = commands.add_parser("verify", help="checksums, per-sample invariants, accounting")
+    verify = commands.add_parser(
+        "verify",
+        formatter_class=_HelpFormatter,
+        help="checksums, per-sample invariants, accounting",
+    )
     verify.add_argument("dir", help="build output directory")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
     verify.add_argument("--workers", type=int, default=1, help="parallel processes over shards")
@@ -253,12 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(run=_cmd_verify)
 
-    demo = commands.add_parser("demo-data", help="write the deterministic demo corpus")
+    demo = commands.add_parser(
+        "demo-data",
+        formatter_class=_HelpFormatter,
+        help="write the deterministic demo corpus",
+    )
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo_data)
 
-    generate = commands.add_parser("generate", help="generate text from a prompt (KV cache)")
+    generate = commands.add_parser(
+        "generate",
+        formatter_class=_HelpFormatter,
+        help="generate text from a prompt (KV cache)",
+    )
     generate.add_argument("model", help="checkpoint directory or preset name (random weights)")
     generate.add_argument("--prompt", required=True, help="the user's message")
     generate.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -276,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint's, qwen2.5)")
     generate.set_defaults(run=_cmd_generate)
 
-    train = commands.add_parser("train", help="train a stage on its packed shards (DP x CP)")
+    train = commands.add_parser(
+        "train",
+        formatter_class=_HelpFormatter,
+        help="train a stage on its packed shards (DP x CP)",
+    )
     train.add_argument("config", help="training config YAML (configs/train/*.yaml)")
     train.add_argument(
         "--no-resume",
@@ -287,9 +339,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `run` unwinds like on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """What to run to finish the interrupted command."""
+    again = ["lvita", *argv]
+    if args.command == "build" and "--resume" not in argv:
+        again.append("--resume")
+    return shlex.join(again)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run one `lvita` command; an expected error is one line on stderr and its exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
     except tuple(EXIT_CODES) as error:
@@ -298,6 +371,21 @@ def run(argv: list[str] | None = None) -> int:
         code = exit_code(error)
         assert code is not None
         return code
+    except (KeyboardInterrupt, Terminated) as error:
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "terminated"
+        print(
+            f"lvita {args.command}: {what}; finished work is kept. To go on: "
+            f"{_resume_hint(args, argv)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else EXIT_TERMINATED
+    except BrokenPipeError:
+        # the reader went away (`lvita plan | head`): no traceback, and none at exit either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:

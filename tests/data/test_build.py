@@ -428,6 +428,54 @@ def test_a_broken_shard_is_redone(
     assert tree(out) == reference_tree
 
 
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_build_says_how_to_resume_and_keeps_its_shards(
+    sent: signal.Signals, code: int, manifest: Path, reference_tree: dict[str, str], tmp_path: Path
+) -> None:
+    """Ctrl-C or SIGTERM: one line naming the command that resumes (no traceback), exit
+    130 / 143, finished shards kept; the resumed build is the uninterrupted one."""
+    out = tmp_path / "out"
+    args = ["build", str(manifest), "--out", str(out), "--workers", "2", "--quiet"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a build started from a terminal
+    )
+    try:
+        assert _wait_for(lambda: KILL_POINTS["first_done"](out), process), "the build ended first"
+        if sent == signal.SIGINT:  # Ctrl-C reaches the whole group: the pool workers too
+            os.killpg(process.pid, sent)
+        else:  # a scheduler's SIGTERM reaches the build process
+            process.send_signal(sent)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert f"lvita build {manifest} --out {out} --workers 2 --quiet --resume" in stderr
+    assert any((out / STATE_DIR / "done").glob("*.json"))
+    build_stage(str(manifest), str(out), resume=True, progress=False)
+    assert tree(out) == reference_tree
+
+
+def test_a_closed_pipe_ends_the_output_quietly(manifest: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "plan", str(manifest), "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.readline()
+    process.stdout.close()  # like `lvita plan ... | head -1`
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+    assert process.returncode in (0, 141)  # 0 when it wrote everything before the close
+
+
 CRASHING_WORKER = """\
 # Imported at start-up by every Python process of the test (PYTHONPATH): the build's pool
 # workers are spawned, so a monkeypatch of the test process would not reach them.
