@@ -67,6 +67,32 @@ from lvita_data.tokenizer.special_tokens import (
 STATE_VERSION = 1
 
 
+def _check_shard_files(root: Path, shards: list) -> None:
+    """Every shard of `index.json` is a plain name of a file in the build with its recorded
+    size (one stat each, before any step of training), else one error listing them all."""
+    problems = []
+    try:
+        for shard in shards:
+            name, size = shard["name"], shard["bytes"]
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                problems.append(f"{name!r} is not a file name in the build")
+                continue
+            try:
+                actual = os.stat(root / name).st_size
+            except OSError as error:
+                problems.append(f"{name} ({error.strerror})")
+                continue
+            if actual != size:
+                problems.append(f"{name} ({actual} bytes, index.json says {size})")
+    except (KeyError, TypeError) as error:
+        raise LoaderError(f"{root / 'index.json'}: malformed shard entry ({error!r})") from None
+    if problems:
+        listing = "; ".join(problems[:10]) + (
+            f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        raise LoaderError(f"{root}: {len(problems)} shard(s) missing or changed: {listing}")
+
+
 def bundled_vision_ids() -> tuple[int, int, int]:
     """(IMG, PATCH, VID) context ids of the bundled qwen2.5 tokenizer (fixed; checked at load)."""
     first = QWEN25_NUM_BPE_TOKENS + len(QWEN25_SPECIAL_TOKENS)
@@ -188,6 +214,7 @@ class ShardLoader:
             )
         if not index.get("shards"):
             raise LoaderError(f"{path}: no shards")
+        _check_shard_files(self.root, index["shards"])
         return index
 
     def __getstate__(self) -> dict:

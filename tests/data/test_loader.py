@@ -681,14 +681,33 @@ def test_bad_build_directories(build, tmp_path):
     shutil.copytree(build, copy)
     first = sorted(copy.glob("*.tar"))[0]
     data = first.read_bytes()
-    first.write_bytes(data[: len(data) // 2])  # truncated shard
-    loader = ShardLoader(copy, shuffle=False, decode_pixels=False)
+    first.write_bytes(data[: len(data) // 2])  # truncated shard: refused before any batch
+    with pytest.raises(LoaderError, match="missing or changed"):
+        ShardLoader(copy, shuffle=False, decode_pixels=False)
+    first.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # same size
     with pytest.raises(LoaderError):
-        all_batches(loader)
+        all_batches(ShardLoader(copy, shuffle=False, decode_pixels=False))
     index = json.loads((copy / "index.json").read_text())
     index["format"] = 99
     (copy / "index.json").write_text(json.dumps(index))
     with pytest.raises(LoaderError, match="shard format 99"):
+        ShardLoader(copy)
+
+
+def test_missing_or_changed_shards_are_named_before_any_batch(build, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(build, copy)
+    shards = sorted(copy.glob("*.tar"))
+    shards[1].unlink()
+    with shards[2].open("ab") as handle:
+        handle.write(b"\0" * 512)
+    with pytest.raises(LoaderError, match="2 shard\\(s\\) missing or changed") as error:
+        ShardLoader(copy)
+    assert shards[1].name in str(error.value) and shards[2].name in str(error.value)
+    index = json.loads((copy / "index.json").read_text())
+    index["shards"][0]["name"] = "../" + index["shards"][0]["name"]
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(LoaderError, match="is not a file name in the build"):
         ShardLoader(copy)
 
 
