@@ -12,6 +12,7 @@ build recomputes it and refuses to go on if it differs (the data changed).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -36,6 +37,8 @@ class BuildPlan:
     """Everything the shard tasks need; saved as JSON so a resumed build can check it."""
 
     manifest_sha256: str
+    manifest: dict
+    """The effective manifest (`effective_manifest`), so a refused resume can say what differs."""
     stage: str
     shard_format: int
     """1: images as pre-cut tiles, 2: images as source bytes (``shards.image_storage``)."""
@@ -51,6 +54,7 @@ class BuildPlan:
         return {
             "format": self.shard_format,
             "manifest_sha256": self.manifest_sha256,
+            "manifest": self.manifest,
             "stage": self.stage,
             "files": [asdict(f) for f in self.files],
             "shards": self.shards,
@@ -58,10 +62,38 @@ class BuildPlan:
         }
 
 
+def effective_manifest(manifest: StageManifest) -> dict:
+    """The manifest as the build uses it: defaults filled in, ``${VAR}`` expanded, paths
+    resolved; not where its file lies (a copy elsewhere is the same build)."""
+    content = asdict(manifest)
+    del content["source_path"]
+    return content
+
+
 def manifest_digest(manifest: StageManifest) -> str:
-    """Hash of the parsed manifest (paths already resolved) and the tool's shard format."""
-    text = repr((manifest, shard_format(manifest.shards.image_storage)))
-    return hashlib.sha256(text.encode()).hexdigest()
+    """Hash of the effective manifest and the shard format it writes: a build's identity."""
+    content = [effective_manifest(manifest), shard_format(manifest.shards.image_storage)]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_differences(saved: object, current: object, where: str = "") -> list[str]:
+    """Dotted keys (``pack.max_seq_len``, ``datasets[2].ratio``) whose values differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [
+            found
+            for key in keys
+            for found in manifest_differences(
+                saved.get(key), current.get(key), f"{where}.{key}" if where else key
+            )
+        ]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [
+            found
+            for i, (a, b) in enumerate(zip(saved, current, strict=True))
+            for found in manifest_differences(a, b, f"{where}[{i}]")
+        ]
+    return [] if saved == current else [where or "(the whole manifest)"]
 
 
 def _group_labels(plan: StagePlan, group_by: str) -> list[int] | None:
@@ -112,6 +144,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
     shards = [packs[i : i + per_shard] for i in range(0, len(packs), per_shard)]
     return BuildPlan(
         manifest_sha256=manifest_digest(manifest),
+        manifest=json.loads(json.dumps(effective_manifest(manifest))),
         stage=manifest.stage,
         shard_format=shard_format(manifest.shards.image_storage),
         files=files,

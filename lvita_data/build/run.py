@@ -37,12 +37,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lvita_data import __version__
-from lvita_data.build.layout import BuildPlan, make_build_plan, manifest_digest
+from lvita_data.build.layout import (
+    BuildPlan,
+    effective_manifest,
+    make_build_plan,
+    manifest_differences,
+    manifest_digest,
+)
 from lvita_data.build.plan import StagePlan, plan_stage
 from lvita_data.build.shard import BuildContext, ShardTask, build_shard, is_done
 from lvita_data.errors import BuildError, PoolError
 from lvita_data.fileio import TEMP_MARKER, write_json_atomic, write_text_atomic
-from lvita_data.manifest import load_manifest
+from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.pool import EXECUTORS, Executor, map_tasks
 from lvita_data.schema import Reject, RejectReason
 from lvita_data.shards.energon import write_energon_metadata
@@ -63,18 +69,26 @@ def _plan_path(out: Path) -> Path:
     return out / STATE_DIR / "plan.json"
 
 
-def _check_before_planning(out: Path, digest: str, resume: bool) -> None:
+def _check_before_planning(out: Path, manifest: StageManifest, resume: bool) -> None:
     """Refuse a wrong output directory at once, before the (long) planning pass."""
     saved = _plan_path(out)
     if saved.exists():
         if not resume:
             raise BuildError(f"{out} holds a build already; pass --resume to finish or redo it")
         try:
-            saved_digest = json.loads(saved.read_text(encoding="utf-8"))["manifest_sha256"]
+            state = json.loads(saved.read_text(encoding="utf-8"))
+            saved_digest = state["manifest_sha256"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise BuildError(f"{saved} is unreadable ({error}); use a new --out") from None
-        if saved_digest != digest:
-            raise BuildError(f"{out} was built from a different manifest; use a new --out")
+        if saved_digest != manifest_digest(manifest):
+            current = json.loads(json.dumps(effective_manifest(manifest)))
+            keys = manifest_differences(state.get("manifest"), current)
+            listed = ", ".join(keys[:10]) + (
+                f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+            )
+            raise BuildError(
+                f"{out} was built from a different manifest (differs in: {listed}); use a new --out"
+            )
     elif out.exists() and (not out.is_dir() or any(p.name != STATE_DIR for p in out.iterdir())):
         raise BuildError(f"{out} is not empty and holds no lvita build")
 
@@ -196,7 +210,7 @@ def _build(
     verify_media: bool,
 ) -> dict:
     manifest = load_manifest(manifest_path)
-    _check_before_planning(out, manifest_digest(manifest), resume)
+    _check_before_planning(out, manifest, resume)
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     with _locked(out):
         remove_temporaries(str(out))

@@ -526,7 +526,7 @@ def test_a_failing_task_leaves_no_temporaries_and_resume_finishes(
 
 
 def test_existing_build_needs_resume_and_the_same_manifest(
-    reference: Path, reference_tree: dict[str, str], manifest: Path, demo_corpus
+    reference: Path, reference_tree: dict[str, str], manifest: Path, demo_corpus, tmp_path: Path
 ) -> None:
     again = cli("build", str(manifest), "--out", str(reference), "--quiet")
     assert again.returncode == EXIT_BUILD
@@ -534,7 +534,17 @@ def test_existing_build_needs_resume_and_the_same_manifest(
     other = write_manifest(demo_corpus[0], manifest.parent, seed=12, name="other.yaml")
     resumed = cli("build", str(other), "--out", str(reference), "--resume", "--quiet")
     assert resumed.returncode == EXIT_BUILD
-    assert "different manifest" in resumed.stderr
+    assert "different manifest (differs in: seed)" in resumed.stderr
+    # the same content at another path is the same build: its resume rewrites nothing
+    elsewhere = manifest.parent / "copies" / "same.yaml"
+    elsewhere.parent.mkdir(exist_ok=True)
+    elsewhere.write_text(manifest.read_text(encoding="utf-8"), encoding="utf-8")
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    build_stage(str(elsewhere), str(copy), resume=True, progress=False)
+    assert {k: v for k, v in tree(copy).items() if k != "manifest.yaml"} == {
+        k: v for k, v in reference_tree.items() if k != "manifest.yaml"
+    }
     assert tree(reference) == reference_tree
 
 
