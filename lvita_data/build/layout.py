@@ -38,7 +38,7 @@ class BuildPlan:
 
     manifest_sha256: str
     manifest: dict
-    """The effective manifest (`effective_manifest`), so a refused resume can say what differs."""
+    """The build identity (`build_identity`), so a refused resume can say what differs."""
     stage: str
     shard_format: int
     """1: images as pre-cut tiles, 2: images as source bytes (``shards.image_storage``)."""
@@ -62,17 +62,19 @@ class BuildPlan:
         }
 
 
-def effective_manifest(manifest: StageManifest) -> dict:
-    """The manifest as the build uses it: defaults filled in, ``${VAR}`` expanded, paths
-    resolved; not where its file lies (a copy elsewhere is the same build)."""
+def build_identity(manifest: StageManifest) -> dict:
+    """What makes two builds the same: the manifest as the build uses it (defaults filled in,
+    ``${VAR}`` expanded, paths resolved), without where its file lies (a copy elsewhere is the
+    same build) and without the reject policy (it changes no byte of a shard, so a build stopped
+    by ``rejects.max_rate`` finishes with ``--resume`` once the limit is raised)."""
     content = asdict(manifest)
-    del content["source_path"]
-    return content
+    del content["source_path"], content["rejects"]
+    return json.loads(json.dumps(content))
 
 
 def manifest_digest(manifest: StageManifest) -> str:
-    """Hash of the effective manifest and the shard format it writes: a build's identity."""
-    content = [effective_manifest(manifest), shard_format(manifest.shards.image_storage)]
+    """Hash of the build identity and the shard format it writes."""
+    content = [build_identity(manifest), shard_format(manifest.shards.image_storage)]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -144,7 +146,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
     shards = [packs[i : i + per_shard] for i in range(0, len(packs), per_shard)]
     return BuildPlan(
         manifest_sha256=manifest_digest(manifest),
-        manifest=json.loads(json.dumps(effective_manifest(manifest))),
+        manifest=build_identity(manifest),
         stage=manifest.stage,
         shard_format=shard_format(manifest.shards.image_storage),
         files=files,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -218,16 +218,38 @@ def _plan_file_task(args: tuple[DatasetEntry, str, StageManifest, bool]) -> File
     return plan_file(entry, path, manifest, verify_media=verify_media)
 
 
-def check_reject_rate(report: DatasetReport, manifest: StageManifest) -> None:
+def check_reject_rate(
+    dataset: str,
+    selected: int,
+    reasons: Counter,
+    manifest: StageManifest,
+    examples: Sequence[Reject],
+    listing: str = "",
+) -> None:
+    """`RejectRateExceeded` when a dataset's rejects pass ``rejects.max_rate`` (judged from
+    ``rejects.min_selected`` selected records on), naming the top reasons, a few example records
+    and, with `listing`, where all of them are written."""
     policy = manifest.rejects
-    if report.selected >= policy.min_selected and report.reject_rate > policy.max_rate:
-        top = ", ".join(f"{reason} x{count}" for reason, count in report.rejects.most_common(5))
-        rejected = sum(report.rejects.values())
-        raise RejectRateExceeded(
-            f"dataset {report.name!r}: {rejected} of {report.selected} selected records rejected "
-            f"({report.reject_rate:.1%} > rejects.max_rate {policy.max_rate:.1%}); top reasons: "
-            f"{top}. Fix the data or raise rejects.max_rate in {manifest.source_path}"
-        )
+    rejected = sum(reasons.values())
+    rate = rejected / selected if selected else 0.0
+    if selected < policy.min_selected or rate <= policy.max_rate:
+        return
+    top = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common(5))
+    shown = "; ".join(f"{r.file} record {r.record}: {r.reason} ({r.detail})" for r in examples[:3])
+    where = f"; all of them in {listing}" if listing else ""
+    raise RejectRateExceeded(
+        f"dataset {dataset!r}: {rejected} of {selected} selected records rejected "
+        f"({rate:.1%} > rejects.max_rate {policy.max_rate:.1%}); top reasons: {top}; "
+        f"e.g. {shown}{where}. Fix the data or raise rejects.max_rate in {manifest.source_path}"
+    )
+
+
+def _source_text(manifest: StageManifest) -> str:
+    try:
+        with open(manifest.source_path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError:
+        return ""
 
 
 def plan_stage(
@@ -243,6 +265,8 @@ def plan_stage(
     tasks: list[tuple[DatasetEntry, str, StageManifest, bool]] = []
     for entry in manifest.datasets:
         files, missing = expand_dataset_files(entry)
+        if entry.media_root is not None and not os.path.isdir(entry.media_root):
+            missing.append(f"media_root {entry.media_root} (not a directory)")
         reports.append(
             DatasetReport(entry.name, entry.format, files_found=len(files), files_missing=missing)
         )
@@ -250,9 +274,12 @@ def plan_stage(
     missing_all = [(r.name, m) for r in reports for m in r.files_missing]
     if missing_all and not allow_missing:
         listing = "\n".join(f"  {name}: {path}" for name, path in missing_all)
+        hint = ""
+        if "LVITA_DEMO_ROOT" in _source_text(manifest):
+            hint = "; a demo manifest: set LVITA_DEMO_ROOT to a `lvita demo-data DIR` directory"
         raise MissingInputs(
             f"{len(missing_all)} dataset input(s) of {manifest.source_path} not found:\n{listing}\n"
-            "(pass --allow-missing to plan without them; they stay listed in the report)"
+            f"(pass --allow-missing to plan without them; they stay listed in the report{hint})"
         )
     by_name = {r.name: r for r in reports}
     file_plans: list[FilePlan] = []
@@ -265,7 +292,8 @@ def plan_stage(
         listing = "\n".join(f"  {name}: {problem}" for name, problem in failed)
         raise MissingInputs(f"{len(failed)} dataset file(s) could not be read:\n{listing}")
     for report in reports:
-        check_reject_rate(report, manifest)
+        examples = [r for plan in file_plans if plan.dataset == report.name for r in plan.rejects]
+        check_reject_rate(report.name, report.selected, report.rejects, manifest, examples)
     return StagePlan(manifest=manifest, datasets=reports, files=file_plans)
 
 

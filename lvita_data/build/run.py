@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,12 +40,12 @@ from tqdm import tqdm
 from lvita_data import __version__
 from lvita_data.build.layout import (
     BuildPlan,
-    effective_manifest,
+    build_identity,
     make_build_plan,
     manifest_differences,
     manifest_digest,
 )
-from lvita_data.build.plan import StagePlan, plan_stage
+from lvita_data.build.plan import StagePlan, check_reject_rate, plan_stage
 from lvita_data.build.shard import BuildContext, ShardTask, build_shard, is_done
 from lvita_data.errors import BuildError, PoolError
 from lvita_data.fileio import TEMP_MARKER, write_json_atomic, write_text_atomic
@@ -81,8 +82,7 @@ def _check_before_planning(out: Path, manifest: StageManifest, resume: bool) -> 
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise BuildError(f"{saved} is unreadable ({error}); use a new --out") from None
         if saved_digest != manifest_digest(manifest):
-            current = json.loads(json.dumps(effective_manifest(manifest)))
-            keys = manifest_differences(state.get("manifest"), current)
+            keys = manifest_differences(state.get("manifest"), build_identity(manifest))
             listed = ", ".join(keys[:10]) + (
                 f" and {len(keys) - 10} more" if len(keys) > 10 else ""
             )
@@ -162,6 +162,7 @@ def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[Shard
         str(out / "rejects.jsonl"),
         "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects),
     )
+    _check_all_rejects(out, plan, build_rejects, rejects)
     write_json_atomic(
         str(out / "stats.json"),
         compute_stats(out, shards=shards, rejects=rejects, plan=plan, manifest=manifest),
@@ -172,6 +173,26 @@ def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[Shard
     write_energon_metadata(out, shards)
     write_json_atomic(str(out / "index.json"), index)
     return index
+
+
+def _check_all_rejects(
+    out: Path, plan: StagePlan, build_rejects: list[Reject], rejects: list[Reject]
+) -> None:
+    """Plan-time, packing and build-time rejects are one budget: a dataset over
+    ``rejects.max_rate`` in total fails the build (exit 4) once `rejects.jsonl` is written, and
+    before `index.json` marks it finished; its examples come from the build's own rejects."""
+    for report in plan.datasets:
+        mine = [r for r in rejects if r.dataset == report.name]
+        late = [r for r in build_rejects if r.dataset == report.name]
+        reasons = Counter(str(r.reason) for r in mine)
+        check_reject_rate(
+            report.name,
+            report.selected,
+            reasons,
+            plan.manifest,
+            late + mine,
+            str(out / "rejects.jsonl"),
+        )
 
 
 def build_stage(

@@ -476,6 +476,32 @@ def test_a_closed_pipe_ends_the_output_quietly(manifest: Path) -> None:
     assert process.returncode in (0, 141)  # 0 when it wrote everything before the close
 
 
+def test_build_time_rejects_count_against_the_reject_rate(
+    manifest: Path, reference_tree: dict[str, str], tmp_path: Path
+) -> None:
+    """Rejects found while building (a truncated JPEG) share one budget with the planner's:
+    over ``rejects.max_rate`` the build fails with exit 4 after writing rejects.jsonl, naming an
+    example; raising the limit, --resume finishes the same build without redoing a shard."""
+    strict = tmp_path / "strict.yaml"
+    text = manifest.read_text(encoding="utf-8")
+    strict.write_text(text.replace("  max_rate: 0.6\n", "  max_rate: 0.3\n  min_selected: 1\n"))
+    out = tmp_path / "out"
+    failed = cli("build", str(strict), "--out", str(out), "--quiet")
+    assert failed.returncode == 4, failed.stderr
+    assert "dataset 'custom': 2 of 4 selected records rejected (50.0% > rejects.max_rate" in (
+        failed.stderr
+    )
+    assert "truncated.jpg" in failed.stderr and str(out / "rejects.jsonl") in failed.stderr
+    assert (out / "rejects.jsonl").exists() and not (out / "index.json").exists()
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    strict.write_text(text)  # the limit raised back: the same build, resumed
+    build_stage(str(strict), str(out), resume=True, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == shards
+    assert {k: v for k, v in tree(out).items() if k != "manifest.yaml"} == {
+        k: v for k, v in reference_tree.items() if k != "manifest.yaml"
+    }
+
+
 CRASHING_WORKER = """\
 # Imported at start-up by every Python process of the test (PYTHONPATH): the build's pool
 # workers are spawned, so a monkeypatch of the test process would not reach them.
