@@ -158,7 +158,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     """Print the verify report (or JSON); `EXIT_VERIFY_PROBLEMS` when it found problems."""
     from lvita_data.verify import verify_build
 
-    report = verify_build(args.dir, workers=args.workers, decode_tiles=not args.no_decode)
+    report = verify_build(
+        args.dir,
+        workers=args.workers,
+        decode_tiles=not args.no_decode,
+        progress=not args.quiet and not args.json,
+    )
     if args.json:
         print(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
     else:
@@ -207,7 +212,18 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     from lvita_data.demo import make_demo_corpus
 
     summary = make_demo_corpus(args.dir, seed=args.seed)
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return EXIT_OK
+    rows = sum(summary["rows"].values())
+    print(
+        f"{summary['root']}: {len(summary['files'])} files, {summary['total_bytes']:,} bytes "
+        f"(seed {summary['seed']}): {len(summary['rows'])} annotation files with {rows} records, "
+        f"{len(summary['images'])} images, {len(summary['videos'])} videos, "
+        f"{len(summary['frame_dirs'])} frame directories, {len(summary['bad'])} deliberately bad "
+        f"records. Plan it: LVITA_DEMO_ROOT={summary['root']} lvita plan "
+        "manifests/demo/stage2.yaml"
+    )
     return EXIT_OK
 
 
@@ -285,7 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("dir", help="build output directory")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
-    verify.add_argument("--workers", type=int, default=1, help="parallel processes over shards")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="parallel processes over shards (default: all cores, here %(default)s)",
+    )
     verify.add_argument(
         "--no-decode",
         action="store_true",
@@ -298,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         help="write the deterministic demo corpus",
     )
-    demo.add_argument("dir")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("dir", help="output directory")
+    demo.add_argument("--seed", type=int, default=0, help="another seed, another corpus")
+    demo.add_argument("--json", action="store_true", help="print every file and count as JSON")
     demo.set_defaults(run=_cmd_demo_data)
 
     generate = commands.add_parser(

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lvita_data.pool import map_tasks
 from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
 from lvita_data.shards.format import SHARD_FORMATS, STATE_DIR
@@ -37,7 +39,11 @@ def _recorded_digests(out: Path, entry: dict) -> dict[str, str] | None:
 
 
 def verify_build(
-    out_dir: str | os.PathLike[str], *, workers: int = 1, decode_tiles: bool = True
+    out_dir: str | os.PathLike[str],
+    *,
+    workers: int = 1,
+    decode_tiles: bool = True,
+    progress: bool = False,
 ) -> VerifyReport:
     """Check a build directory (see `lvita_data.verify`); never raises for a damaged build."""
     out = Path(out_dir)
@@ -70,7 +76,15 @@ def verify_build(
         ShardTask(str(out / entry["name"]), entry, settings, _recorded_digests(out, entry))
         for entry in shards
     ]
-    results = list(map_tasks(verify_shard, tasks, workers=workers, ordered=True))
+    results = list(
+        tqdm(
+            map_tasks(verify_shard, tasks, workers=workers, ordered=True),
+            total=len(tasks),
+            desc=f"verify {out.name}",
+            unit="shard",
+            disable=not progress,
+        )
+    )
     owners: dict[str, str] = {}
     for result in results:
         problems.extend(result.problems)
