@@ -20,6 +20,10 @@ class ManifestError(LvitaError, ValueError):
     """A stage manifest is malformed: unknown key, wrong type, bad value."""
 
 
+class UnsetVariableError(ManifestError):
+    """A ``${VAR}`` without default names an environment variable that is not set."""
+
+
 class SourceError(LvitaError):
     """A source (file, directory, media container) cannot be used at all."""
 

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from lvita_data.errors import ManifestError
+from lvita_data.errors import ManifestError, UnsetVariableError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -32,7 +32,9 @@ def expand_env(text: str) -> str:
         value = os.environ.get(name)
         if value is None or (value == "" and default is not None):
             if default is None:
-                raise ManifestError(f"environment variable {name} is not set and has no default")
+                raise UnsetVariableError(
+                    f"environment variable {name} is not set (and ${{{name}}} has no default)"
+                )
             return default
         return value
 
@@ -49,6 +51,8 @@ def _convert(value: Any, hint: Any, where: str, errors: tuple[type[Exception], .
         for option in (o for o in options if o is not type(None)):
             try:
                 return _convert(value, option, where, errors)
+            except UnsetVariableError:
+                raise  # the same for every option: say it, not "matches none of"
             except errors as error:
                 failures.append(str(error))
         raise ManifestError(f"{where}: {value!r} matches none of {hint} ({'; '.join(failures)})")
@@ -68,7 +72,12 @@ def _convert(value: Any, hint: Any, where: str, errors: tuple[type[Exception], .
     if hint in (int, float, bool, str):
         if type(value) is not hint:
             raise ManifestError(f"{where}: expected {hint.__name__}, got {value!r}")
-        return expand_env(value) if hint is str else value
+        if hint is not str:
+            return value
+        try:
+            return expand_env(value)
+        except UnsetVariableError as error:
+            raise UnsetVariableError(f"{where}: {error}") from None
     raise TypeError(f"unsupported manifest type {hint} at {where}")
 
 

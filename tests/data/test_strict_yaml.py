@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lvita_data.errors import ManifestError
+from lvita_data.errors import ManifestError, UnsetVariableError
 from lvita_data.strict_yaml import build_dataclass, expand_env, resolve_path
 
 
@@ -59,3 +59,18 @@ def test_env_expansion_and_path_resolving(monkeypatch):
     assert resolve_path("a/../b", Path("/base")) == "/base/b"
     assert resolve_path("/abs", Path("/base")) == "/abs"
     assert resolve_path("~/x", Path("/base")) == str(Path.home() / "x")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Paths:
+    path: str | list[str]
+
+
+def test_an_unset_variable_is_named_with_its_field_not_as_a_type_mismatch(monkeypatch):
+    monkeypatch.delenv("LVITA_TEST_UNSET", raising=False)
+    with pytest.raises(UnsetVariableError) as error:
+        build_dataclass(_Paths, {"path": "${LVITA_TEST_UNSET}/a.jsonl"}, "m.yaml")
+    message = str(error.value)
+    assert "path: environment variable LVITA_TEST_UNSET is not set" in message
+    assert "matches none of" not in message
+    assert isinstance(error.value, ManifestError)  # exit 2, like every manifest error
