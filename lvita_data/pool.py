@@ -110,13 +110,23 @@ def _map_local(
             raise
 
 
-def _map_ray(
-    fn: Callable[..., R], tasks: Sequence[T], workers: int, shared: Any, ordered: bool
-) -> Iterator[R]:
+def _import_ray():
     try:
         import ray
     except Exception as error:  # ray is an optional extra; its import can fail in many ways
         raise PoolError(f"--executor ray needs Ray: pip install 'lvita[ray]' ({error})") from None
+    return ray
+
+
+@contextlib.contextmanager
+def executor_session(executor: Executor, workers: int) -> Iterator[None]:
+    """Keep one Ray for several `map_tasks` calls (planning, then the shards): connected or
+    started on entry (see the module doc), shut down on exit if this started it. A no-op for
+    local processes."""
+    if executor != "ray":
+        yield
+        return
+    ray = _import_ray()
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -124,6 +134,21 @@ def _map_ray(
         else:
             ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
         started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _map_ray(
+    fn: Callable[..., R], tasks: Sequence[T], workers: int, shared: Any, ordered: bool
+) -> Iterator[R]:
+    with executor_session("ray", workers):
+        yield from _ray_results(_import_ray(), fn, tasks, shared, ordered)
+
+
+def _ray_results(ray, fn: Callable[..., R], tasks: Sequence[T], shared: Any, ordered: bool):
     pending: list = []
     try:
         remote = ray.remote(num_cpus=1, max_retries=3)(fn)
@@ -143,5 +168,3 @@ def _map_ray(
         for ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
-        if started:
-            ray.shutdown()

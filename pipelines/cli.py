@@ -102,6 +102,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         verify_media=args.verify_media,
         allow_missing=args.allow_missing,
         progress=not args.quiet,
+        executor=args.executor,
     )
     seconds = time.perf_counter() - started
     print(format_report(plan))
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-missing", action="store_true", help="plan even if dataset files are missing"
     )
     plan.add_argument("--quiet", action="store_true", help="no progress bar")
+    plan.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="where file tasks run"
+    )
     plan.set_defaults(run=_cmd_plan)
 
     build = commands.add_parser(

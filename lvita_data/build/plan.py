@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lvita_data.errors import MissingInputs, RejectRateExceeded, SourceError
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
-from lvita_data.pool import map_tasks
+from lvita_data.pool import Executor, map_tasks
 from lvita_data.records import open_source
 from lvita_data.records.mixture import select_rows
 from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
@@ -259,8 +259,11 @@ def plan_stage(
     verify_media: bool = False,
     allow_missing: bool = False,
     progress: bool = True,
+    executor: Executor = "local",
 ) -> StagePlan:
-    """Plan every dataset of a stage; see the module docstring for the guarantees."""
+    """Plan every dataset of a stage; see the module docstring for the guarantees. Files run
+    as tasks of `lvita_data.pool.map_tasks`: local processes, or Ray tasks with
+    ``executor="ray"`` (the same plan either way)."""
     reports: list[DatasetReport] = []
     tasks: list[tuple[DatasetEntry, str, StageManifest, bool]] = []
     for entry in manifest.datasets:
@@ -284,7 +287,7 @@ def plan_stage(
     by_name = {r.name: r for r in reports}
     file_plans: list[FilePlan] = []
     bar = tqdm(total=len(tasks), desc=f"plan {manifest.stage}", unit="file", disable=not progress)
-    results = map_tasks(_plan_file_task, tasks, workers=workers)
+    results = map_tasks(_plan_file_task, tasks, workers=workers, executor=executor)
     file_plans = _collect(results, by_name, manifest, bar)
     bar.close()
     failed = [(r.name, f) for r in reports for f in r.files_failed]

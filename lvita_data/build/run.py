@@ -50,7 +50,7 @@ from lvita_data.build.shard import BuildContext, ShardTask, build_shard, is_done
 from lvita_data.errors import BuildError, PoolError
 from lvita_data.fileio import TEMP_MARKER, write_json_atomic, write_text_atomic
 from lvita_data.manifest import StageManifest, load_manifest
-from lvita_data.pool import EXECUTORS, Executor, map_tasks
+from lvita_data.pool import EXECUTORS, Executor, executor_session, map_tasks
 from lvita_data.schema import Reject, RejectReason
 from lvita_data.shards.energon import write_energon_metadata
 from lvita_data.shards.format import (
@@ -214,9 +214,10 @@ def build_stage(
     if executor not in EXECUTORS:
         raise BuildError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
     try:
-        return _build(
-            manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media
-        )
+        with executor_session(executor, workers):  # one Ray for planning and the shards
+            return _build(
+                manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media
+            )
     except PoolError as error:
         raise BuildError(str(error)) from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,24 @@ def test_same_plan_whatever_the_worker_count(demo_root):
     one = plan_stage(manifest, workers=1, progress=False).to_json()
     two = plan_stage(manifest, workers=2, progress=False).to_json()
     assert one == two and one["num_samples"] > 0
+
+
+def test_ray_tasks_plan_byte_for_byte_as_local_processes(demo_root, tmp_path):
+    ray = pytest.importorskip("ray")
+    outs = {}
+    for executor in ("local", "ray"):
+        outs[executor] = tmp_path / f"{executor}.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines", "plan", str(DEMO_MANIFESTS[2]), "--quiet"]
+            + ["--workers", "2", "--executor", executor, "--out", str(outs[executor])],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LVITA_DEMO_ROOT": str(demo_root)},
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+    assert outs["ray"].read_bytes() == outs["local"].read_bytes()
+    assert not ray.is_initialized()
 
 
 def copy_manifest(tmp_path: Path, demo_root: Path, edit) -> Path:
