@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from lvita_data.build.plan import StagePlan
+from lvita_data.stats.text import table, wrap_line
 
 
 def format_report(plan: StagePlan) -> str:
@@ -20,7 +21,7 @@ def format_report(plan: StagePlan) -> str:
         "rejects",
         "modality",
     )
-    rows = [header]
+    rows = []
     for d in plan.datasets:
         missing = len(d.files_missing) + len(d.files_failed)
         counts = (d.files_found, missing, d.records, d.selected, d.samples)
@@ -39,21 +40,11 @@ def format_report(plan: StagePlan) -> str:
         modality.update(d.modalities)
     mix = " + ".join(f"{k} {v}" for k, v in sorted(modality.items())) or "-"
     rows.append(("TOTAL", *map(str, totals), f"{plan.num_tokens:,}", str(rejected), mix))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    rule = "  ".join("-" * w for w in widths)
-    lines = []
-    for index, row in enumerate(rows):
-        cells = [
-            c.rjust(w) if 0 < i < len(row) - 1 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if index in (0, len(rows) - 2):
-            lines.append(rule)
+    lines = table(header, rows, left=(0, len(header) - 1))
     for d in plan.datasets:
         if d.rejects:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(d.rejects.items()))
-            lines.append(f"rejects {d.name}: {reasons}")
+            lines += wrap_line(f"rejects {d.name}: {reasons}")
     lines += [f"MISSING {d.name}: {m}" for d in plan.datasets for m in d.files_missing]
     lines += [f"FAILED  {d.name}: {m}" for d in plan.datasets for m in d.files_failed]
     fitted = sum(d.videos_fitted for d in plan.datasets)
@@ -64,4 +55,4 @@ def format_report(plan: StagePlan) -> str:
         f"max_seq_len {plan.manifest.pack.max_seq_len:,}; video frames {chosen:,} of {requested:,} "
         f"requested ({fitted} sample(s) lowered to fit)"
     )
-    return "\n".join([summary, *lines])
+    return "\n".join([*wrap_line(summary.replace("; ", ", ", 1)), *lines])

@@ -38,25 +38,63 @@ def delta(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:+.2f} pp"
 
 
-def _table(
-    header: Sequence[str], rows: list[Sequence[str]], left: Sequence[int] = (0,)
+TERMINAL_WIDTH = 120
+"""Terminal tables and lines are fitted to this many columns."""
+
+
+def table(
+    header: Sequence[str],
+    rows: list[Sequence[str]],
+    left: Sequence[int] = (0,),
+    width: int = TERMINAL_WIDTH,
 ) -> list[str]:
     """Aligned columns: the columns numbered in `left` left-aligned, the others right-aligned;
-    a rule under the header (and above a final TOTAL row)."""
-    table = [list(header), *[list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    a rule under the header (and above a final TOTAL row). When the table is wider than
+    `width`, the last column (free text such as ``image 20 + text 3``) wraps at its `` + ``
+    separators onto continuation lines."""
+    table_rows = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in table_rows) for i in range(len(header))]
+    room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+    if sum(widths) + 2 * (len(widths) - 1) > width and room >= 20:
+        widths[-1] = max(
+            room, max(len(part) for row in table_rows for part in row[-1].split(" + "))
+        )
     rule = "  ".join("-" * w for w in widths)
     lines = []
-    for number, row in enumerate(table):
-        cells = [
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        if number == len(table) - 1 and row[0] == "TOTAL":
+    for number, row in enumerate(table_rows):
+        if number == len(table_rows) - 1 and row[0] == "TOTAL":
             lines.append(rule)
-        lines.append("  ".join(cells).rstrip())
+        for k, last in enumerate(_wrap_parts(row[-1], widths[-1])):
+            cells = [c if k == 0 else "" for c in row[:-1]] + [last]
+            aligned = [
+                c.ljust(w) if i in left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ]
+            lines.append("  ".join(aligned).rstrip())
         if number == 0:
             lines.append(rule)
+    return lines
+
+
+def _wrap_parts(text: str, width: int) -> list[str]:
+    """`text` on lines of at most `width` characters, broken only between `` + `` parts."""
+    lines: list[str] = []
+    for part in text.split(" + "):
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " + " + part
+        else:
+            lines.append(part if not lines else "+ " + part)
+    return lines
+
+
+def wrap_line(text: str, width: int = TERMINAL_WIDTH) -> list[str]:
+    """A long report line broken at its ", " separators, continuation lines indented."""
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += ", " + part
+        else:
+            lines.append(part if not lines else "    " + part)
     return lines
 
 
@@ -151,12 +189,12 @@ def format_stats(stats: dict) -> str:
     rows = [tuple(map(str, row)) for row in dataset_rows(stats)]
     if all(d["group"] == d["name"] for d in stats["datasets"]):
         header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
-        lines += _table(header, rows, left=(0, len(header) - 1))
+        lines += table(header, rows, left=(0, len(header) - 1))
     else:
-        lines += _table(header, rows, left=(0, 1, len(header) - 1))
+        lines += table(header, rows, left=(0, 1, len(header) - 1))
     if any(g["datasets"] != [g["name"]] for g in stats["groups"]):
         lines += ["", "mixture groups:"]
-        lines += _table(
+        lines += table(
             ("group", "datasets", "tokens", "share", "target", "delta"),
             [
                 (
@@ -171,7 +209,7 @@ def format_stats(stats: dict) -> str:
             ],
         )
     lines += ["", "modality mix (packed):"]
-    lines += _table(
+    lines += table(
         ("modality", "samples", "tokens", "share"),
         [
             (m, str(v["samples"]), f"{v['tokens']:,}", pct(v["share"]))
@@ -213,7 +251,30 @@ def format_stats(stats: dict) -> str:
             )
         )
         lines += ["", "rejects by reason and dataset:"]
-        lines += _table(("dataset", *reasons, "total"), matrix)
+        wide = table(("dataset", *reasons, "total"), matrix)
+        if max(map(len, wide)) > TERMINAL_WIDTH:  # many reasons: one row per reason instead
+            names = list(by_dataset)
+            transposed = [
+                (
+                    r,
+                    *(str(by_dataset[n].get(r, 0)) for n in names),
+                    str(stats["rejects_by_reason"][r]),
+                )
+                for r in reasons
+            ]
+            transposed.append(
+                ("TOTAL", *(str(sum(by_dataset[n].values())) for n in names), str(stats["rejects"]))
+            )
+            wide = table(("reason", *names, "total"), transposed)
+        if max(map(len, wide)) > TERMINAL_WIDTH:  # many of both: one line per dataset
+            wide = [
+                line
+                for name, counts in by_dataset.items()
+                for line in wrap_line(
+                    f"{name}: " + ", ".join(f"{r} {c}" for r, c in counts.items() if c)
+                )
+            ]
+        lines += wide
     if stats["planned_tokens"] is None:
         lines += [
             "",
@@ -222,4 +283,12 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DATASET_COLUMNS", "delta", "format_stats", "pct"]
+__all__ = [
+    "DATASET_COLUMNS",
+    "TERMINAL_WIDTH",
+    "delta",
+    "format_stats",
+    "pct",
+    "table",
+    "wrap_line",
+]

@@ -341,3 +341,22 @@ def test_html_renders_in_headless_chromium(variant_build, tmp_path):
     target = np.array([int(PACKED[i : i + 2], 16) for i in (1, 3, 5)])
     plotted = (np.abs(image - target).max(axis=2) <= 12).sum()
     assert plotted > 5000, f"only {plotted} pixels of the plot colour {PACKED}"
+
+
+def test_terminal_reports_fit_120_columns(variant_build):
+    """The stats report and the plan report wrap long mixes and reject lists instead of
+    running past 120 columns; nothing is lost (every reason and dataset is still printed)."""
+    from lvita_data.build.report import format_report
+    from lvita_data.stats.text import table
+
+    out = variant_build[1]
+    stats = compute_stats(out)
+    text = format_stats(stats)
+    assert max(map(len, text.splitlines())) <= 120
+    for reason in stats["rejects_by_reason"]:
+        assert reason in text
+    wide = table(("name", "n", "mix"), [("a", "1", " + ".join(f"kind{i} {i}" for i in range(40)))])
+    assert max(map(len, wide)) <= 120 and sum("kind39 39" in line for line in wide) == 1
+    manifest = load_manifest(variant_build[0])
+    report = format_report(plan_stage(manifest, progress=False))
+    assert max(map(len, report.splitlines())) <= 120
