@@ -21,6 +21,7 @@ TILE_SIZE = 448
 """Side of a vision tile in pixels (InternViT-300M's input): image tiles, thumbnails, frames."""
 
 Role = Literal["system", "user", "assistant"]
+RejectPhase = Literal["plan", "pack", "build"]
 
 
 class RejectReason(StrEnum):
@@ -158,6 +159,9 @@ class Reject:
     record: str
     reason: RejectReason
     detail: str = ""
+    phase: RejectPhase = "plan"
+    """Where it was found: planning (headers, text), packing (too long, too many tiles) or
+    building (pixels decoded or copied); all phases count against ``rejects.max_rate``."""
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -166,4 +170,5 @@ class Reject:
             "record": self.record,
             "reason": str(self.reason),
             "detail": self.detail,
+            "phase": self.phase,
         }

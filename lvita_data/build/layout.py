@@ -138,6 +138,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
             str(refs[i][1]),
             RejectReason(reason),
             f"{lengths[i]} tokens, {tiles[i]} tiles (after pack.align = {config.align})",
+            phase="pack",
         )
         for i, reason in packing.rejected
     ]

@@ -218,12 +218,13 @@ def build_shard(task: ShardTask, context: BuildContext) -> dict:
             for file_index, row in pack:
                 ref, sample = context.files[file_index], samples[file_index, row]
                 if isinstance(sample, Reject):
-                    rejects.append(sample)
+                    rejects.append(replace(sample, phase="build"))
                     continue
                 try:
                     pixels = sample_pixels(sample, manifest.shards)
                 except SkipSample as skip:
-                    rejects.append(Row((file_index, row), _open(ref), ref.path, row).reject(skip))
+                    reject = Row((file_index, row), _open(ref), ref.path, row).reject(skip)
+                    rejects.append(replace(reject, phase="build"))
                     continue
                 members.append((sample, ref, pixels))
             if members:

@@ -26,7 +26,8 @@ What is measured (T = pack.max_seq_len, P = packed sequences):
   length), so they are kept in `stats.json` under `plan` and read back from there; without them
   the target columns are null.
 - per mixture group (`group` of the manifest entries, default the entry name): the same shares;
-- rejects by reason and by dataset, from `rejects.jsonl`.
+- rejects by reason, by dataset and by phase (found while planning, packing or building; all
+  count against ``rejects.max_rate``), from `rejects.jsonl`.
 
 The keys of the build's earlier minimal stats.json keep their meaning (stage, max_seq_len, packs,
 tokens, padding_tokens, fill, planned_samples, rejects = total count, datasets[].modalities).
@@ -125,15 +126,16 @@ def _read_json(path: Path) -> object:
         raise StatsError(f"{path}: cannot read: {error}") from None
 
 
-def _read_rejects(path: Path) -> list[tuple[str, str]]:
-    """(dataset, reason) of every line of `rejects.jsonl`."""
+def _read_rejects(path: Path) -> list[tuple[str, str, str]]:
+    """(dataset, reason, phase) of every line of `rejects.jsonl` (builds written before the
+    phase was recorded: "plan")."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StatsError(f"{path} not found: not a finished lvita build") from None
     try:
         lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [(str(r["dataset"]), str(r["reason"])) for r in lines]
+        return [(str(r["dataset"]), str(r["reason"]), str(r.get("phase", "plan"))) for r in lines]
     except (ValueError, KeyError, TypeError) as error:
         raise StatsError(f"{path}: invalid JSON line: {error}") from None
 
@@ -227,7 +229,7 @@ def compute_stats(
     else:
         raise StatsError("compute_stats: pass manifest= together with shards=")
     reject_list = (
-        [(r.dataset, str(r.reason)) for r in rejects]
+        [(r.dataset, str(r.reason), r.phase) for r in rejects]
         if rejects is not None
         else _read_rejects(out / "rejects.jsonl")
     )
@@ -320,7 +322,7 @@ def _assemble(
     stage: str,
     capacity: int,
     scans: list[ShardScan],
-    rejects: list[tuple[str, str]],
+    rejects: list[tuple[str, str, str]],
     entries: list[_Entry],
     reports: list[dict] | None,
 ) -> dict:
@@ -336,8 +338,10 @@ def _assemble(
             datasets.setdefault(name, DatasetScan()).merge(part)
 
     by_dataset: dict[str, Counter] = {}
-    for dataset, reason in rejects:
+    by_phase: Counter = Counter()
+    for dataset, reason, phase in rejects:
         by_dataset.setdefault(dataset, Counter())[reason] += 1
+        by_phase[phase] += 1
     by_reason: Counter = Counter()
     for counts in by_dataset.values():
         by_reason.update(counts)
@@ -420,6 +424,7 @@ def _assemble(
         "frames": frames,
         "rejects": sum(by_reason.values()),
         "rejects_by_reason": {r: by_reason[r] for r in sorted(by_reason)},
+        "rejects_by_phase": {p: by_phase[p] for p in ("plan", "pack", "build") if by_phase[p]},
         "rejects_by_dataset": {
             name: {r: by_dataset[name][r] for r in sorted(by_dataset[name])}
             for name in names

@@ -294,6 +294,11 @@ def render_html(stats: dict) -> str:
         ("samples / pack", f"{spp['mean']:.2f}"),
         ("frames chosen / requested", f"{frames['chosen']:,} / {frames['requested']:,}"),
         ("rejects", f"{stats['rejects']:,}"),
+        *(
+            (f"rejects while {phase}", f"{stats.get('rejects_by_phase', {}).get(key, 0):,}")
+            for key, phase in (("plan", "planning"), ("pack", "packing"), ("build", "building"))
+            if stats.get("rejects_by_phase", {}).get(key)
+        ),
     ]
     card_html = "".join(
         f'<div class="card"><div class="v">{escape(v)}</div><div class="k">{escape(k)}</div></div>'

@@ -166,6 +166,15 @@ def dataset_rows(stats: dict, *, frames_sep: str = "/") -> list[tuple[str | int,
     return rows
 
 
+_PHASE_NAMES = {"plan": "planning", "pack": "packing", "build": "building"}
+
+
+def _phases(by_phase: dict[str, int]) -> str:
+    """`` (planning 20, building 1)``: where the rejects were found, when known."""
+    parts = [f"{_PHASE_NAMES.get(p, p)} {n}" for p, n in by_phase.items() if n]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def format_stats(stats: dict) -> str:
     """A readable terminal report: summary, per-dataset table, histograms, rejects."""
     capacity = stats["max_seq_len"]
@@ -182,7 +191,7 @@ def format_stats(stats: dict) -> str:
         f"max {stats['tiles_per_pack']['max']}",
         f"video frames: {frames['chosen']:,} chosen of {frames['requested']:,} requested over "
         f"{frames['videos']} video(s), {frames['videos_fitted']} lowered to fit",
-        f"rejects: {stats['rejects']}",
+        f"rejects: {stats['rejects']}{_phases(stats.get('rejects_by_phase', {}))}",
         "",
     ]
     header = DATASET_COLUMNS

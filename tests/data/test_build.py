@@ -336,6 +336,22 @@ def test_tiles_storage_writes_format_1(manifest: Path, reference: Path, tmp_path
     assert total["tiles"] > 2 * total["source"]
 
 
+def test_rejects_record_where_they_were_found(reference: Path) -> None:
+    rejects = [json.loads(line) for line in (reference / "rejects.jsonl").read_text().splitlines()]
+    phases = {(r["dataset"], r["record"]): r["phase"] for r in rejects}
+    assert phases[("custom", "2")] == "plan"  # malformed JSON: the planner
+    assert phases[("custom", "1")] == "build"  # a truncated JPEG: found when copying it
+    stats = json.loads((reference / "stats.json").read_text(encoding="utf-8"))
+    counts = {phase: list(phases.values()).count(phase) for phase in set(phases.values())}
+    assert stats["rejects_by_phase"] == {
+        p: counts[p] for p in ("plan", "pack", "build") if p in counts
+    }
+    assert sum(stats["rejects_by_phase"].values()) == stats["rejects"] == len(rejects)
+    from lvita_data.stats.text import format_stats
+
+    assert f"building {counts['build']}" in format_stats(stats)
+
+
 # --------------------------------------------------------------------------------------------
 # crash safety
 
