@@ -190,7 +190,7 @@ def _check_all_rejects(
             report.selected,
             reasons,
             plan.manifest,
-            late + mine,
+            late + [r for r in mine if r.phase != "build"],  # the build's own first
             str(out / "rejects.jsonl"),
         )
 
