@@ -30,7 +30,6 @@ decoded later (`batch`).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -50,7 +49,9 @@ from lvita_data.shards.format import (
     FORMAT_SOURCE,
     FORMAT_TILES,
     SHARD_FORMATS,
+    load_npy,
     load_npz,
+    npz_limit,
 )
 from lvita_data.shards.tar import TarSample, group_samples, scan_tar_file
 
@@ -262,7 +263,7 @@ def _arrays(
         if ARRAYS_NPZ not in members:
             raise LoaderError(f"{where}: missing ['{ARRAYS_NPZ}']")
         try:
-            loaded = load_npz(bytes(members[ARRAYS_NPZ]), ARRAY_NAMES, 4 * (seq_len + 1) + 1024)
+            loaded = load_npz(bytes(members[ARRAYS_NPZ]), ARRAY_NAMES, npz_limit(seq_len))
         except ShardFormatError as error:
             raise LoaderError(f"{where}: {ARRAYS_NPZ}: {error}") from None
         return [_int32(loaded[name], name, where) for name in ARRAY_NAMES]
@@ -275,7 +276,7 @@ def _arrays(
 def _npy(data: memoryview, name: str, where: str) -> np.ndarray:
     """An int32 1-D array from .npy bytes (allow_pickle=False semantics: plain dtypes only)."""
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = load_npy(data)
     except ValueError as error:
         raise LoaderError(f"{where}: {name}.npy: {error}") from None
     return _int32(array, name, where)

@@ -125,6 +125,13 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def npz_limit(max_seq_len: int) -> int:
+    """The most bytes one array of a pack's `arrays.npz` may inflate to: T + 1 int32 values (the
+    longest, `cu_seqlens` of T one-token samples) and the `.npy` header. The loader and
+    `lvita verify` read with this bound."""
+    return 4 * (max_seq_len + 1) + 1024
+
+
 def load_npz(data: bytes, names: Sequence[str], max_bytes: int) -> dict[str, np.ndarray]:
     """The arrays `names` of an `.npz` someone handed over, with bounded work: exactly those
     members, each at most `max_bytes` once inflated (checked before inflating), CRCs checked,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lvita_data.errors import ShardFormatError
 from lvita_data.samples.tiling import TILE_SIZE, TOKENS_PER_TILE
 from lvita_data.schema import IGNORE_INDEX
 from lvita_data.shards.format import (
@@ -44,6 +45,7 @@ from lvita_data.shards.format import (
     meta_bytes,
     npy_bytes,
     npz_bytes,
+    npz_limit,
     tile_member,
 )
 from lvita_data.verify.images import IMAGE_PATTERN, check_images
@@ -93,13 +95,6 @@ def _png_problem(data: bytes) -> str | None:
     return "PNG has no IEND chunk (truncated)"
 
 
-def npz_limit(max_seq_len: int) -> int:
-    """The most bytes one array of `arrays.npz` may inflate to: T + 1 int32 values (the longest,
-    `cu_seqlens` of T one-token samples) and the `.npy` header; the loader reads with the same
-    bound."""
-    return 4 * (max_seq_len + 1) + 1024
-
-
 def _int32(name: str, array: np.ndarray, out: SampleProblems) -> np.ndarray | None:
     if array.dtype != np.dtype("<i4") or array.ndim != 1:
         out.add(f"dtype {array.dtype} ndim {array.ndim}, expected int32 1-D", name)
@@ -136,7 +131,7 @@ def _load_arrays(
     data = parts[ARRAYS_NPZ]
     try:
         loaded = load_npz(data, ARRAY_MEMBERS, npz_limit(settings.max_seq_len))
-    except Exception as error:  # ShardFormatError, or a zlib error of a damaged stream
+    except ShardFormatError as error:  # load_npz turns every damage into this
         out.add(f"does not load as an .npz of the four arrays: {error}", ARRAYS_NPZ)
         return {}
     arrays = {name: _int32(f"{name}.npy", loaded[name], out) for name in ARRAY_MEMBERS}

@@ -30,7 +30,7 @@ from lvita_data.media.tiles import decode_tile
 from lvita_data.samples.read import tokenizer_and_template
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards.format import ARRAY_MEMBERS, load_npy, load_npz, npz_bytes
+from lvita_data.shards.format import ARRAY_MEMBERS, load_npy, load_npz, npz_bytes, npz_limit
 from lvita_data.shards.writer import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,7 +245,7 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
         for key, members in samples:
             keys.append(key)
             assert members["arrays.npz"] == npz_bytes(  # format 2: one reproducible .npz
-                arrays := load_npz(members["arrays.npz"], ARRAY_MEMBERS, 4 * MAX_SEQ_LEN + 1024)
+                arrays := load_npz(members["arrays.npz"], ARRAY_MEMBERS, npz_limit(MAX_SEQ_LEN))
             )
             assert all(a.dtype == np.int32 for a in arrays.values())
             for name in ("input_ids", "labels", "position_ids"):
@@ -329,7 +329,7 @@ def test_tiles_storage_writes_format_1(manifest: Path, reference: Path, tmp_path
             assert not any(m.startswith("image") for m in members)
             assert meta["num_tiles"] == sum(m.startswith("tile") for m in members)
             assert meta["num_tiles"] == json.loads(ref_members["meta.json"])["num_tiles"]
-            ids = load_npz(ref_members["arrays.npz"], ARRAY_MEMBERS, 4 * MAX_SEQ_LEN + 1024)
+            ids = load_npz(ref_members["arrays.npz"], ARRAY_MEMBERS, npz_limit(MAX_SEQ_LEN))
             assert load_npy(members["input_ids.npy"]).tolist() == ids["input_ids"].tolist()
         total["tiles"] += shard["bytes"]
         total["source"] += ref_shard["bytes"]
