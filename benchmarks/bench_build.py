@@ -81,8 +81,25 @@ _TEXT = (
 WORDS = _TEXT.split(" ")
 
 
-def sentence(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
+def sentence(rng: random.Random, low: int, high: int, words: list[str] = WORDS) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(low, high))).capitalize() + "."
+
+
+def caption_record(
+    index: int, image_name: str, rng: random.Random, words: list[str] = WORDS
+) -> str:
+    """One longvita_jsonl line: a question about ``images/{image_name}`` and its answer; every
+    third record has a follow-up turn (also used by bench_storage)."""
+    messages = [
+        {"role": "user", "content": f"<image>\n{PROMPTS[index % len(PROMPTS)]}"},
+        {"role": "assistant", "content": sentence(rng, 20, 60, words)},
+    ]
+    if index % 3 == 0:
+        messages += [
+            {"role": "user", "content": "And what else?"},
+            {"role": "assistant", "content": sentence(rng, 10, 30, words)},
+        ]
+    return json.dumps({"messages": messages, "images": [f"images/{image_name}"], "videos": []})
 
 
 def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -114,18 +131,7 @@ def make_workdir(workdir: Path, count: int, seed: int = 0) -> tuple[Path, list[P
     for i, path in enumerate(paths):
         width, height = SIZES[i % len(SIZES)]
         photo(rng, width, height).save(path, quality=90)
-        messages = [
-            {"role": "user", "content": f"<image>\n{PROMPTS[i % len(PROMPTS)]}"},
-            {"role": "assistant", "content": sentence(text_rng, 20, 60)},
-        ]
-        if i % 3 == 0:
-            messages += [
-                {"role": "user", "content": "And what else?"},
-                {"role": "assistant", "content": sentence(text_rng, 10, 30)},
-            ]
-        lines.append(
-            json.dumps({"messages": messages, "images": [f"images/{path.name}"], "videos": []})
-        )
+        lines.append(caption_record(i, path.name, text_rng))
     records.write_text("\n".join(lines) + "\n", encoding="utf-8")
     manifest.write_text(
         f"""schema_version: 1

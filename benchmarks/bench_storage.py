@@ -64,6 +64,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
+from bench_build import caption_record  # noqa: E402  (this folder: the same records)
 from bench_loader import loader_pass  # noqa: E402  (this folder: one loader pass for both)
 from PIL import Image, ImageDraw, ImageFilter, ImageFont  # noqa: E402
 
@@ -99,12 +100,6 @@ SCREEN_MIX = [
 ]
 QUICK_COUNTS = {"jpeg": 2, "png screenshot": 1, "png chart": 1, "webp photo": 1}
 BYTES_GOAL, SPEED_GOAL, TOKENS_GOAL = 1.05, 1.0, 30_000
-PROMPTS = [
-    "Describe the image in detail.",
-    "What is shown in this picture?",
-    "Give a short caption for the image.",
-    "What is the main object and what colour is it?",
-]
 WORDS = (
     "the a image shows a scene with soft light and a blue sky over green hills while people walk "
     "near the old stone building and a red car waits at the corner of the quiet street chart "
@@ -274,17 +269,7 @@ def make_corpus(root: Path, mix: list[tuple[str, int, int, int]], quick: bool, s
             kind, width, height = entries[i]
             path = images[i][1]
             save_image(kind, rng, width, height, path)
-            messages = [
-                {"role": "user", "content": f"<image>\n{PROMPTS[i % len(PROMPTS)]}"},
-                {"role": "assistant", "content": sentence(text, 20, 60)},
-            ]
-            if i % 3 == 0:
-                messages += [
-                    {"role": "user", "content": "And what else?"},
-                    {"role": "assistant", "content": sentence(text, 10, 30)},
-                ]
-            record = {"messages": messages, "images": [f"images/{path.name}"], "videos": []}
-            lines.append(json.dumps(record))
+            lines.append(caption_record(i, path.name, text, WORDS))
         (root / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         for label, path in manifests.items():
             storage, tile_format = STORAGES[label]
@@ -300,10 +285,6 @@ def make_corpus(root: Path, mix: list[tuple[str, int, int, int]], quick: bool, s
             )
         marker.touch()
     return {"images": images, "manifests": manifests}
-
-
-def sentence(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
 
 
 def make_demo(workdir: Path) -> dict:
