@@ -82,13 +82,6 @@ def exit_code(error: BaseException) -> int | None:
     return None
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    from lvita_data.fileio import write_text_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(str(path), json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
     from lvita_data.build.plan import plan_stage
     from lvita_data.build.report import format_report
@@ -109,7 +102,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     rate = plan.num_samples / seconds if seconds > 0 else float("inf")
     print(f"planned in {seconds:.1f} s ({rate:,.0f} samples/s, {args.workers} worker(s))")
     if args.out:
-        _write_json_atomic(Path(args.out), plan.to_json())
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        plan.write_json(args.out)
         print(f"wrote {args.out}")
     return EXIT_OK
 

@@ -4,9 +4,11 @@
 best-fit-decreasing per packing group `pack.group_by`, with `pack.align`, `pack.max_tiles` and
 the stage seed's shuffle), turns the packer's rejects into counted `Reject`s, and cuts the packs
 into shards of `shards.packs_per_shard`. Every packed sample is a (file index, row) pair into
-`BuildPlan.files`. The build plan is a pure function of the manifest and the data; it is saved as
-JSON in the build's state directory with the manifest's hash (`manifest_digest`), so a resumed
-build recomputes it and refuses to go on if it differs (the data changed).
+`BuildPlan.files`, held as three numpy columns (12 bytes per sample plus 8 per pack, instead of
+a Python tuple each), and a shard task gets only its own slice (`BuildPlan.shard_slice`). The
+build plan is a pure function of the manifest and the data; `lvita_data.build.state` saves it
+with the manifest's hash (`manifest_digest`) and the layout's (`BuildPlan.layout_sha256`), so a
+resumed build can check it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class FileRef:
 
 @dataclass(slots=True)
 class BuildPlan:
-    """Everything the shard tasks need; saved as JSON so a resumed build can check it."""
+    """Everything the shard tasks need (see the module docstring)."""
 
     manifest_sha256: str
     manifest: dict
@@ -43,23 +45,52 @@ class BuildPlan:
     shard_format: int
     """1: images as pre-cut tiles, 2: images as source bytes (``shards.image_storage``)."""
     files: list[FileRef]
-    shards: list[list[list[tuple[int, int]]]]
-    """shard -> pack -> (file index, row) of each packed sample."""
-    pack_offset: list[int]
-    """Global index of the first pack of each shard (keys stay unique across shards)."""
+    sample_file: np.ndarray
+    """int32 [samples]: file index of every packed sample, pack after pack."""
+    sample_row: np.ndarray
+    """int64 [samples]: its row in that file."""
+    pack_starts: np.ndarray
+    """int64 [packs + 1]: pack p holds samples ``pack_starts[p]:pack_starts[p + 1]``."""
+    packs_per_shard: int
     plan_rejects: list[Reject] = field(default_factory=list)
     pack_rejects: list[Reject] = field(default_factory=list)
 
-    def to_json(self) -> dict:
+    @property
+    def num_packs(self) -> int:
+        return int(self.pack_starts.shape[0]) - 1
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_packs // self.packs_per_shard)
+
+    def pack_offset(self, shard: int) -> int:
+        """Global index of the first pack of `shard` (keys stay unique across shards)."""
+        return shard * self.packs_per_shard
+
+    def shard_slice(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(file index, row, pack starts from 0) of the samples of one shard: views, no copy."""
+        first = self.pack_offset(shard)
+        last = min(first + self.packs_per_shard, self.num_packs)
+        begin, end = int(self.pack_starts[first]), int(self.pack_starts[last])
+        return (
+            self.sample_file[begin:end],
+            self.sample_row[begin:end],
+            self.pack_starts[first : last + 1] - begin,
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
         return {
-            "format": self.shard_format,
-            "manifest_sha256": self.manifest_sha256,
-            "manifest": self.manifest,
-            "stage": self.stage,
-            "files": [asdict(f) for f in self.files],
-            "shards": self.shards,
-            "pack_offset": self.pack_offset,
+            "sample_file": self.sample_file,
+            "sample_row": self.sample_row,
+            "pack_starts": self.pack_starts,
         }
+
+    def layout_sha256(self) -> str:
+        """Hash of which (file, row) goes into which pack, in order (dtypes fixed)."""
+        digest = hashlib.sha256()
+        for name, array in self.arrays().items():
+            digest.update(name.encode() + np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
 
 def build_identity(manifest: StageManifest) -> dict:
@@ -98,31 +129,31 @@ def manifest_differences(saved: object, current: object, where: str = "") -> lis
     return [] if saved == current else [where or "(the whole manifest)"]
 
 
-def _group_labels(plan: StagePlan, group_by: str) -> list[int] | None:
+def _group_labels(plan: StagePlan, group_by: str) -> np.ndarray | None:
     if group_by == "none":
         return None
-    labels = []
     datasets = {name: i for i, name in enumerate(d.name for d in plan.datasets)}
-    for index, file_plan in enumerate(plan.files):
-        label = index if group_by == "file" else datasets[file_plan.dataset]
-        labels.extend([label] * len(file_plan.samples))
-    return labels
+    files = [f for f in plan.files if not f.error]
+    labels = [i if group_by == "file" else datasets[f.dataset] for i, f in enumerate(files)]
+    return np.repeat(np.asarray(labels, dtype=np.int64), [f.num_samples for f in files])
 
 
 def make_build_plan(plan: StagePlan) -> BuildPlan:
     """Pack the planned samples and cut the packs into shards (pure given the stage plan)."""
     manifest = plan.manifest
     entries = {d.name: d for d in manifest.datasets}
+    readable = [f for f in plan.files if not f.error]
     files = [
         FileRef(f.dataset, entries[f.dataset].format, f.path, entries[f.dataset].media_root)
-        for f in plan.files
+        for f in readable
     ]
-    refs = [(i, int(s.record)) for i, f in enumerate(plan.files) for s in f.samples]
-    lengths = [s.length for f in plan.files for s in f.samples]
-    tiles = [s.num_tiles for f in plan.files for s in f.samples]
+    file_of = np.repeat(np.arange(len(readable), dtype=np.int32), [f.num_samples for f in readable])
+    rows = plan.column("rows")
+    lengths = plan.lengths()
+    tiles = plan.column("tiles")
     config = manifest.pack
     packing = plan_packs(
-        np.asarray(lengths, dtype=np.int64),
+        lengths,
         config.max_seq_len,
         groups=_group_labels(plan, config.group_by),
         window=config.window,
@@ -133,26 +164,30 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
     )
     pack_rejects = [
         Reject(
-            files[refs[i][0]].dataset,
-            files[refs[i][0]].path,
-            str(refs[i][1]),
+            files[file_of[i]].dataset,
+            files[file_of[i]].path,
+            str(rows[i]),
             RejectReason(reason),
             f"{lengths[i]} tokens, {tiles[i]} tiles (after pack.align = {config.align})",
             phase="pack",
         )
         for i, reason in packing.rejected
     ]
-    per_shard = manifest.shards.packs_per_shard
-    packs = [[refs[i] for i in pack] for pack in packing.packs]
-    shards = [packs[i : i + per_shard] for i in range(0, len(packs), per_shard)]
+    sizes = np.fromiter((len(p) for p in packing.packs), dtype=np.int64, count=packing.num_packs)
+    order = np.fromiter(
+        (i for pack in packing.packs for i in pack), dtype=np.int64, count=int(sizes.sum())
+    )
+    del packing  # its per-sample Python lists are the largest thing planning ever holds
     return BuildPlan(
         manifest_sha256=manifest_digest(manifest),
         manifest=build_identity(manifest),
         stage=manifest.stage,
         shard_format=shard_format(manifest.shards.image_storage),
         files=files,
-        shards=shards,
-        pack_offset=list(range(0, len(packs), per_shard)),
+        sample_file=file_of[order],
+        sample_row=rows[order],
+        pack_starts=np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)]),
+        packs_per_shard=manifest.shards.packs_per_shard,
         plan_rejects=list(plan.rejects()),
         pack_rejects=pack_rejects,
     )

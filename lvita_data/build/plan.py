@@ -15,6 +15,7 @@ raises unless `allow_missing`. A dataset whose reject rate passes `rejects.max_r
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -24,37 +25,48 @@ import numpy as np
 from tqdm import tqdm
 
 from lvita_data.errors import MissingInputs, RejectRateExceeded, SourceError
+from lvita_data.fileio import atomic_open
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
 from lvita_data.pool import Executor, map_tasks
 from lvita_data.records import open_source
 from lvita_data.records.mixture import select_rows
 from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
 from lvita_data.samples.tokenize import SampleRules, plan_record
-from lvita_data.schema import RawRecord, Reject, SamplePlan
+from lvita_data.schema import Reject, SamplePlan
 
-
-@dataclass(frozen=True, slots=True)
-class SampleRow:
-    """What the plan keeps of one sample: enough to pack it and to find it again."""
-
-    record: str
-    length: int
-    modality: str
-    num_tiles: int
-    num_frames: int
-    requested_frames: int
+MODALITIES = ("text", "image", "multi_image", "video")
+"""Modality names by the code `FilePlan.modality` stores (`schema.media_modality`)."""
+_MODALITY_CODES = {name: code for code, name in enumerate(MODALITIES)}
 
 
 @dataclass(slots=True)
 class FilePlan:
+    """The plan of one file: per planned sample (in selection order) compact numpy columns,
+    about 25 bytes a sample, and the rejects; a file that could not be read has `error`."""
+
     dataset: str
     path: str
     num_rows: int = 0
     num_selected: int = 0
-    samples: list[SampleRow] = field(default_factory=list)
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Row of each sample in the file (int64); its record id."""
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    """Exact token length (int32)."""
+    modality: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+    """Index into `MODALITIES` (uint8)."""
+    tiles: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    """448 tiles the ViT encodes, video frames included (int32)."""
+    frames: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    """Video frames chosen (int32)."""
+    requested_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    """Video frames the video rules asked for before fitting to the budget (int32)."""
     rejects: list[Reject] = field(default_factory=list)
     error: str = ""
     """Set when the whole file could not be read (SourceError)."""
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.rows.shape[0])
 
 
 @dataclass(slots=True)
@@ -84,14 +96,22 @@ class DatasetReport:
             return
         self.records += plan.num_rows
         self.selected += plan.num_selected
-        self.samples += len(plan.samples)
-        for row in plan.samples:
-            self.tokens += row.length
-            self.modalities[row.modality] += 1
-            self.frames_requested += row.requested_frames
-            self.frames_chosen += row.num_frames
-            self.videos_fitted += row.num_frames < row.requested_frames
+        self.samples += plan.num_samples
+        self.tokens += int(plan.lengths.sum(dtype=np.int64))
+        counts = np.bincount(plan.modality, minlength=len(MODALITIES))
+        self.modalities.update({m: int(c) for m, c in zip(MODALITIES, counts, strict=True) if c})
+        self.frames_requested += int(plan.requested_frames.sum(dtype=np.int64))
+        self.frames_chosen += int(plan.frames.sum(dtype=np.int64))
+        self.videos_fitted += int((plan.frames < plan.requested_frames).sum())
         self.rejects.update(str(r.reason) for r in plan.rejects)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DatasetReport:
+        """The inverse of `to_json` (a resumed build reads its saved reports)."""
+        fields = {k: v for k, v in data.items() if k != "reject_rate"}
+        fields["modalities"] = Counter(fields["modalities"])
+        fields["rejects"] = Counter(fields["rejects"])
+        return cls(**fields)
 
     def to_json(self) -> dict:
         return {
@@ -127,16 +147,24 @@ class StagePlan:
     def num_tokens(self) -> int:
         return sum(d.tokens for d in self.datasets)
 
+    def column(self, name: str) -> np.ndarray:
+        """One `FilePlan` column over every readable file, in plan order."""
+        parts = [getattr(f, name) for f in self.files if not f.error]
+        return np.concatenate(parts) if parts else getattr(FilePlan("", ""), name)
+
     def lengths(self) -> np.ndarray:
-        return np.array([s.length for f in self.files for s in f.samples], dtype=np.int64)
+        return self.column("lengths").astype(np.int64)
 
     def rejects(self) -> Iterator[Reject]:
         for plan in self.files:
             yield from plan.rejects
 
-    def to_json(self) -> dict:
+    def iter_json(self) -> Iterator[str]:
+        """The plan as compact JSON text, in pieces: the per-sample columns (one entry per
+        selected sample, selection order) are written `JSON_CHUNK` values at a time, so a 17M
+        sample plan never exists as Python lists."""
         files = [f for f in self.files if not f.error]
-        return {
+        head = {
             "stage": self.manifest.stage,
             "manifest": self.manifest.source_path,
             "seed": self.manifest.seed,
@@ -155,27 +183,52 @@ class StagePlan:
                 }
                 for f in files
             ],
-            # Columnar, one entry per selected sample in selection order (17M rows stay compact).
-            "samples": {
-                "file": [i for i, f in enumerate(files) for _ in f.samples],
-                "record": [s.record for f in files for s in f.samples],
-                "length": [s.length for f in files for s in f.samples],
-                "modality": [s.modality for f in files for s in f.samples],
-                "tiles": [s.num_tiles for f in files for s in f.samples],
-                "frames": [s.num_frames for f in files for s in f.samples],
-            },
-            "rejects": [r.to_json() for r in self.rejects()],
         }
+        yield _dumps(head)[:-1] + ',"samples":{'
+        columns = {
+            "file": lambda i, f: np.full(f.num_samples, i, dtype=np.int64),
+            "record": lambda i, f: f.rows.astype(str),
+            "length": lambda i, f: f.lengths,
+            "modality": lambda i, f: np.asarray(MODALITIES)[f.modality],
+            "tiles": lambda i, f: f.tiles,
+            "frames": lambda i, f: f.frames,
+        }
+        for number, (name, values) in enumerate(columns.items()):
+            yield ("," if number else "") + f'"{name}":['
+            first = True
+            for index, plan in enumerate(files):
+                for start in range(0, plan.num_samples, JSON_CHUNK):
+                    part = values(index, plan)[start : start + JSON_CHUNK].tolist()
+                    if part:
+                        yield ("" if first else ",") + _dumps(part)[1:-1]
+                        first = False
+            yield "]"
+        yield '},"rejects":['
+        yield ",".join(_dumps(r.to_json()) for r in self.rejects())
+        yield "]}"
+
+    def write_json(self, path: str) -> None:
+        """`iter_json` into `path`, atomically."""
+        with atomic_open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(self.iter_json())
 
 
-def _sample_row(record: RawRecord, plan: SamplePlan) -> SampleRow:
-    return SampleRow(
-        record=record.record_id,
-        length=plan.length,
-        modality=plan.modality,
-        num_tiles=plan.num_tiles,
-        num_frames=sum(len(v.frame_indices) for v in plan.videos),
-        requested_frames=sum(v.requested_frames for v in plan.videos),
+JSON_CHUNK = 65536
+"""Values per piece of a column in `StagePlan.iter_json`."""
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _planned(plan: SamplePlan) -> tuple[int, int, int, int, int]:
+    """(length, modality code, tiles, frames, requested frames) of one planned sample."""
+    return (
+        plan.length,
+        _MODALITY_CODES[plan.modality],
+        plan.num_tiles,
+        sum(len(v.frame_indices) for v in plan.videos),
+        sum(v.requested_frames for v in plan.videos),
     )
 
 
@@ -198,18 +251,29 @@ def plan_file(
         plan.num_rows, ratio=entry.ratio, max_samples=entry.max_samples, seed=manifest.seed
     )
     plan.num_selected = int(rows.shape[0])
-    results = read_and_tokenize(
-        (Row(row, source, path, row) for row in np.unique(rows).tolist()),
+    distinct = np.unique(rows)
+    planned = np.zeros((distinct.shape[0], 5), dtype=np.int64)  # _planned of each distinct row
+    failed: dict[int, Reject] = {}
+    outcomes = read_and_tokenize(
+        (Row(i, source, path, row) for i, row in enumerate(distinct.tolist())),
         tokenizer,
-        lambda record, contents: (record, plan_record(record, contents, rules)),
+        lambda record, contents: _planned(plan_record(record, contents, rules)),
     )
-    summaries = {row: _sample_row(*r) for row, r in results.items() if not isinstance(r, Reject)}
-    for row in rows.tolist():
-        outcome = results[row]
+    for i, outcome in outcomes:
         if isinstance(outcome, Reject):
-            plan.rejects.append(outcome)
+            failed[i] = outcome
         else:
-            plan.samples.append(summaries[row])
+            planned[i] = outcome
+    position = np.searchsorted(distinct, rows)  # selection order -> distinct row
+    ok = np.ones(distinct.shape[0], dtype=bool)
+    ok[list(failed)] = False
+    kept = position[ok[position]]
+    plan.rows = distinct[kept]
+    plan.lengths, plan.modality, plan.tiles, plan.frames, plan.requested_frames = (
+        planned[kept, column].astype(dtype)
+        for column, dtype in enumerate((np.int32, np.uint8, np.int32, np.int32, np.int32))
+    )
+    plan.rejects = [failed[i] for i in position[~ok[position]].tolist()]
     return plan
 
 
@@ -320,7 +384,7 @@ __all__ = [
     "DatasetReport",
     "FilePlan",
     "MissingInputs",
-    "SampleRow",
+    "MODALITIES",
     "StagePlan",
     "check_reject_rate",
     "plan_file",

@@ -7,8 +7,10 @@
    reasons.
 3. Pack and shard (`lvita_data.build.layout.make_build_plan`): best-fit-decreasing per packing
    group, packs shuffled with the stage seed, cut into shards; the build plan is saved in
-   `.lvita-build/plan.json` with the manifest's hash, and a resumed build that computes a
-   different one refuses to go on (the data changed).
+   `.lvita-build/` (`lvita_data.build.state`: `layout.npz`, then `plan.json` with the manifest's
+   hash and the identity of every record file). A resumed build whose record files are
+   unchanged loads it instead of planning again; one whose files changed plans again and refuses
+   to go on when the layout differs (the data changed).
 4. Write: each shard is one task (`lvita_data.build.shard.build_shard`) run through
    `lvita_data.pool.map_tasks` (`--executor local`: this process or `--workers` processes;
    `--executor ray`: Ray tasks, a local Ray or the cluster of `RAY_ADDRESS`). Shard bytes depend
@@ -45,10 +47,17 @@ from lvita_data.build.layout import (
     manifest_differences,
     manifest_digest,
 )
-from lvita_data.build.plan import StagePlan, check_reject_rate, plan_stage
+from lvita_data.build.plan import DatasetReport, check_reject_rate, plan_stage
 from lvita_data.build.shard import BuildContext, ShardTask, build_shard, is_done
+from lvita_data.build.state import (
+    PlanReports,
+    input_identity,
+    load_build_plan,
+    read_saved,
+    save_build_plan,
+)
 from lvita_data.errors import BuildError, PoolError
-from lvita_data.fileio import TEMP_MARKER, write_json_atomic, write_text_atomic
+from lvita_data.fileio import TEMP_MARKER, atomic_open, write_json_atomic, write_text_atomic
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.pool import EXECUTORS, Executor, executor_session, map_tasks
 from lvita_data.schema import Reject, RejectReason
@@ -66,23 +75,15 @@ LOCK_WAIT_S = 5.0
 """How long a build waits for the lock of its output directory before giving up."""
 
 
-def _plan_path(out: Path) -> Path:
-    return out / STATE_DIR / "plan.json"
-
-
-def _check_before_planning(out: Path, manifest: StageManifest, resume: bool) -> None:
+def _check_before_planning(
+    out: Path, manifest: StageManifest, resume: bool, saved: dict | None
+) -> None:
     """Refuse a wrong output directory at once, before the (long) planning pass."""
-    saved = _plan_path(out)
-    if saved.exists():
+    if saved is not None:
         if not resume:
             raise BuildError(f"{out} holds a build already; pass --resume to finish or redo it")
-        try:
-            state = json.loads(saved.read_text(encoding="utf-8"))
-            saved_digest = state["manifest_sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise BuildError(f"{saved} is unreadable ({error}); use a new --out") from None
-        if saved_digest != manifest_digest(manifest):
-            keys = manifest_differences(state.get("manifest"), build_identity(manifest))
+        if saved["manifest_sha256"] != manifest_digest(manifest):
+            keys = manifest_differences(saved.get("manifest"), build_identity(manifest))
             listed = ", ".join(keys[:10]) + (
                 f" and {len(keys) - 10} more" if len(keys) > 10 else ""
             )
@@ -93,17 +94,23 @@ def _check_before_planning(out: Path, manifest: StageManifest, resume: bool) -> 
         raise BuildError(f"{out} is not empty and holds no lvita build")
 
 
-def _check_plan(out: Path, build_plan: BuildPlan) -> None:
-    saved = _plan_path(out)
-    if saved.exists():
-        if json.loads(saved.read_text(encoding="utf-8")) != json.loads(
-            json.dumps(build_plan.to_json())
-        ):
-            raise BuildError(
-                f"{out} was built from different data (the build plan changed); use a new --out"
-            )
-    else:
-        write_json_atomic(str(saved), build_plan.to_json(), indent=None)
+def _build_plan(
+    out: Path, manifest: StageManifest, workers: int, progress: bool, verify_media: bool
+) -> tuple[BuildPlan, list[DatasetReport]]:
+    """The saved build plan when every record file is unchanged since it was saved, else a new
+    one (which must equal the saved one, if any); see `lvita_data.build.state`."""
+    saved = read_saved(out)
+    inputs = input_identity(manifest)
+    if saved is not None and saved.get("inputs") == inputs:
+        return load_build_plan(out, saved)
+    plan = plan_stage(manifest, workers=workers, progress=progress, verify_media=verify_media)
+    build_plan = make_build_plan(plan)
+    if saved is not None and saved.get("layout_sha256") != build_plan.layout_sha256():
+        raise BuildError(
+            f"{out} was built from different data (the build plan changed); use a new --out"
+        )
+    save_build_plan(out, build_plan, plan.datasets, inputs)
+    return build_plan, plan.datasets
 
 
 @contextlib.contextmanager
@@ -130,26 +137,40 @@ def _locked(out: Path) -> Iterator[None]:
 
 def _tasks(out: Path, build_plan: BuildPlan) -> list[ShardTask]:
     done_dir = out / STATE_DIR / "done"
-    return [
-        ShardTask(
-            index=index,
-            path=str(out / shard_name(build_plan.stage, index)),
-            done_path=str(done_dir / f"{shard_name(build_plan.stage, index)}.json"),
-            packs=packs,
-            pack_offset=build_plan.pack_offset[index],
+    tasks = []
+    for index in range(build_plan.num_shards):
+        name = shard_name(build_plan.stage, index)
+        files, rows, starts = build_plan.shard_slice(index)
+        tasks.append(
+            ShardTask(
+                index=index,
+                path=str(out / name),
+                done_path=str(done_dir / f"{name}.json"),
+                sample_file=files,
+                sample_row=rows,
+                pack_starts=starts,
+                pack_offset=build_plan.pack_offset(index),
+            )
         )
-        for index, packs in enumerate(build_plan.shards)
-    ]
+    return tasks
 
 
-def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[ShardTask]) -> dict:
-    manifest = plan.manifest
+def _finish(
+    out: Path,
+    manifest: StageManifest,
+    datasets: list[DatasetReport],
+    build_plan: BuildPlan,
+    tasks: list[ShardTask],
+) -> dict:
     remove_temporaries(str(out))  # e.g. of a Ray worker that died and whose task was retried
-    records = [json.loads(Path(t.done_path).read_text(encoding="utf-8")) for t in tasks]
-    shards = [ShardInfo(**r["shard"]) for r in records]
-    build_rejects = [
-        Reject(**{**x, "reason": RejectReason(x["reason"])}) for r in records for x in r["rejects"]
-    ]
+    shards: list[ShardInfo] = []
+    build_rejects: list[Reject] = []
+    for task in tasks:
+        record = json.loads(Path(task.done_path).read_text(encoding="utf-8"))
+        shards.append(ShardInfo(**record["shard"]))
+        build_rejects.extend(
+            Reject(**{**x, "reason": RejectReason(x["reason"])}) for x in record["rejects"]
+        )
     rejects = build_plan.plan_rejects + build_plan.pack_rejects + build_rejects
     index = {
         "format": build_plan.shard_format,
@@ -158,14 +179,14 @@ def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[Shard
         "max_seq_len": manifest.pack.max_seq_len,
         "shards": [s.to_json() for s in shards],
     }
-    write_text_atomic(
-        str(out / "rejects.jsonl"),
-        "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects),
-    )
-    _check_all_rejects(out, plan, build_rejects, rejects)
+    with atomic_open(out / "rejects.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects)
+    _check_all_rejects(out, manifest, datasets, build_rejects, rejects)
     write_json_atomic(
         str(out / "stats.json"),
-        compute_stats(out, shards=shards, rejects=rejects, plan=plan, manifest=manifest),
+        compute_stats(
+            out, shards=shards, rejects=rejects, plan=PlanReports(datasets), manifest=manifest
+        ),
     )
     source_text = Path(manifest.source_path).read_text(encoding="utf-8")
     header = manifest_header(__version__, build_plan.shard_format, manifest.source_path)
@@ -176,20 +197,27 @@ def _finish(out: Path, plan: StagePlan, build_plan: BuildPlan, tasks: list[Shard
 
 
 def _check_all_rejects(
-    out: Path, plan: StagePlan, build_rejects: list[Reject], rejects: list[Reject]
+    out: Path,
+    manifest: StageManifest,
+    datasets: list[DatasetReport],
+    build_rejects: list[Reject],
+    rejects: list[Reject],
 ) -> None:
     """Plan-time, packing and build-time rejects are one budget: a dataset over
     ``rejects.max_rate`` in total fails the build (exit 4) once `rejects.jsonl` is written, and
     before `index.json` marks it finished; its examples come from the build's own rejects."""
-    for report in plan.datasets:
-        mine = [r for r in rejects if r.dataset == report.name]
+    by_dataset: dict[str, list[Reject]] = {}
+    for reject in rejects:
+        by_dataset.setdefault(reject.dataset, []).append(reject)
+    for report in datasets:
+        mine = by_dataset.get(report.name, [])
         late = [r for r in build_rejects if r.dataset == report.name]
         reasons = Counter(str(r.reason) for r in mine)
         check_reject_rate(
             report.name,
             report.selected,
             reasons,
-            plan.manifest,
+            manifest,
             late + [r for r in mine if r.phase != "build"],  # the build's own first
             str(out / "rejects.jsonl"),
         )
@@ -232,13 +260,11 @@ def _build(
     verify_media: bool,
 ) -> dict:
     manifest = load_manifest(manifest_path)
-    _check_before_planning(out, manifest, resume)
+    _check_before_planning(out, manifest, resume, read_saved(out))
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     with _locked(out):
         remove_temporaries(str(out))
-        plan = plan_stage(manifest, workers=workers, progress=progress, verify_media=verify_media)
-        build_plan = make_build_plan(plan)
-        _check_plan(out, build_plan)
+        build_plan, datasets = _build_plan(out, manifest, workers, progress, verify_media)
         tasks = _tasks(out, build_plan)
         todo = [t for t in tasks if not is_done(t)]
         context = BuildContext(files=build_plan.files, manifest=manifest)
@@ -254,7 +280,7 @@ def _build(
         ):
             bar.update(1)
         bar.close()
-        return _finish(out, plan, build_plan, tasks)
+        return _finish(out, manifest, datasets, build_plan, tasks)
 
 
 def remove_temporaries(out_dir: str) -> int:

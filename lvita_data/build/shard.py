@@ -1,6 +1,6 @@
 """One shard task: read, tokenize, tile and pack its samples, write the tar and its record.
 
-A task (`ShardTask`: the shard's packs as (file index, row) pairs) runs in the build process, a
+A task (`ShardTask`: the shard's own slice of the build plan's columns) runs in the build process, a
 local pool worker or a Ray worker (`lvita_data.pool.map_tasks`, with the `BuildContext` sent once
 per worker). It reads its records once each in (file, row) order and tokenizes them
 (`lvita_data.samples.read`), decodes and tiles the pixels (the only place pixels are touched),
@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+
+import numpy as np
 
 from lvita_data.build.layout import FileRef
 from lvita_data.errors import SkipSample
@@ -62,8 +64,20 @@ class ShardTask:
     index: int
     path: str
     done_path: str
-    packs: list[list[tuple[int, int]]]
+    sample_file: np.ndarray
+    """int32: file index of each sample of the shard, pack after pack."""
+    sample_row: np.ndarray
+    """int64: its row."""
+    pack_starts: np.ndarray
+    """int64 [packs + 1], from 0: pack p holds samples ``pack_starts[p]:pack_starts[p + 1]``."""
     pack_offset: int
+
+    @property
+    def packs(self) -> list[list[tuple[int, int]]]:
+        """(file index, row) of each sample, per pack."""
+        pairs = list(zip(self.sample_file.tolist(), self.sample_row.tolist(), strict=True))
+        bounds = self.pack_starts.tolist()
+        return [pairs[begin:end] for begin, end in zip(bounds, bounds[1:], strict=False)]
 
 
 @lru_cache(maxsize=16)
@@ -194,10 +208,14 @@ def _tokenized_samples(
         Row(
             (file_index, row), _open(context.files[file_index]), context.files[file_index].path, row
         )
-        for file_index, row in sorted({(f, r) for pack in task.packs for f, r in pack})
+        for file_index, row in sorted(
+            set(zip(task.sample_file.tolist(), task.sample_row.tolist(), strict=True))
+        )
     )
-    return read_and_tokenize(
-        rows, tokenizer, lambda record, contents: tokenize_record(record, contents, rules)
+    return dict(
+        read_and_tokenize(
+            rows, tokenizer, lambda record, contents: tokenize_record(record, contents, rules)
+        )
     )
 
 

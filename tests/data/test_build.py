@@ -163,6 +163,7 @@ def test_reference_build_layout(reference: Path, reference_tree: dict[str, str])
         ".nv-meta/index.uuid",
         *(f"{name}.idx" for name in shards),
         f"{STATE_DIR}/plan.json",
+        f"{STATE_DIR}/layout.npz",
         f"{STATE_DIR}/lock",
         *shards,
         *(f"{STATE_DIR}/done/{name}.json" for name in shards),
@@ -595,10 +596,39 @@ def test_changed_data_is_refused_on_resume(reference: Path, manifest: Path, tmp_
     shutil.copytree(reference, out)
     plan_path = out / STATE_DIR / "plan.json"
     saved = json.loads(plan_path.read_text(encoding="utf-8"))
-    saved["shards"][0][0].reverse()  # what the planner would give for other data
+    saved["inputs"][0][2] = "0" * 64  # a record file changed since: the stage is planned again
+    saved["layout_sha256"] = "0" * 64  # and the planner gives another layout: other data
     write_json_atomic(str(plan_path), saved, indent=None)
     with pytest.raises(BuildError, match="different data"):
         build_stage(str(manifest), str(out), resume=True, progress=False)
+
+
+def test_resume_reuses_the_saved_plan_while_the_record_files_are_unchanged(
+    reference: Path, reference_tree: dict[str, str], manifest: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import lvita_data.build.run as build
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    for name in ("index.json", "stats.json"):  # unfinished: two shards left to write
+        (out / name).unlink()
+    shards = sorted(p for p in out.glob("*.tar"))
+    for shard in shards[:2]:
+        shard.unlink()
+    calls = []
+    real_plan_stage = build.plan_stage
+    monkeypatch.setattr(
+        build, "plan_stage", lambda *a, **k: calls.append(1) or real_plan_stage(*a, **k)
+    )
+    build_stage(str(manifest), str(out), resume=True, progress=False)
+    assert calls == [] and tree(out) == reference_tree  # no planning pass, same bytes
+    # a record file rewritten with the same content (new mtime) is the same input
+    saved = json.loads((out / STATE_DIR / "plan.json").read_text(encoding="utf-8"))
+    source = Path(saved["inputs"][0][0])
+    source.write_bytes(source.read_bytes())
+    shards[0].unlink()
+    build_stage(str(manifest), str(out), resume=True, progress=False)
+    assert calls == [] and tree(out) == reference_tree
 
 
 def test_foreign_directory_is_refused(manifest: Path, tmp_path: Path) -> None:
