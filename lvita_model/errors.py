@@ -2,7 +2,9 @@
 
     ModelError
       ConfigError             (also a ValueError)   a config that is malformed or not built here
-      WeightsError            (also a ValueError)   a checkpoint that does not match the model
+      WeightsError            (also a ValueError)   a checkpoint that does not match the model,
+                                                    or a damaged one (truncated, altered, missing
+                                                    shards)
       AttentionBackendError   (also a RuntimeError) a backend unavailable here or asked too much
       ContextParallelError    (also a ValueError)   a CP set-up that cannot work (sizes, heads,
                                                     groups, shapes, a sequence that cannot be
@@ -24,7 +26,8 @@ class ConfigError(ModelError, ValueError):
 
 
 class WeightsError(ModelError, ValueError):
-    """A checkpoint that does not match the model (keys listed) or cannot be read."""
+    """A checkpoint that does not match the model (keys listed), or cannot be read: a missing,
+    truncated or altered shard (files named; nothing is loaded then)."""
 
 
 class AttentionBackendError(ModelError, RuntimeError):

@@ -13,24 +13,38 @@ Single files (``model.safetensors``) and sharded ones (``model.safetensors.index
 and every tensor is assigned as it is read (``load_state_dict(assign=True)`` shard by shard), so
 host memory peaks at the model plus one tensor, not twice the model: a 14B checkpoint needs
 ~28 GiB in bf16, not 56. Every key is checked: names the model does not have, parameters the
-checkpoint lacks and shape mismatches are one `WeightsError` listing them. Rotary ``inv_freq``
-buffers some older checkpoints carry are ignored (RoPE is recomputed from the config), as is an
-``lm_head.weight`` duplicate in a checkpoint with tied embeddings.
+checkpoint lacks and shape (or integer-for-float) mismatches are one `WeightsError` listing
+them. Rotary ``inv_freq`` buffers some older checkpoints carry are ignored (RoPE is recomputed
+from the config), as is an ``lm_head.weight`` duplicate in a checkpoint with tied embeddings.
 
 Saving writes the same layout (sharded above `max_shard_bytes`), each file to a temporary name
 then renamed, the index last, so a reader never sees a half-written checkpoint as complete.
+
+**Integrity.** Every file is checked before any tensor is assigned, so a damaged checkpoint is
+refused whole, never half-loaded: every shard the index names exists, its header parses and its
+data covers the file (safetensors' own checks: a truncated shard fails here), every tensor the
+index maps to a shard is in it, and names, shapes and floating-point-ness match the model (read
+from the headers, no data read). A flipped byte inside tensor data passes all of that, so
+`save_pretrained` records the sha256 of each shard's tensor data (the bytes after the header) in
+the shard's own header metadata (``"lvita_data_sha256"``; Hugging Face allows free string
+metadata there, and a tool that rewrites the shard drops it, so it never goes stale) and
+loading verifies it when present. Checkpoints without it (Hugging Face hub ones) load as before.
+Checking streams each shard once more (1 MiB blocks, ~1 GiB/s per core; the load's reads then
+come from the page cache): on the 0.7 MB test model, +0.6 ms per save, +3 ms per load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -42,20 +56,40 @@ from lvita_model.model import LongVitaForCausalLM
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+DATA_SHA256_KEY = "lvita_data_sha256"
+"""Header metadata key of a shard: sha256 (hex) of its tensor data, the bytes after the header."""
+_PLACEHOLDER = "0" * 64  # same length as the digest, so sealing rewrites the header in place
+_BLOCK = 1 << 20
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _MAX_LISTED = 20
+
+
+def read_weight_map(directory: str | Path) -> dict[str, str] | None:
+    """The index's tensor name -> shard file name, or None for a single-file checkpoint."""
+    index = Path(directory) / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise WeightsError(f"{index}: not a safetensors index ({error!r})") from None
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index}: weight_map is not an object")
+    return weight_map
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, in index order."""
     directory = Path(directory)
-    index = directory / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = read_weight_map(directory)
+    if weight_map is not None:
         files = list(dict.fromkeys(weight_map.values()))
         missing = [name for name in files if not (directory / name).is_file()]
         if missing:
-            raise WeightsError(f"{index} names shards that do not exist: {missing}")
+            raise WeightsError(
+                f"{directory / INDEX_FILE} names shards that do not exist: {missing}; "
+                "nothing was loaded"
+            )
         return [directory / name for name in files]
     if (directory / SINGLE_FILE).is_file():
         return [directory / SINGLE_FILE]
@@ -80,6 +114,7 @@ def load_pretrained(
         device=device,
         dtype=dtype,
         rename=lambda key: None if skip_lm_head and key == "lm_head.weight" else key,
+        weight_map=read_weight_map(path),
     )
     return model
 
@@ -100,7 +135,14 @@ def load_vision_weights(
                 return key[len(prefix) :]
         return key
 
-    load_state(vision_model, checkpoint_files(path), device=device, dtype=dtype, rename=rename)
+    load_state(
+        vision_model,
+        checkpoint_files(path),
+        device=device,
+        dtype=dtype,
+        rename=rename,
+        weight_map=read_weight_map(path),
+    )
 
 
 def load_state(
@@ -110,18 +152,78 @@ def load_state(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     rename: Callable[[str], str | None] = lambda key: key,
+    weight_map: Mapping[str, str] | None = None,
 ) -> None:
-    """Assign every tensor of `files` to `module` (strict: see `WeightsError`).
+    """Assign every tensor of `files` to `module` once all of them passed the checks of the
+    module docstring (strict: see `WeightsError`).
 
     `rename` maps a checkpoint key to a module key, or None to skip it. Floating-point tensors
-    are cast to `dtype` when given."""
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    loaded: set[str] = set()
+    are cast to `dtype` when given. `weight_map` (the index's) adds the check that every tensor
+    it maps to a file is in that file."""
+    files = list(files)
+    damaged = [problem for file in files for problem in _check_file(file, weight_map)]
+    if damaged:
+        raise WeightsError(
+            "checkpoint is damaged, nothing was loaded:" + "".join(f"\n  {p}" for p in damaged)
+        )
+    plan = _match_model(module, files, rename)
+    for file, names in plan.items():
+        batch = {}
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as reader:
+                for key, name in names.items():  # cast as read: one tensor in two dtypes at most
+                    tensor = reader.get_tensor(key)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    batch[name] = tensor
+        except (SafetensorError, OSError) as error:
+            raise WeightsError(f"{file}: unreadable while loading ({error})") from error
+        module.load_state_dict(batch, strict=False, assign=True)
+
+
+def _check_file(file: Path, weight_map: Mapping[str, str] | None) -> list[str]:
+    """What is wrong with one safetensors file on its own: unreadable or truncated, tensors the
+    index maps to it that it lacks, tensor data that does not match its recorded sha256."""
+    try:
+        with safe_open(str(file), framework="pt") as reader:
+            keys = set(reader.keys())
+            metadata = reader.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        return [f"{file}: not a readable safetensors file, truncated or overwritten ({error})"]
+    problems = []
+    if weight_map is not None:
+        absent = sorted(k for k, name in weight_map.items() if name == file.name and k not in keys)
+        if absent:
+            problems.append(
+                f"{file}: lacks tensors the index maps to it ({len(absent)}): {_names(absent)}"
+            )
+    recorded = metadata.get(DATA_SHA256_KEY)
+    if recorded is not None:
+        actual = _data_sha256(file)
+        if actual != recorded:
+            problems.append(
+                f"{file}: tensor data sha256 {actual[:16]}..., its header records "
+                f"{recorded[:16]}... (altered or damaged after it was written)"
+            )
+    return problems
+
+
+def _match_model(
+    module: nn.Module, files: list[Path], rename: Callable[[str], str | None]
+) -> dict[Path, dict[str, str]]:
+    """Checkpoint key -> module name per file, from the headers alone (no tensor data read).
+
+    Raises:
+        WeightsError: listing missing, unexpected and mis-shaped (or integer-for-float) tensors.
+    """
+    expected = module.state_dict()  # meta tensors are enough: shapes and dtypes
+    plan: dict[Path, dict[str, str]] = {}
+    seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
     for file in files:
-        batch = {}
-        with safe_open(str(file), framework="pt", device=str(device)) as reader:
+        plan[file] = {}
+        with safe_open(str(file), framework="pt") as reader:
             for key in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = rename(key)
                 if name is None or _IGNORED_KEYS.match(key):
@@ -129,40 +231,50 @@ def load_state(
                 if name not in expected:
                     unexpected.append(key)
                     continue
-                tensor = reader.get_tensor(key)
-                if tuple(tensor.shape) != expected[name]:
-                    mismatched.append(
-                        f"{key}: checkpoint {tuple(tensor.shape)}, model {expected[name]}"
-                    )
-                    loaded.add(name)  # present: reported as a mismatch, not as missing
-                    continue
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                batch[name] = tensor
-        if not (unexpected or mismatched):
-            module.load_state_dict(batch, strict=False, assign=True)
-        loaded.update(batch)
-    missing = sorted(set(expected) - loaded)
+                seen.add(name)  # present: a mismatch is reported as such, not as missing
+                found = reader.get_slice(key)
+                shape, kind = tuple(found.get_shape()), found.get_dtype()
+                want = expected[name]
+                if shape != tuple(want.shape):
+                    mismatched.append(f"{key}: checkpoint {shape}, model {tuple(want.shape)}")
+                elif kind.startswith(("F", "BF")) != want.is_floating_point():
+                    mismatched.append(f"{key}: checkpoint dtype {kind}, model {want.dtype}")
+                else:
+                    plan[file][key] = name
+    missing = sorted(set(expected) - seen)
     if missing or unexpected or mismatched:
         raise WeightsError(
-            "checkpoint does not match the model:"
+            "checkpoint does not match the model, nothing was loaded:"
             + "".join(
                 _listing(title, names)
                 for title, names in (
                     ("missing", missing),
                     ("unexpected", unexpected),
-                    ("shape mismatch", mismatched),
+                    ("shape/dtype mismatch", mismatched),
                 )
             )
         )
+    return plan
+
+
+def _data_sha256(file: Path) -> str:
+    """sha256 of a safetensors file's tensor data (everything after the 8 + N header bytes)."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        handle.seek(8 + header_len)
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _listing(title: str, names: list[str]) -> str:
-    if not names:
-        return ""
-    shown = ", ".join(names[:_MAX_LISTED])
+    return f"\n  {title} ({len(names)}): {_names(names)}" if names else ""
+
+
+def _names(names: list[str]) -> str:
     more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    return f"\n  {title} ({len(names)}): {shown}{more}"
+    return ", ".join(names[:_MAX_LISTED]) + more
 
 
 def save_pretrained(
@@ -229,8 +341,22 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict]:
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt", DATA_SHA256_KEY: _PLACEHOLDER})
+    _seal(tmp)
     os.replace(tmp, path)
+
+
+def _seal(path: Path) -> None:
+    """Write the data's sha256 over the placeholder in the header: same length, so the header
+    size and every data offset stay as safetensors wrote them."""
+    digest = _data_sha256(path).encode()
+    with open(path, "r+b") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = handle.read(header_len)
+        quoted = f'"{_PLACEHOLDER}"'.encode()
+        assert header.count(quoted) == 1, f"{path}: placeholder not found once in the header"
+        handle.seek(8 + header.index(quoted) + 1)
+        handle.write(digest)
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:

@@ -2,7 +2,8 @@
 
     PipelineError
       TrainConfigError     a training config that cannot be parsed or is inconsistent
-      CheckpointError      a checkpoint that cannot be read or does not fit this run
+      CheckpointError      a checkpoint that cannot be read, fails its checksums, or does not
+                           fit this run
       GenerateError        `lvita generate` asked for something that cannot work (bad arguments)
         GenerateInputError   the model, the tokenizer or a media file is missing or unreadable
 
@@ -25,7 +26,8 @@ class TrainConfigError(PipelineError, ValueError):
 
 
 class CheckpointError(PipelineError):
-    """A checkpoint that cannot be read or does not fit this run."""
+    """A checkpoint that cannot be read, is incomplete or damaged (its ``checksums.json`` names
+    the files), or does not fit this run."""
 
 
 class GenerateError(PipelineError):

@@ -1,6 +1,7 @@
 """Training checkpoints: save -> keep training -> resume into fresh objects reproduces the same
 steps exactly (parameters, Adam state, LR, RNG draws), single-process and FSDP2 over 2 gloo
-ranks; atomicity, pruning, world-size check, Hugging Face export."""
+ranks; atomicity, pruning, world-size check, checksums (a flipped byte, a truncated, missing or
+extra file is refused, naming the file and the previous good checkpoint), Hugging Face export."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ from pipelines.train.checkpoint import (  # noqa: E402
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+)
+from pipelines.train.checksums import (  # noqa: E402
+    file_sizes,
+    hash_files,
+    split_by_size,
+    write_manifest,
 )
 from pipelines.train.recipes import (  # noqa: E402
     STAGE_RECIPES,
@@ -240,6 +247,7 @@ def test_load_refuses_another_world_size(tmp_path: Path) -> None:
     trainer = json.loads(trainer_file.read_text())
     trainer["world_size"] = 2
     trainer_file.write_text(json.dumps(trainer))
+    rewrite_checksums(path)  # an edit that verifies, so the world-size check is reached
     model = Tiny()
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -247,6 +255,114 @@ def test_load_refuses_another_world_size(tmp_path: Path) -> None:
         load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def rewrite_checksums(path: Path) -> None:
+    sizes = file_sizes(path)
+    write_manifest(path, sizes, hash_files(path, list(sizes)))
+
+
+def load_tiny(path: Path) -> int:
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler).step
+
+
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-7])
+
+
+def test_hashing_is_split_by_size_over_the_ranks() -> None:
+    sizes = {".metadata": 9, "__0_0.distcp": 1000, "__1_0.distcp": 990, "trainer.json": 20}
+    shares = split_by_size(sizes, 2)
+    assert sorted(n for share in shares for n in share) == sorted(sizes)
+    assert [sum(sizes[n] for n in share) for share in shares] == [1009, 1010]
+    assert split_by_size({"a": 1}, 3) == [["a"], [], []]  # idle ranks still join the gather
+
+
+def test_checksums_cover_every_file_of_a_checkpoint(tmp_path: Path) -> None:
+    path = save_tiny(tmp_path, 10)
+    manifest = json.loads((path / "checksums.json").read_text())
+    assert sorted(manifest["files"]) == [
+        ".metadata", "__0_0.distcp", "rng/rank-00000.json", "rng/rank-00000.safetensors",
+        "trainer.json",
+    ]  # fmt: skip
+    assert all(e["size"] == (path / n).stat().st_size for n, e in manifest["files"].items())
+    assert load_tiny(path) == 10
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (flip_byte, r"__0_0\.distcp: sha256 [0-9a-f]{16}\.\.\., checksums\.json records "
+         r"[0-9a-f]{16}\.\.\. \(contents altered\)"),
+        (truncate, r"__0_0\.distcp: size \d+ bytes, checksums\.json records \d+ \(truncated\)"),
+        (lambda f: f.unlink(), r"__0_0\.distcp: missing"),
+        (lambda f: f.with_name("stray.bin").write_bytes(b"x"),
+         r"stray\.bin: unexpected file \(not in checksums\.json\)"),
+    ],
+    ids=["flipped-byte", "truncated", "missing", "unexpected"],
+)  # fmt: skip
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_previous_one(
+    tmp_path: Path, damage, expected: str
+) -> None:
+    for step in (10, 20):
+        save_tiny(tmp_path, step)
+    latest = latest_checkpoint(tmp_path)
+    damage(latest / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=expected) as error:
+        load_tiny(latest)
+    previous = tmp_path / "checkpoints" / "step-00000010"
+    message = str(error.value)
+    assert message.startswith(f"checkpoint {latest} fails verification")
+    assert f"the previous checkpoint that verifies is {previous}: move step-00000020" in message
+    latest.rename(tmp_path / "set-aside")  # as the message says: the resume goes on from 10
+    assert latest_checkpoint(tmp_path) == previous and load_tiny(previous) == 10
+
+
+def test_without_a_verified_older_checkpoint_the_refusal_says_so(tmp_path: Path) -> None:
+    for step in (10, 20):
+        save_tiny(tmp_path, step)
+    directory = tmp_path / "checkpoints"
+    flip_byte(directory / "step-00000010" / "rng" / "rank-00000.safetensors")
+    truncate(directory / "step-00000020" / "trainer.json")
+    with pytest.raises(CheckpointError, match=r"trainer\.json: size") as error:
+        load_tiny(directory / "step-00000020")
+    assert "there is no older complete checkpoint that verifies" in str(error.value)
+
+
+def test_a_checkpoint_without_its_checksums_is_incomplete(tmp_path: Path) -> None:
+    for step in (10, 20):
+        save_tiny(tmp_path, step)
+    directory = tmp_path / "checkpoints"
+    (directory / "step-00000020" / "checksums.json").unlink()
+    assert latest_checkpoint(tmp_path) == directory / "step-00000010"  # `latest` names 20
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint: it has no chec"):
+        load_tiny(directory / "step-00000020")
+    save_tiny(tmp_path, 30)  # keep_last=2 counts complete checkpoints only
+    assert sorted(p.name for p in directory.glob("step-*")) == [
+        "step-00000010", "step-00000020", "step-00000030",
+    ]  # fmt: skip
+    (directory / "step-00000030" / "checksums.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checksums.json: unreadable: not valid JSON"):
+        load_tiny(directory / "step-00000030")
+
+
+def test_a_format_1_checkpoint_resumes_with_a_warning(tmp_path: Path) -> None:
+    path = save_tiny(tmp_path, 10)
+    (path / "checksums.json").unlink()  # what a save before checksums wrote
+    trainer = json.loads((path / "trainer.json").read_text())
+    (path / "trainer.json").write_text(json.dumps({**trainer, "format_version": 1}))
+    assert latest_checkpoint(tmp_path) == path
+    with pytest.warns(UserWarning, match="before checkpoints recorded checksums"):
+        assert load_tiny(path) == 10
 
 
 def test_export_hf_loads_back_with_equal_weights(tmp_path: Path) -> None:
@@ -284,10 +400,30 @@ def _fsdp_resume(rank: int, world_size: int, run_dir: str) -> dict:
     losses = [resumed.step(), resumed.step(images=True)]
     assert_same_params(expected_params, resumed.params())
     export_hf(resumed.model, Path(run_dir) / "hf")
+    expected_draws_equal = draws() == expected_draws
+
+    # A byte of rank 1's shard flips: both ranks refuse, offering step 2 (collective verdict).
+    damaged = save_checkpoint(
+        run_dir, 4, model=resumed.model, optimizer=resumed.optimizer,
+        scheduler=resumed.scheduler, loader_state={"rank": rank},
+    )  # fmt: skip
+    if rank == 0:
+        data = bytearray((damaged / "__1_0.distcp").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (damaged / "__1_0.distcp").write_bytes(bytes(data))
+    torch.distributed.barrier()
+    try:
+        load_checkpoint(
+            damaged, model=resumed.model, optimizer=resumed.optimizer, scheduler=resumed.scheduler
+        )
+        refusal = None
+    except CheckpointError as error:
+        refusal = str(error)
     return {
         "loader_state": state.loader_state,
         "losses_equal": losses == expected_losses,
-        "draws_equal": draws() == expected_draws,
+        "draws_equal": expected_draws_equal,
+        "refusal": refusal,
         "param_type": type(next(resumed.model.parameters())).__name__,
         # numpy: tensors would travel as shared-memory handles that die with the rank
         "params": {n: t.numpy() for n, t in expected_params.items()} if rank == 0 else None,
@@ -298,6 +434,10 @@ def test_fsdp2_resume_across_two_gloo_ranks(tmp_path: Path) -> None:
     results = run_distributed(_fsdp_resume, 2, str(tmp_path))
     assert [r["loader_state"] for r in results] == [{"rank": 0}, {"rank": 1}]
     assert all(r["losses_equal"] and r["draws_equal"] for r in results)
+    refusal = results[0]["refusal"]
+    assert refusal is not None and refusal == results[1]["refusal"]
+    assert "__1_0.distcp: sha256" in refusal and "__0_0.distcp" not in refusal
+    assert f"verifies is {tmp_path / 'checkpoints' / 'step-00000002'}:" in refusal
     assert {r["param_type"] for r in results} == {"DTensor"}
     rng_dir = tmp_path / "checkpoints" / "step-00000002" / "rng"
     assert sorted(p.name for p in rng_dir.iterdir()) == [

@@ -257,6 +257,18 @@ def test_killed_run_resumes_to_the_same_losses(shards, model_dir, tmp_path):
     )
     assert refused.returncode == 2 and "holds checkpoints" in refused.stderr, refused.stderr
 
+    # One flipped byte in the latest checkpoint's weights: the resume refuses to train on.
+    checkpoints = killed.parent / "run" / "checkpoints"
+    damaged = checkpoints / "step-00000005" / "__0_0.distcp"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    corrupt = _cli(killed)
+    assert corrupt.returncode == 3, corrupt.stderr
+    assert "step-00000005 fails verification" in corrupt.stderr
+    assert "__0_0.distcp: sha256" in corrupt.stderr
+    assert f"verifies is {checkpoints / 'step-00000004'}:" in corrupt.stderr
+
 
 # --------------------------------------------------------------------------------------------
 # Bad configs
