@@ -6,7 +6,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 DEMO_DIR ?= demo_data
 EXTRAS ?= dev
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-cluster lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# only the Ray cluster tests (also in `make test`): two nodes started with `ray start` on this
+# machine, builds with RAY_ADDRESS, a Ray worker and the driver killed with -9
+test-cluster: setup
+	$(PY) -m pytest -q -m cluster
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,10 @@ exception is raised here and the tasks not yet started are cancelled.
 
 ``executor="ray"``: Ray tasks of 1 CPU each, retried up to 3 times if a worker dies, on the Ray
 this process is connected to, else the cluster of ``RAY_ADDRESS``, else a local Ray of `workers`
-CPUs; a Ray that `map_tasks` started is shut down when it ends.
+CPUs; a Ray that `map_tasks` started is shut down when it ends. A Ray task runs in this process's
+working directory, as a local worker does, so relative paths (``lvita build --out shards/x``)
+name the same files on every node of a cluster with a shared filesystem (a worker of a cluster
+started with ``ray start`` otherwise works in the directory that ``ray start`` ran in).
 """
 
 from __future__ import annotations
@@ -148,15 +151,25 @@ def _map_ray(
         yield from _ray_results(_import_ray(), fn, tasks, shared, ordered)
 
 
+def _in_directory(directory: str, fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)`` in `directory` (a Ray task: see the module doc); where the directory does
+    not exist on a node, in the worker's own, so absolute paths still work."""
+    with contextlib.suppress(OSError):
+        os.chdir(directory)
+    return fn(*args)
+
+
 def _ray_results(ray, fn: Callable[..., R], tasks: Sequence[T], shared: Any, ordered: bool):
     pending: list = []
     try:
-        remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+        # named after `fn`: Ray's task lists and the worker's process title say ray::build_shard
+        remote = ray.remote(num_cpus=1, max_retries=3)(_in_directory).options(name=fn.__name__)
+        cwd = os.getcwd()
         if shared is _NO_SHARED:
-            pending = [remote.remote(task) for task in tasks]
+            pending = [remote.remote(cwd, fn, task) for task in tasks]
         else:
             shared_ref = ray.put(shared)
-            pending = [remote.remote(task, shared_ref) for task in tasks]
+            pending = [remote.remote(cwd, fn, task, shared_ref) for task in tasks]
         if ordered:
             for ref in list(pending):
                 yield ray.get(ref)
