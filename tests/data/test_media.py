@@ -1,11 +1,13 @@
 """Header-only image probing: same sizes as Pillow, every failure a reason."""
 
 import io
+import random
 
 import pytest
 from PIL import Image
 
 from lvita_data.errors import SkipSample
+from lvita_data.media import probe
 from lvita_data.media.probe import probe_image
 from lvita_data.schema import MediaRef
 
@@ -61,3 +63,40 @@ def test_decompression_bomb(tmp_path):
     side = int((2 * limit) ** 0.5) + 10
     Image.new("1", (side, side)).save(path, optimize=True)
     assert reason(MediaRef("image", path=str(path))) == "decompression_bomb"
+
+
+def header_size_of(path) -> tuple[int, int] | None:
+    with open(path, "rb") as handle:
+        return probe._header_size(handle, str(path))
+
+
+def test_plain_reads_find_the_size_imagesize_finds(tmp_path, monkeypatch):
+    """`_path_size` (a few os reads) agrees with imagesize whenever it answers, through EXIF and
+    ICC segments longer than one read, progressive frames, truncation and stray bytes."""
+    monkeypatch.setattr(probe, "READ_SIZE", 512)  # many segments cross a read
+    rng = random.Random(0)
+    icc = bytes(rng.randrange(256) for _ in range(3000))
+    variants = [
+        encoded((640, 480), "JPEG"),
+        encoded((31, 1200), "JPEG", progressive=True),
+        encoded((900, 450), "JPEG", exif=b"Exif\x00\x00" + bytes(5000), icc_profile=icc),
+        encoded((1344, 896), "JPEG", icc_profile=icc, comment=b"x" * 700),
+        encoded((300, 200), "PNG"),
+    ]
+    answered = 0
+    for number, data in enumerate(variants):
+        cuts = [len(data)] + [rng.randrange(2, min(len(data), 12000)) for _ in range(40)]
+        for cut in cuts:
+            damaged = bytearray(data[:cut])
+            if number % 2 and cut > 100:
+                damaged[rng.randrange(4, 100)] = rng.choice([0xFF, 0x00, 0xD9, 0xC4])
+            path = tmp_path / f"{number}-{cut}.img"
+            path.write_bytes(bytes(damaged))
+            size = probe._path_size(str(path))
+            if size is not None:
+                assert size == header_size_of(path), (number, cut)
+                answered += 1
+    assert answered > 40
+    for data in variants:  # whole files: always answered
+        (tmp_path / "whole").write_bytes(data)
+        assert probe._path_size(str(tmp_path / "whole")) == header_size_of(tmp_path / "whole")
