@@ -4,11 +4,11 @@
 best-fit-decreasing per packing group `pack.group_by`, with `pack.align`, `pack.max_tiles` and
 the stage seed's shuffle), turns the packer's rejects into counted `Reject`s, and cuts the packs
 into shards of `shards.packs_per_shard`. Every packed sample is a (file index, row) pair into
-`BuildPlan.files`, held as three numpy columns (12 bytes per sample plus 8 per pack, instead of
-a Python tuple each), and a shard task gets only its own slice (`BuildPlan.shard_slice`). The
-build plan is a pure function of the manifest and the data; `lvita_data.build.state` saves it
-with the manifest's hash (`manifest_digest`) and the layout's (`BuildPlan.layout_sha256`), so a
-resumed build can check it.
+`BuildPlan.files` with the row's byte offset, held as numpy columns (20 bytes per sample plus 8
+per pack, instead of Python tuples), and a shard task gets only its own slice
+(`BuildPlan.shard_slice`). The build plan is a pure function of the manifest and the data;
+`lvita_data.build.state` saves it with the manifest's hash (`manifest_digest`) and the
+layout's (`BuildPlan.layout_sha256`), so a resumed build can check it.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class BuildPlan:
     """int32 [samples]: file index of every packed sample, pack after pack."""
     sample_row: np.ndarray
     """int64 [samples]: its row in that file."""
+    sample_offset: np.ndarray
+    """int64 [samples]: where that row starts in the file (-1: no offset, read by row)."""
     pack_starts: np.ndarray
     """int64 [packs + 1]: pack p holds samples ``pack_starts[p]:pack_starts[p + 1]``."""
     packs_per_shard: int
@@ -67,14 +69,15 @@ class BuildPlan:
         """Global index of the first pack of `shard` (keys stay unique across shards)."""
         return shard * self.packs_per_shard
 
-    def shard_slice(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(file index, row, pack starts from 0) of the samples of one shard: views, no copy."""
+    def shard_slice(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(file index, row, offset, pack starts from 0) of the samples of one shard: views."""
         first = self.pack_offset(shard)
         last = min(first + self.packs_per_shard, self.num_packs)
         begin, end = int(self.pack_starts[first]), int(self.pack_starts[last])
         return (
             self.sample_file[begin:end],
             self.sample_row[begin:end],
+            self.sample_offset[begin:end],
             self.pack_starts[first : last + 1] - begin,
         )
 
@@ -82,6 +85,7 @@ class BuildPlan:
         return {
             "sample_file": self.sample_file,
             "sample_row": self.sample_row,
+            "sample_offset": self.sample_offset,
             "pack_starts": self.pack_starts,
         }
 
@@ -186,6 +190,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
         files=files,
         sample_file=file_of[order],
         sample_row=rows[order],
+        sample_offset=plan.column("offsets")[order],
         pack_starts=np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)]),
         packs_per_shard=manifest.shards.packs_per_shard,
         plan_rejects=list(plan.rejects()),

@@ -31,8 +31,8 @@ from lvita_data.pool import Executor, map_tasks
 from lvita_data.records import open_source
 from lvita_data.records.mixture import select_rows
 from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
-from lvita_data.samples.tokenize import SampleRules, plan_record
-from lvita_data.schema import Reject, SamplePlan
+from lvita_data.samples.tokenize import SampleRules, plan_counts
+from lvita_data.schema import RawRecord, Reject, media_modality
 
 MODALITIES = ("text", "image", "multi_image", "video")
 """Modality names by the code `FilePlan.modality` stores (`schema.media_modality`)."""
@@ -42,7 +42,7 @@ _MODALITY_CODES = {name: code for code, name in enumerate(MODALITIES)}
 @dataclass(slots=True)
 class FilePlan:
     """The plan of one file: per planned sample (in selection order) compact numpy columns,
-    about 25 bytes a sample, and the rejects; a file that could not be read has `error`."""
+    about 33 bytes a sample, and the rejects; a file that could not be read has `error`."""
 
     dataset: str
     path: str
@@ -50,6 +50,9 @@ class FilePlan:
     num_selected: int = 0
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Row of each sample in the file (int64); its record id."""
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Byte offset of the row in the file, -1 where the format has none (`Source.offsets`):
+    a shard task reads just that line."""
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     """Exact token length (int32)."""
     modality: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
@@ -221,15 +224,13 @@ def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _planned(plan: SamplePlan) -> tuple[int, int, int, int, int]:
-    """(length, modality code, tiles, frames, requested frames) of one planned sample."""
-    return (
-        plan.length,
-        _MODALITY_CODES[plan.modality],
-        plan.num_tiles,
-        sum(len(v.frame_indices) for v in plan.videos),
-        sum(v.requested_frames for v in plan.videos),
-    )
+def _planned(
+    record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
+) -> tuple[int, int, int, int, int]:
+    """(length, modality code, tiles, frames, requested frames) of one record's sample."""
+    length, tiles, frames, requested = plan_counts(record, contents, rules)
+    modality = _MODALITY_CODES[media_modality(len(record.images), len(record.videos))]
+    return length, modality, tiles, frames, requested
 
 
 def plan_file(
@@ -257,7 +258,7 @@ def plan_file(
     outcomes = read_and_tokenize(
         (Row(i, source, path, row) for i, row in enumerate(distinct.tolist())),
         tokenizer,
-        lambda record, contents: _planned(plan_record(record, contents, rules)),
+        lambda record, contents: _planned(record, contents, rules),
     )
     for i, outcome in outcomes:
         if isinstance(outcome, Reject):
@@ -269,6 +270,7 @@ def plan_file(
     ok[list(failed)] = False
     kept = position[ok[position]]
     plan.rows = distinct[kept]
+    plan.offsets = source.offsets(distinct)[kept]
     plan.lengths, plan.modality, plan.tiles, plan.frames, plan.requested_frames = (
         planned[kept, column].astype(dtype)
         for column, dtype in enumerate((np.int32, np.uint8, np.int32, np.int32, np.int32))

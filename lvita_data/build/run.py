@@ -95,7 +95,12 @@ def _check_before_planning(
 
 
 def _build_plan(
-    out: Path, manifest: StageManifest, workers: int, progress: bool, verify_media: bool
+    out: Path,
+    manifest: StageManifest,
+    workers: int,
+    executor: Executor,
+    progress: bool,
+    verify_media: bool,
 ) -> tuple[BuildPlan, list[DatasetReport]]:
     """The saved build plan when every record file is unchanged since it was saved, else a new
     one (which must equal the saved one, if any); see `lvita_data.build.state`."""
@@ -103,7 +108,13 @@ def _build_plan(
     inputs = input_identity(manifest)
     if saved is not None and saved.get("inputs") == inputs:
         return load_build_plan(out, saved)
-    plan = plan_stage(manifest, workers=workers, progress=progress, verify_media=verify_media)
+    plan = plan_stage(
+        manifest,
+        workers=workers,
+        progress=progress,
+        verify_media=verify_media,
+        executor=executor,
+    )
     build_plan = make_build_plan(plan)
     if saved is not None and saved.get("layout_sha256") != build_plan.layout_sha256():
         raise BuildError(
@@ -140,7 +151,7 @@ def _tasks(out: Path, build_plan: BuildPlan) -> list[ShardTask]:
     tasks = []
     for index in range(build_plan.num_shards):
         name = shard_name(build_plan.stage, index)
-        files, rows, starts = build_plan.shard_slice(index)
+        files, rows, offsets, starts = build_plan.shard_slice(index)
         tasks.append(
             ShardTask(
                 index=index,
@@ -148,6 +159,7 @@ def _tasks(out: Path, build_plan: BuildPlan) -> list[ShardTask]:
                 done_path=str(done_dir / f"{name}.json"),
                 sample_file=files,
                 sample_row=rows,
+                sample_offset=offsets,
                 pack_starts=starts,
                 pack_offset=build_plan.pack_offset(index),
             )
@@ -264,7 +276,7 @@ def _build(
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     with _locked(out):
         remove_temporaries(str(out))
-        build_plan, datasets = _build_plan(out, manifest, workers, progress, verify_media)
+        build_plan, datasets = _build_plan(out, manifest, workers, executor, progress, verify_media)
         tasks = _tasks(out, build_plan)
         todo = [t for t in tasks if not is_done(t)]
         context = BuildContext(files=build_plan.files, manifest=manifest)

@@ -68,6 +68,8 @@ class ShardTask:
     """int32: file index of each sample of the shard, pack after pack."""
     sample_row: np.ndarray
     """int64: its row."""
+    sample_offset: np.ndarray
+    """int64: where the row starts in its file (-1: read by row number)."""
     pack_starts: np.ndarray
     """int64 [packs + 1], from 0: pack p holds samples ``pack_starts[p]:pack_starts[p + 1]``."""
     pack_offset: int
@@ -204,13 +206,21 @@ def _tokenized_samples(
 ) -> dict[tuple[int, int], TokenizedSample | Reject]:
     """Every distinct record of the shard, read in (file, row) order (each file and parquet row
     group once) and tokenized in batches; a record that fails becomes its `Reject`."""
+    located = zip(
+        task.sample_file.tolist(),
+        task.sample_row.tolist(),
+        task.sample_offset.tolist(),
+        strict=True,
+    )
     rows = (
         Row(
-            (file_index, row), _open(context.files[file_index]), context.files[file_index].path, row
+            (file_index, row),
+            _open(context.files[file_index]),
+            context.files[file_index].path,
+            row,
+            offset,
         )
-        for file_index, row in sorted(
-            set(zip(task.sample_file.tolist(), task.sample_row.tolist(), strict=True))
-        )
+        for file_index, row, offset in sorted(set(located))
     )
     return dict(
         read_and_tokenize(

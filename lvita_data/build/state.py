@@ -34,7 +34,7 @@ from lvita_data.shards.format import STATE_DIR, load_npz, npz_bytes
 
 PLAN_JSON = "plan.json"
 LAYOUT_NPZ = "layout.npz"
-LAYOUT_COLUMNS = ("sample_file", "sample_row", "pack_starts")
+LAYOUT_COLUMNS = ("sample_file", "sample_row", "sample_offset", "pack_starts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +113,7 @@ def load_build_plan(out: Path, state: dict) -> tuple[BuildPlan, list[DatasetRepo
             files=[FileRef(**f) for f in state["files"]],
             sample_file=columns["sample_file"],
             sample_row=columns["sample_row"],
+            sample_offset=columns["sample_offset"],
             pack_starts=columns["pack_starts"],
             packs_per_shard=int(state["packs_per_shard"]),
             plan_rejects=[r for r in rejects if r.phase == "plan"],

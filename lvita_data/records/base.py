@@ -205,6 +205,16 @@ class Source(abc.ABC):
     def read(self, row: int) -> RawRecord:
         """The normalized record of `row` (0-based), or `SkipSample`."""
 
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        """Where each of `rows` starts in the file (int64), for `read_at`; -1 where the format
+        has no such offset (JSON arrays, parquet)."""
+        return np.full(rows.shape[0], -1, dtype=np.int64)
+
+    def read_at(self, row: int, offset: int) -> RawRecord:
+        """`read(row)` given the row's offset from `offsets` (of the same file): JSON Lines
+        read that one line only. -1 falls back to `read`."""
+        return self.read(row)
+
     def _check_row(self, row: int) -> None:
         if not 0 <= row < len(self):
             raise IndexError(f"{self.path}: row {row} out of range [0, {len(self)})")
@@ -251,16 +261,39 @@ class JsonRows:
     one JSON array (else `SourceError`); one that parses as a single non-array value is a
     `SourceError`; anything else is read as JSON Lines. JSON Lines are split on ``\\n``; only a
     final empty line is dropped, so a blank line in the middle is a row (``malformed_json``).
+
+    The file is read when a row count or an indexed row is first needed; `line_at` reads one
+    line at a byte offset the planner recorded (`starts`) without reading the rest, which is how
+    a shard task reads its few rows of a large file.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        data = read_bytes(path)
+        self._loaded = False
         self._items: list[Any] | None = None
         self._data = b""
         self._starts: np.ndarray = np.zeros(0, dtype=np.int64)
         self._ends: np.ndarray = np.zeros(0, dtype=np.int64)
-        if not path.endswith(".jsonl") and data.lstrip()[:1] in (b"[", b"{"):
+        self._handle: Any = None
+        if not path.endswith(".jsonl"):
+            self._load()  # JSON array or JSON Lines: the content decides
+        else:
+            self._open()  # a missing or unreadable file is a SourceError now, not later
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            try:
+                self._handle = open(self.path, "rb")  # noqa: SIM115 (lives with the source)
+            except OSError as error:
+                raise SourceError(f"{self.path}: cannot read source file: {error}") from None
+        return self._handle
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        data = read_bytes(self.path)
+        if not self.path.endswith(".jsonl") and data.lstrip()[:1] in (b"[", b"{"):
             parsed = self._try_whole(data)
             if parsed is not None:
                 return
@@ -291,18 +324,35 @@ class JsonRows:
 
     @property
     def is_array(self) -> bool:
+        self._load()
         return self._items is not None
 
+    @property
+    def starts(self) -> np.ndarray | None:
+        """Byte offset of every JSON Lines row (int64), None for a JSON array."""
+        return None if self.is_array else self._starts
+
     def __len__(self) -> int:
+        self._load()
         return len(self._items) if self._items is not None else len(self._starts)
 
     def line(self, row: int) -> bytes:
         """Raw bytes of a JSONL row (without the newline)."""
+        self._load()
         return self._data[int(self._starts[row]) : int(self._ends[row])]
+
+    def line_at(self, offset: int) -> bytes:
+        """The JSON Lines row that starts at byte `offset` (without its newline)."""
+        if self._loaded:
+            end = self._data.find(b"\n", offset)
+            return self._data[offset : None if end < 0 else end]
+        handle = self._open()
+        handle.seek(offset)
+        return handle.readline().removesuffix(b"\n")
 
     def get(self, row: int) -> dict[str, Any]:
         """The row as a mapping (`SkipSample` if it does not parse or is not an object)."""
-        if self._items is not None:
+        if self.is_array:
             return require_mapping(self._items[row])
         return require_mapping(parse_json_line(self.line(row)))
 
@@ -320,6 +370,15 @@ class JsonSource(Source):
     def read(self, row: int) -> RawRecord:
         self._check_row(row)
         return self.normalize(row, self._rows.get(row))
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        starts = self._rows.starts
+        return super().offsets(rows) if starts is None else starts[rows]
+
+    def read_at(self, row: int, offset: int) -> RawRecord:
+        if offset < 0:
+            return self.read(row)
+        return self.normalize(row, require_mapping(parse_json_line(self._rows.line_at(offset))))
 
     @abc.abstractmethod
     def normalize(self, row: int, data: dict[str, Any]) -> RawRecord:

@@ -37,12 +37,14 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class Row(Generic[K]):
     """One row to read: `key` names its outcome, `path` is the file as the plan names it (what
-    a reject reports)."""
+    a reject reports), `offset` where the row starts in the file when the plan knows it
+    (`Source.offsets`; -1: find it by row number)."""
 
     key: K
     source: Source
     path: str
     row: int
+    offset: int = -1
 
     def reject(self, skip: SkipSample) -> Reject:
         reason = RejectReason(skip.reason)
@@ -68,7 +70,7 @@ def read_and_tokenize(
     records: list[tuple[Row[K], RawRecord]] = []
     for row in rows:
         try:
-            records.append((row, row.source.read(row.row)))
+            records.append((row, row.source.read_at(row.row, row.offset)))
         except SkipSample as skip:
             yield row.key, row.reject(skip)
         if len(records) == chunk:
