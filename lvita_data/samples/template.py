@@ -13,7 +13,7 @@ is rejected: the model would scatter features into positions no image fills.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,16 @@ class ChatTemplate:
     """ids of `<|im_start|>{role}\\n` per role."""
     reserved_set: frozenset[int]
     """Vision placeholder ids that must not come from text."""
+    turn_overhead: dict[str, int] = field(init=False)
+    """Ids a turn adds around its content per role: `<|im_start|>{role}\\n` and `<|im_end|>\\n`."""
+    first_marked: int = field(init=False)
+    """The smallest reserved or tag id: content ids all below it hold neither (one `max`)."""
+
+    def __post_init__(self) -> None:
+        overhead = {role: prefix.shape[0] + 2 for role, prefix in self.role_prefix.items()}
+        marked = self.reserved_set | {self.special.image_tag, self.special.video_tag}
+        object.__setattr__(self, "turn_overhead", overhead)
+        object.__setattr__(self, "first_marked", min(marked))
 
     @classmethod
     def from_encoder(cls, special: SpecialIds, encode) -> ChatTemplate:
@@ -78,15 +88,19 @@ class TextSummary:
 def summarize_conversation(
     turns: Sequence[Turn], contents: Sequence[Sequence[int]], template: ChatTemplate
 ) -> TextSummary:
-    """Length and tag counts without building arrays (the planning hot path)."""
+    """Length and tag counts without building arrays (the planning hot path: a turn whose ids
+    are all below `ChatTemplate.first_marked`, most of them, costs one `max`)."""
     special = template.special
+    overhead, first_marked = template.turn_overhead, template.first_marked
     length = image_tags = video_tags = 0
     for turn, content in zip(turns, contents, strict=True):
+        length += overhead[turn.role] + len(content)
+        if not content or max(content) < first_marked:
+            continue
         if not template.reserved_set.isdisjoint(content):
             raise SkipSample(
                 RejectReason.reserved_token, "text contains a vision placeholder token (<img>, ...)"
             )
-        length += template.role_prefix[turn.role].shape[0] + len(content) + 2
         image_tags += content.count(special.image_tag)
         video_tags += content.count(special.video_tag)
     return TextSummary(length=length, num_image_tags=image_tags, num_video_tags=video_tags)

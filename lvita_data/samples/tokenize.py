@@ -169,6 +169,31 @@ def plan_record(
     return SamplePlan(length=length, images=images, videos=videos)
 
 
+def plan_counts(
+    record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
+) -> tuple[int, int, int, int]:
+    """(length, tiles, frames, requested frames) of `plan_record`'s plan, or its SkipSample; a
+    record without videos (most) is summed up directly, without the plan objects."""
+    if record.videos:
+        plan = plan_record(record, contents, rules)
+        frames = sum(len(v.frame_indices) for v in plan.videos)
+        return plan.length, plan.num_tiles, frames, sum(v.requested_frames for v in plan.videos)
+    text = summarize_conversation(record.turns, contents, rules.template)
+    check_tag_counts(text, len(record.images), 0)
+    length, tiles = text.length - text.num_image_tags, 0
+    min_tiles, max_tiles = rules.image.min_tiles, rules.image.max_tiles
+    for ref in record.images:
+        width, height = probe_image(ref, verify=rules.verify_media)
+        grid = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles)
+        length += count_image_tokens(grid)
+        tiles += num_tiles(grid)
+    if length > rules.max_seq_len:
+        raise SkipSample(
+            RejectReason.too_long, f"{length} tokens > pack.max_seq_len {rules.max_seq_len}"
+        )
+    return length, tiles, 0, 0
+
+
 def tokenize_record(
     record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
 ) -> TokenizedSample:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from lvita_data.build.plan import plan_stage
-from lvita_data.errors import MissingInputs, RejectRateExceeded
-from lvita_data.manifest import load_manifest
+from lvita_data.errors import MissingInputs, RejectRateExceeded, SkipSample
+from lvita_data.manifest import expand_dataset_files, load_manifest
 from lvita_data.records import open_source
 from lvita_data.samples.read import tokenizer_and_template
-from lvita_data.samples.tokenize import SampleRules, tokenize_record
+from lvita_data.samples.tokenize import SampleRules, plan_counts, plan_record, tokenize_record
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFESTS = [REPO / "manifests" / "demo" / f"stage{n}.yaml" for n in (1, 2, 3, 4)]
@@ -67,6 +68,46 @@ def test_planned_lengths_equal_materialized_samples(demo_root):
             assert sample.labels.shape == sample.input_ids.shape
             checked += 1
     assert checked == plan.num_samples > 100
+
+
+def counts_of(record, contents, rules):
+    """What `plan_counts` must give: `plan_record`'s numbers, or its SkipSample."""
+    try:
+        plan = plan_record(record, contents, rules)
+    except SkipSample as skip:
+        return skip.reason, skip.detail
+    frames = sum(len(v.frame_indices) for v in plan.videos)
+    return plan.length, plan.num_tiles, frames, sum(v.requested_frames for v in plan.videos)
+
+
+def test_plan_counts_equal_the_plan_of_every_demo_record(demo_root):
+    """The planner's direct sums (`plan_counts`) against the plan objects, every record of the
+    demo stages (images, videos, text, rejects), also with a lower max_seq_len."""
+    checked = 0
+    for manifest_path in DEMO_MANIFESTS:
+        manifest = load_manifest(manifest_path)
+        tokenizer, template = tokenizer_and_template(manifest.tokenizer)
+        for max_seq_len in (manifest.pack.max_seq_len, 2048):
+            pack = dataclasses.replace(manifest.pack, max_seq_len=max_seq_len)
+            rules = SampleRules.from_manifest(dataclasses.replace(manifest, pack=pack), template)
+            for entry in manifest.datasets:
+                for path in expand_dataset_files(entry)[0]:
+                    source = open_source(
+                        path, fmt=entry.format, dataset=entry.name, media_root=entry.media_root
+                    )
+                    for row in range(len(source)):
+                        try:
+                            record = source.read(row)
+                        except SkipSample:
+                            continue
+                        contents = tokenizer.encode_batch([t.content for t in record.turns])
+                        try:
+                            got = plan_counts(record, contents, rules)
+                        except SkipSample as skip:
+                            got = skip.reason, skip.detail
+                        assert got == counts_of(record, contents, rules), (path, row)
+                        checked += 1
+    assert checked > 500
 
 
 def test_video_frames_lowered_to_fit_are_recorded(plans):
