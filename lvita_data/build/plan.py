@@ -15,6 +15,8 @@ raises unless `allow_missing`. A dataset whose reject rate passes `rejects.max_r
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 from collections import Counter
@@ -233,6 +235,21 @@ def _planned(
     return length, modality, tiles, frames, requested
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic collector off while a file's records are read and planned: they make no
+    reference cycles (reference counting frees them), and the collector's passes over the chunk
+    of records alive at a time cost ~8% of planning (measured on `benchmarks/bench_plan.py`).
+    Whatever cycles appear are collected once it is back on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def plan_file(
     entry: DatasetEntry, path: str, manifest: StageManifest, *, verify_media: bool = False
 ) -> FilePlan:
@@ -260,11 +277,12 @@ def plan_file(
         tokenizer,
         lambda record, contents: _planned(record, contents, rules),
     )
-    for i, outcome in outcomes:
-        if isinstance(outcome, Reject):
-            failed[i] = outcome
-        else:
-            planned[i] = outcome
+    with _cyclic_gc_paused():
+        for i, outcome in outcomes:
+            if isinstance(outcome, Reject):
+                failed[i] = outcome
+            else:
+                planned[i] = outcome
     position = np.searchsorted(distinct, rows)  # selection order -> distinct row
     ok = np.ones(distinct.shape[0], dtype=bool)
     ok[list(failed)] = False

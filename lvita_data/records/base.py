@@ -75,10 +75,27 @@ def make_turns(pairs: Iterable[tuple[Any, Any]], *, where: str = "messages") -> 
     return turns
 
 
+def _plain_turns(items: list[Any], role_key: str, content_key: str) -> list[Turn] | None:
+    """The turns of the common row (mappings, role names as `ROLE_ALIASES` spells them, string
+    contents) in one pass; None for anything else, which the checked path then names."""
+    turns = []
+    for item in items:
+        if type(item) is not dict:
+            return None
+        raw, content = item.get(role_key), item.get(content_key)
+        if type(raw) is not str or type(content) is not str or raw not in ROLE_ALIASES:
+            return None
+        turns.append(Turn(ROLE_ALIASES[raw], content))
+    return turns
+
+
 def turns_from_list(
     value: Any, *, role_key: str, content_key: str, where: str = "messages"
 ) -> list[Turn]:
     """Turns from a list of ``{role_key: ..., content_key: ...}`` mappings."""
+    plain = _plain_turns(value, role_key, content_key) if type(value) is list else None
+    if plain is not None:
+        return plain
     if not isinstance(value, list):
         raise skip(RejectReason.bad_field_type, f"{where} must be a list, got {type_name(value)}")
     pairs = []
@@ -110,10 +127,13 @@ def validate_turns(turns: Sequence[Turn]) -> None:
     """Structure checks: non-empty, system only first, one assistant turn with content."""
     if not turns:
         raise skip(RejectReason.empty_conversation, "no turns")
+    supervised = False  # an assistant turn with non-blank content (`bool(content.strip())`)
     for i, turn in enumerate(turns):
-        if turn.role == "system" and i > 0:
+        if turn.role == "assistant":
+            supervised = supervised or not (turn.content.isspace() or not turn.content)
+        elif turn.role == "system" and i > 0:
             raise skip(RejectReason.unknown_role, f"system turn at position {i} (only first)")
-    if not any(t.role == "assistant" and t.content.strip() for t in turns):
+    if not supervised:
         raise skip(RejectReason.no_assistant_turn, "no assistant turn with content")
 
 
@@ -122,8 +142,12 @@ def count_tags(turns: Sequence[Turn], tag: str) -> int:
 
 
 def check_tags(turns: Sequence[Turn], num_images: int, num_videos: int) -> None:
-    for tag, expected in ((IMAGE_TAG, num_images), (VIDEO_TAG, num_videos)):
-        found = count_tags(turns, tag)
+    images = videos = 0
+    for turn in turns:
+        if "<" in turn.content:  # both tags start with "<": one scan for most turns
+            images += turn.content.count(IMAGE_TAG)
+            videos += turn.content.count(VIDEO_TAG)
+    for tag, expected, found in ((IMAGE_TAG, num_images, images), (VIDEO_TAG, num_videos, videos)):
         if found != expected:
             raise skip(
                 RejectReason.tag_mismatch,
@@ -170,6 +194,24 @@ def resolve_media(name: Any, kind: Literal["image", "video"], root: str) -> Medi
     return MediaRef(kind=kind, path=path, name=name)
 
 
+def _is_plain_name(name: str) -> bool:
+    """A relative POSIX path without empty, "." or ".." parts, NUL or a trailing slash: joined
+    to a normalized absolute base, `os.path.normpath` leaves it as it is, inside the base."""
+    return (
+        PLAIN_SEPARATORS
+        and name != ""
+        and not name.startswith(("/", "."))
+        and "/." not in name
+        and "//" not in name
+        and not name.endswith("/")
+        and "\x00" not in name
+    )
+
+
+PLAIN_SEPARATORS = os.sep == "/" and os.altsep is None
+"""`_is_plain_name`'s test holds only where "/" is the one separator."""
+
+
 def parse_json_line(line: bytes) -> Any:
     try:
         return orjson.loads(line)
@@ -197,6 +239,7 @@ class Source(abc.ABC):
         self.dataset = dataset
         self.media_root = None if media_root is None else os.path.abspath(media_root)
         self._media_base = self.media_root or os.path.dirname(self.path)
+        self._media_prefix = self._media_base.rstrip(os.sep) + os.sep
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -221,6 +264,8 @@ class Source(abc.ABC):
 
     def resolve(self, name: Any, kind: Literal["image", "video"]) -> MediaRef:
         """Resolve a media path against ``media_root`` (or the source file's directory)."""
+        if type(name) is str and _is_plain_name(name):  # normpath(join(base, name)) is a concat
+            return MediaRef(kind=kind, path=self._media_prefix + name, name=name)
         return resolve_media(name, kind, self._media_base)
 
     def record(
@@ -352,9 +397,12 @@ class JsonRows:
 
     def get(self, row: int) -> dict[str, Any]:
         """The row as a mapping (`SkipSample` if it does not parse or is not an object)."""
-        if self.is_array:
+        if not self._loaded:
+            self._load()
+        if self._items is not None:
             return require_mapping(self._items[row])
-        return require_mapping(parse_json_line(self.line(row)))
+        line = self._data[int(self._starts[row]) : int(self._ends[row])]
+        return require_mapping(parse_json_line(line))
 
 
 class JsonSource(Source):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import orjson
@@ -11,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvita_data.errors import SkipSample, SourceError
-from lvita_data.records import READERS, Source, open_source
-from lvita_data.schema import MediaRef, RawRecord, Turn
+from lvita_data.records import READERS, Source, base, open_source
+from lvita_data.schema import MediaRef, RawRecord, RejectReason, Turn
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 CAULDRON_SCHEMA = pa.schema(
@@ -593,3 +594,88 @@ def test_source_attributes(tmp_path: Path) -> None:
     assert source.dataset == "lv"
     assert source.media_root == str(tmp_path / "media")
     assert "rows=1" in repr(source)
+
+
+def outcome(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except SkipSample as skip:
+        return skip.reason, skip.detail
+
+
+NAMES = [
+    "a.jpg", "x/y/z.png", "a..b/c.jpg", "é/ü.jpg", "a\\b.jpg", "a b/c", "./a.jpg", "a/./b.jpg",
+    "a//b.jpg", "a/", "../a.jpg", "a/../../b.jpg", "a/../b.jpg", "/abs.jpg", ".hidden.jpg",
+    "a/.h.jpg", "a/..", "..", ".", "", "x\x00.jpg", "//a.jpg", 7, None,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("media_root", ["media", "/", None])
+def test_plain_names_resolve_as_normpath_does(tmp_path: Path, media_root: str | None) -> None:
+    """`Source.resolve`'s concatenation for plain names against `resolve_media` (normpath)."""
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": []}])
+    root = None if media_root is None else str(tmp_path / media_root)
+    source = open_source(
+        str(tmp_path / "a.jsonl"), fmt="longvita_jsonl", dataset="d", media_root=root
+    )
+    for name in NAMES:
+        for kind in ("image", "video"):
+            expected = outcome(base.resolve_media, name, kind, source._media_base)
+            assert outcome(source.resolve, name, kind) == expected, name
+
+
+class CheckedList(list):
+    """A list `turns_from_list` does not take its one-pass path for."""
+
+
+def test_one_pass_turns_equal_the_checked_path() -> None:
+    items = [
+        {"role": "user", "content": "hi <image>"},
+        {"from": "gpt", "value": "yo"},
+        {"from": "human", "value": "<video> q"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "assistant", "content": "  \n"},
+        {"role": "human", "content": "<image><video><image>"},
+        {"role": "User", "content": "x"},
+        {"role": " assistant ", "content": " "},
+        {"role": "system", "content": ""},
+        {"role": "robot", "content": "x"},
+        {"role": "user", "content": 3},
+        {"role": ["user"], "content": "x"},
+        {"role": "user"},
+        "not a mapping",
+    ]
+    rng = random.Random(0)
+    for _ in range(300):
+        value = [dict(item) if isinstance(item, dict) else item for item in rng.choices(items, k=3)]
+        for keys in (("role", "content"), ("from", "value")):
+            kwargs = dict(role_key=keys[0], content_key=keys[1], where="messages")
+            checked = outcome(base.turns_from_list, CheckedList(value), **kwargs)
+            assert outcome(base.turns_from_list, value, **kwargs) == checked
+            turns = checked if isinstance(checked, list) else [Turn("user", "a <video>")]
+            for turns_ in (turns, turns[::-1], []):
+                assert outcome(base.validate_turns, turns_) == outcome(validate_reference, turns_)
+                for media in ((0, 0), (1, 0), (0, 1), (1, 1)):
+                    expected = outcome(check_tags_reference, turns_, *media)
+                    assert outcome(base.check_tags, turns_, *media) == expected
+
+
+def validate_reference(turns) -> None:
+    """`validate_turns` as first written (the spec the one-pass loop must keep)."""
+    if not turns:
+        raise base.skip(RejectReason.empty_conversation, "no turns")
+    for i, turn in enumerate(turns):
+        if turn.role == "system" and i > 0:
+            raise base.skip(RejectReason.unknown_role, f"system turn at position {i} (only first)")
+    if not any(t.role == "assistant" and t.content.strip() for t in turns):
+        raise base.skip(RejectReason.no_assistant_turn, "no assistant turn with content")
+
+
+def check_tags_reference(turns, num_images: int, num_videos: int) -> None:
+    for tag, expected in (("<image>", num_images), ("<video>", num_videos)):
+        found = base.count_tags(turns, tag)
+        if found != expected:
+            raise base.skip(
+                RejectReason.tag_mismatch,
+                f"{found} {tag} tag(s) in the turns but {expected} {tag[1:-1]}(s)",
+            )
