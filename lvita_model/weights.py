@@ -1,12 +1,17 @@
 """Hugging Face safetensors checkpoints: load and save without remote code or pickle.
 
-Layouts read (names in `lvita_model.model`):
+Layouts read (names in `lvita_model.model`; configs in `lvita_model.config.hf`):
 
-- Long-VITA: ``config.json`` (Qwen2 fields + ``vision_config``) and weights named
-  ``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``,
-  ``model.vision_model.*`` (InternViT), ``model.vision_projection.*``;
+- Long-VITA, as the original publishes it (``VITA-MLLM/Long-VITA-*_HF``: ``config.json`` with
+  ``model_type: long_vita`` and the tower under ``visual``; bf16 shards) or as lvita wrote it
+  before (``vision_config``): weights named ``model.embed_tokens``, ``model.layers.*``,
+  ``model.norm``, ``lm_head``, ``model.vision_model.*`` (InternViT),
+  ``model.vision_projection.*``. Weights with a tower under a config without one are refused
+  (`check_vision_declared`), as is a projector that does not fit between the tower and the
+  language model (`check_projector_fits`);
 - plain Qwen2 / Qwen2.5 (``model_type: qwen2``): the language model alone, same names;
-- InternViT-300M-448px: the vision tower alone (`load_vision_weights`).
+- InternViT-300M-448px: the vision tower alone (`load_vision_weights`); stage 1 composes it
+  with a Qwen2.5 directory and a fresh projector (`compose_pretrained`).
 
 Single files (``model.safetensors``) and sharded ones (``model.safetensors.index.json`` +
 ``model-0000i-of-0000n.safetensors``) are both read. The model is first built on the meta device
@@ -17,8 +22,10 @@ checkpoint lacks and shape (or integer-for-float) mismatches are one `WeightsErr
 them. Rotary ``inv_freq`` buffers some older checkpoints carry are ignored (RoPE is recomputed
 from the config), as is an ``lm_head.weight`` duplicate in a checkpoint with tied embeddings.
 
-Saving writes the same layout (sharded above `max_shard_bytes`), each file to a temporary name
-then renamed, the index last, so a reader never sees a half-written checkpoint as complete.
+Saving writes the original's layout (config.json in its schema with ``torch_dtype``, sharded
+above `max_shard_bytes`, plus `extra_files` such as the tokenizer's), each file to a temporary
+name then renamed, the index and config.json last, so a reader never sees a half-written
+checkpoint as complete.
 
 **Integrity.** Every file is checked before any tensor is assigned, so a damaged checkpoint is
 refused whole, never half-loaded: every shard the index names exists, its header parses and its
@@ -50,8 +57,9 @@ from torch import nn
 
 from lvita_model.attention import AttentionBackend
 from lvita_model.config import LongVitaConfig, load_config, to_hf_config
-from lvita_model.errors import WeightsError
-from lvita_model.model import LongVitaForCausalLM
+from lvita_model.config.hf import compose_config
+from lvita_model.errors import ConfigError, WeightsError
+from lvita_model.model import LongVitaForCausalLM, init_weights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -62,6 +70,9 @@ _PLACEHOLDER = "0" * 64  # same length as the digest, so sealing rewrites the he
 _BLOCK = 1 << 20
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _MAX_LISTED = 20
+VISION_PREFIXES = ("model.vision_model.", "model.vision_projection.")
+"""Names of the vision tower and the projector in a Long-VITA checkpoint."""
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def read_weight_map(directory: str | Path) -> dict[str, str] | None:
@@ -103,20 +114,136 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     attention_backend: str | AttentionBackend = "auto",
 ) -> LongVitaForCausalLM:
-    """Build the model from ``path/config.json`` on the meta device and assign its weights."""
+    """Build the model from ``path/config.json`` on the meta device and assign its weights.
+
+    Raises:
+        ConfigError: the config is unreadable or describes what we do not build; or it has no
+            vision section while the weights hold a vision tower (`check_vision_declared`).
+        WeightsError: the weights do not match the config (`check_projector_fits`, `load_state`)
+            or are damaged.
+    """
     config = load_config(path)
+    files = checkpoint_files(path)
+    shapes = _header_shapes(files)
+    check_vision_declared(config, shapes, Path(path))
+    if config.vision is not None:
+        check_projector_fits(config, shapes)
     with torch.device("meta"):
         model = LongVitaForCausalLM(config, attention_backend=attention_backend)
     skip_lm_head = config.llm.tie_word_embeddings
     load_state(
         model,
-        checkpoint_files(path),
+        files,
         device=device,
         dtype=dtype,
         rename=lambda key: None if skip_lm_head and key == "lm_head.weight" else key,
         weight_map=read_weight_map(path),
     )
     return model
+
+
+def compose_pretrained(
+    llm_path: str | Path,
+    vision_path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    attention_backend: str | AttentionBackend = "auto",
+) -> LongVitaForCausalLM:
+    """Stage 1's starting model from two public checkpoints in their own layouts: a Qwen2 /
+    Qwen2.5 directory (the language model) and an InternViT one (the vision tower, e.g.
+    ``OpenGVLab/InternViT-300M-448px``), single-file or sharded; the projector is fresh:
+    `lvita_model.model.init_weights` from `seed` (normal(0, 0.02) linears, LayerNorm ones /
+    zeros: the original's HF init), deterministic on any device. The configuration is
+    `lvita_model.config.hf.compose_config` (its size checks included); each directory's weights
+    must match its own config exactly (`load_state`). The projector takes `dtype`, else the
+    language model's embedding dtype."""
+    config = compose_config(llm_path, vision_path)
+    with torch.device("meta"):
+        model = LongVitaForCausalLM(config, attention_backend=attention_backend)
+    skip_lm_head = config.llm.tie_word_embeddings
+    load_state(
+        model,
+        checkpoint_files(llm_path),
+        device=device,
+        dtype=dtype,
+        rename=lambda key: None if skip_lm_head and key == "lm_head.weight" else key,
+        weight_map=read_weight_map(llm_path),
+        expect=lambda name: not name.startswith(VISION_PREFIXES),
+    )
+    load_vision_weights(model.model.vision_model, vision_path, device=device, dtype=dtype)
+    projector = model.model.vision_projection
+    projector.to_empty(device=device).to(dtype or model.model.embed_tokens.weight.dtype)
+    init_weights(projector, seed=seed)
+    return model
+
+
+def check_vision_declared(
+    config: LongVitaConfig, shapes: Mapping[str, tuple[Path, tuple[int, ...]]], path: Path
+) -> None:
+    """`ConfigError` when the weights hold a vision tower or projector but the config has no
+    vision section: that checkpoint would otherwise load as a text-only model, or fail on
+    "unexpected" tensors without saying why."""
+    if config.vision is not None:
+        return
+    vision = sorted(key for key in shapes if key.startswith(VISION_PREFIXES))
+    if vision:
+        file = shapes[vision[0]][0]
+        raise ConfigError(
+            f"{path / CONFIG_FILE}: no vision section ('visual', or lvita's older "
+            f"'vision_config'), but the weights hold {len(vision)} vision tower / projector "
+            f"tensors (e.g. {vision[0]} in {file.name}): add the InternViT config under "
+            "'visual', or load a language-model-only checkpoint"
+        )
+
+
+def check_projector_fits(
+    config: LongVitaConfig, shapes: Mapping[str, tuple[Path, tuple[int, ...]]]
+) -> None:
+    """`WeightsError` when the checkpoint's projector does not fit between its vision tower and
+    its language model: the input must be the ViT width x 4 (the 2 x 2 pixel shuffle), the
+    hidden width the ViT width, the output the LLM width."""
+    assert config.vision is not None
+    vit, llm = config.vision.hidden_size, config.llm.hidden_size
+    stride2 = config.projector.shuffle_stride**2
+    expected = {
+        "model.vision_projection.pre_proj_layernorm.weight": (
+            (vit * stride2,),
+            f"the ViT width {vit} x {stride2} after the pixel shuffle",
+        ),
+        "model.vision_projection.mlp.0.weight": (
+            (vit, vit * stride2),
+            f"[ViT width {vit}, ViT width x {stride2} = {vit * stride2}]",
+        ),
+        "model.vision_projection.mlp.2.weight": (
+            (llm, vit),
+            f"[LLM width {llm}, ViT width {vit}]",
+        ),
+    }
+    problems = [
+        f"{name} is {list(shapes[name][1])} in {shapes[name][0].name}, expected {why}"
+        for name, (shape, why) in expected.items()
+        if name in shapes and tuple(shapes[name][1]) != shape
+    ]
+    if problems:
+        raise WeightsError(
+            "the projector does not fit the vision tower and the language model of the config "
+            "(a projector trained for other models?):" + "".join(f"\n  {p}" for p in problems)
+        )
+
+
+def _header_shapes(files: Iterable[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape), from the safetensors headers only."""
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for key in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    shapes[key] = (file, tuple(reader.get_slice(key).get_shape()))
+        except (SafetensorError, OSError, ValueError):
+            continue  # reported with every other problem of the file by `load_state`
+    return shapes
 
 
 def load_vision_weights(
@@ -153,20 +280,22 @@ def load_state(
     dtype: torch.dtype | None = None,
     rename: Callable[[str], str | None] = lambda key: key,
     weight_map: Mapping[str, str] | None = None,
+    expect: Callable[[str], bool] | None = None,
 ) -> None:
     """Assign every tensor of `files` to `module` once all of them passed the checks of the
     module docstring (strict: see `WeightsError`).
 
     `rename` maps a checkpoint key to a module key, or None to skip it. Floating-point tensors
     are cast to `dtype` when given. `weight_map` (the index's) adds the check that every tensor
-    it maps to a file is in that file."""
+    it maps to a file is in that file. `expect` limits the module names these files must fill
+    (default: all; the others stay as they are, e.g. on the meta device)."""
     files = list(files)
     damaged = [problem for file in files for problem in _check_file(file, weight_map)]
     if damaged:
         raise WeightsError(
             "checkpoint is damaged, nothing was loaded:" + "".join(f"\n  {p}" for p in damaged)
         )
-    plan = _match_model(module, files, rename)
+    plan = _match_model(module, files, rename, expect)
     for file, names in plan.items():
         batch = {}
         try:
@@ -209,7 +338,10 @@ def _check_file(file: Path, weight_map: Mapping[str, str] | None) -> list[str]:
 
 
 def _match_model(
-    module: nn.Module, files: list[Path], rename: Callable[[str], str | None]
+    module: nn.Module,
+    files: list[Path],
+    rename: Callable[[str], str | None],
+    expect: Callable[[str], bool] | None = None,
 ) -> dict[Path, dict[str, str]]:
     """Checkpoint key -> module name per file, from the headers alone (no tensor data read).
 
@@ -217,6 +349,8 @@ def _match_model(
         WeightsError: listing missing, unexpected and mis-shaped (or integer-for-float) tensors.
     """
     expected = module.state_dict()  # meta tensors are enough: shapes and dtypes
+    if expect is not None:
+        expected = {name: tensor for name, tensor in expected.items() if expect(name)}
     plan: dict[Path, dict[str, str]] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -283,10 +417,19 @@ def save_pretrained(
     *,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``config.json`` and the weights in the Hugging Face layout (see module docstring)."""
+    """Write ``config.json`` (the original's schema, `lvita_model.config.hf`) and the weights
+    in the Hugging Face layout (see module docstring). `extra_files` (name -> text) are written
+    beside them, e.g. the tokenizer's (`pipelines.hf_tokenizer.tokenizer_files`: lvita_model
+    does not depend on the tokenizer stack)."""
     save_state_dict(
-        model.state_dict(), model.config, directory, max_shard_bytes=max_shard_bytes, dtype=dtype
+        model.state_dict(),
+        model.config,
+        directory,
+        max_shard_bytes=max_shard_bytes,
+        dtype=dtype,
+        extra_files=extra_files,
     )
 
 
@@ -297,6 +440,7 @@ def save_state_dict(
     *,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
     """`save_pretrained` for a state dict held apart from a model (e.g. one gathered from
     FSDP-sharded ranks): its names must be the model's (``model.*``, ``lm_head.*``)."""
@@ -308,6 +452,8 @@ def save_state_dict(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous().cpu()
+    for name, text in (extra_files or {}).items():
+        _write_text_atomic(text, directory / name)
     shards = _split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         _save_atomic(shards[0], directory / SINGLE_FILE)
@@ -323,7 +469,17 @@ def save_state_dict(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, directory / INDEX_FILE
         )
         (directory / SINGLE_FILE).unlink(missing_ok=True)
-    _write_json_atomic(to_hf_config(config), directory / CONFIG_FILE)
+    hf = to_hf_config(config, torch_dtype=_storage_dtype_name(tensors.values()))
+    _write_json_atomic(hf, directory / CONFIG_FILE)
+
+
+def _storage_dtype_name(tensors: Iterable[torch.Tensor]) -> str | None:
+    """``torch_dtype`` of the saved weights: the dtype of most floating-point elements."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return _DTYPE_NAMES.get(max(counts, key=counts.__getitem__)) if counts else None
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict]:
@@ -360,6 +516,10 @@ def _seal(path: Path) -> None:
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
+    _write_text_atomic(json.dumps(data, indent=2) + "\n", path)
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

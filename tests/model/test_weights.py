@@ -69,7 +69,8 @@ def test_long_vita_layout_names(tmp_path, small_config):
         assert name in keys, name
     assert not any(k.startswith("model.vision_projection.mlp") and k.endswith("bias") for k in keys)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["vision_config"]["hidden_size"] == 32 and config["model_type"] == "qwen2"
+    assert config["visual"]["hidden_size"] == 32 and config["model_type"] == "long_vita"
+    assert config["architectures"] == ["LongVITAForCausalLM"] and config["torch_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 200_000])

@@ -3,24 +3,13 @@
 Three presets: ``tiny`` (CPU tests and the demo: the real 448-px tile and 256 tokens per tile,
 the real vocabulary, a few-dozen-wide network), ``qwen2.5-0.5b`` (the Qwen2.5-0.5B decoder shape
 with the Long-VITA vision side, for benchmarks) and ``long-vita-14b`` (the released model:
-InternViT-300M-448px + Qwen2.5-14B, reference section 1). `load_config` takes a preset name or a
-directory / ``config.json`` of a Hugging Face checkpoint:
-
-- a Long-VITA checkpoint: Qwen2 fields at the top level plus a ``vision_config`` (InternViT fields),
-- a plain Qwen2 / Qwen2.5 checkpoint (``model_type: qwen2``): language model only,
-- an InternViT checkpoint (``architectures: [InternVisionModel]``): vision tower only.
-
-Unknown fields of a Hugging Face config are ignored (those files carry many training-only
-fields), but the fields that fix the architecture are required and checked; a shape we do not
-implement (rope scaling, sliding windows, QK normalization, RMSNorm in the ViT) is an error
-rather than a silently different model.
+InternViT-300M-448px + Qwen2.5-14B, reference section 1). Reading and writing Hugging Face
+``config.json`` files is `lvita_model.config.hf`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lvita_model.errors import ConfigError
@@ -222,135 +211,3 @@ PRESETS: dict[str, LongVitaConfig] = {
         ),
     ),
 }
-
-
-def load_config(name_or_path: str | Path) -> LongVitaConfig:
-    """A preset name, a checkpoint directory or a ``config.json`` path."""
-    if str(name_or_path) in PRESETS:
-        return PRESETS[str(name_or_path)]
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{name_or_path}: neither a preset ({', '.join(PRESETS)}) nor a "
-            "checkpoint directory or config.json"
-        )
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    try:
-        return from_hf_config(hf)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face config.json <-> dataclasses
-
-
-def from_hf_config(hf: dict[str, Any]) -> LongVitaConfig:
-    """Read a Long-VITA, Qwen2 or InternViT ``config.json`` (see the module docstring)."""
-    architectures = hf.get("architectures") or []
-    if "InternVisionModel" in architectures or hf.get("model_type") == "intern_vit_6b":
-        raise ConfigError(
-            "an InternViT-only checkpoint has no language model: build the "
-            "vision tower with vision_config_from_hf() and load it with "
-            "load_vision_weights()"
-        )
-    llm = _llm_from_hf(hf)
-    vision_hf = hf.get("vision_config")
-    vision = vision_config_from_hf(vision_hf) if vision_hf else None
-    return LongVitaConfig(llm=llm, vision=vision)
-
-
-def _llm_from_hf(hf: dict[str, Any]) -> LLMConfig:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"rope type {rope_type!r} (rope scaling) is not supported")
-    rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    if hf.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window: sliding-window attention is not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {hf['hidden_act']!r}: the Qwen2 decoder uses 'silu'")
-    num_heads = _required(hf, "num_attention_heads")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * num_heads != _required(hf, "hidden_size"):
-        raise ConfigError(f"head_dim {head_dim} * num_attention_heads {num_heads} != hidden_size")
-    return LLMConfig(
-        vocab_size=_required(hf, "vocab_size"),
-        hidden_size=_required(hf, "hidden_size"),
-        intermediate_size=_required(hf, "intermediate_size"),
-        num_layers=_required(hf, "num_hidden_layers"),
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads", num_heads),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
-
-
-def vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
-    """InternViT fields (``InternVisionConfig``)."""
-    if hf.get("qk_normalization"):
-        raise ConfigError("vision qk_normalization (InternViT-6B) is not supported")
-    if hf.get("norm_type", "layer_norm") != "layer_norm":
-        raise ConfigError(f"vision norm_type {hf['norm_type']!r}: only 'layer_norm' is built")
-    return VisionConfig(
-        image_size=_required(hf, "image_size"),
-        patch_size=_required(hf, "patch_size"),
-        hidden_size=_required(hf, "hidden_size"),
-        intermediate_size=_required(hf, "intermediate_size"),
-        num_layers=_required(hf, "num_hidden_layers"),
-        num_heads=_required(hf, "num_attention_heads"),
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)),
-        qkv_bias=bool(hf.get("qkv_bias", True)),
-        hidden_act=hf.get("hidden_act", "gelu"),
-    )
-
-
-def to_hf_config(config: LongVitaConfig) -> dict[str, Any]:
-    """The ``config.json`` written next to saved weights (read back by `from_hf_config`)."""
-    llm = config.llm
-    hf: dict[str, Any] = {
-        "architectures": ["LongVitaForCausalLM" if config.vision else "Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": llm.vocab_size,
-        "hidden_size": llm.hidden_size,
-        "intermediate_size": llm.intermediate_size,
-        "num_hidden_layers": llm.num_layers,
-        "num_attention_heads": llm.num_heads,
-        "num_key_value_heads": llm.num_kv_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": llm.rms_norm_eps,
-        "rope_theta": llm.rope_theta,
-        "max_position_embeddings": llm.max_position_embeddings,
-        "tie_word_embeddings": llm.tie_word_embeddings,
-    }
-    if config.vision is not None:
-        vision = config.vision
-        hf["vision_config"] = {
-            "architectures": ["InternVisionModel"],
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "hidden_size": vision.hidden_size,
-            "intermediate_size": vision.intermediate_size,
-            "num_hidden_layers": vision.num_layers,
-            "num_attention_heads": vision.num_heads,
-            "layer_norm_eps": vision.layer_norm_eps,
-            "qkv_bias": vision.qkv_bias,
-            "hidden_act": vision.hidden_act,
-            "norm_type": "layer_norm",
-            "qk_normalization": False,
-        }
-        hf["vision_downsample_ratio"] = config.projector.downsample_ratio
-    return hf
-
-
-def _required(hf: dict[str, Any], key: str) -> Any:
-    if key not in hf:
-        raise ConfigError(f"config field {key!r} is missing")
-    return hf[key]
