@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from lvita_data.errors import SkipSample
 from lvita_data.manifest import ImageConfig, StageManifest, VideoConfig
@@ -46,6 +47,9 @@ from lvita_data.schema import (
     VideoPlan,
 )
 
+IMAGE_SIZES = 65536
+"""Bound of `SampleRules.image_sizes` (~13 MB of paths and sizes)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SampleRules:
@@ -56,6 +60,10 @@ class SampleRules:
     image: ImageConfig
     video: VideoConfig | None
     verify_media: bool = False
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+    """Sizes `plan_counts` has probed, by path (without `verify_media`): one set of rules
+    plans one file, so each image a file names is probed once for it (LLaVA-style sets name an
+    image in several records). At most `IMAGE_SIZES` entries, then it starts over."""
 
     @classmethod
     def from_manifest(
@@ -169,6 +177,25 @@ def plan_record(
     return SamplePlan(length=length, images=images, videos=videos)
 
 
+def _image_size(ref: MediaRef, rules: SampleRules) -> tuple[int, int]:
+    sizes = rules.image_sizes
+    size = sizes.get(ref.path) if ref.path is not None and not rules.verify_media else None
+    if size is None:
+        size = probe_image(ref, verify=rules.verify_media)
+        if ref.path is not None and not rules.verify_media:
+            if len(sizes) >= IMAGE_SIZES:
+                sizes.clear()
+            sizes[ref.path] = size
+    return size
+
+
+@lru_cache(maxsize=65536)
+def _image_counts(width: int, height: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """(tokens, tiles) of an image of this size (`plan_image`'s numbers, cached by size)."""
+    grid = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles)
+    return count_image_tokens(grid), num_tiles(grid)
+
+
 def plan_counts(
     record: RawRecord, contents: Sequence[Sequence[int]], rules: SampleRules
 ) -> tuple[int, int, int, int]:
@@ -183,10 +210,10 @@ def plan_counts(
     length, tiles = text.length - text.num_image_tags, 0
     min_tiles, max_tiles = rules.image.min_tiles, rules.image.max_tiles
     for ref in record.images:
-        width, height = probe_image(ref, verify=rules.verify_media)
-        grid = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles)
-        length += count_image_tokens(grid)
-        tiles += num_tiles(grid)
+        width, height = _image_size(ref, rules)
+        image_tokens, image_tiles = _image_counts(width, height, min_tiles, max_tiles)
+        length += image_tokens
+        tiles += image_tiles
     if length > rules.max_seq_len:
         raise SkipSample(
             RejectReason.too_long, f"{length} tokens > pack.max_seq_len {rules.max_seq_len}"
