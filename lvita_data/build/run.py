@@ -173,6 +173,7 @@ def _finish(
     datasets: list[DatasetReport],
     build_plan: BuildPlan,
     tasks: list[ShardTask],
+    workers: int,
 ) -> dict:
     remove_temporaries(str(out))  # e.g. of a Ray worker that died and whose task was retried
     shards: list[ShardInfo] = []
@@ -197,7 +198,12 @@ def _finish(
     write_json_atomic(
         str(out / "stats.json"),
         compute_stats(
-            out, shards=shards, rejects=rejects, plan=PlanReports(datasets), manifest=manifest
+            out,
+            shards=shards,
+            rejects=rejects,
+            plan=PlanReports(datasets),
+            manifest=manifest,
+            workers=workers,
         ),
     )
     source_text = Path(manifest.source_path).read_text(encoding="utf-8")
@@ -292,7 +298,7 @@ def _build(
         ):
             bar.update(1)
         bar.close()
-        return _finish(out, manifest, datasets, build_plan, tasks)
+        return _finish(out, manifest, datasets, build_plan, tasks, workers)
 
 
 def remove_temporaries(out_dir: str) -> int:

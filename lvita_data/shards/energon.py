@@ -29,6 +29,7 @@ the train split (Energon refuses empty shards when it prepares a directory itsel
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -140,63 +141,80 @@ def read_layout(path: str | os.PathLike[str]) -> ShardLayout:
     return layout_from_scan(path.name, scan)
 
 
-def _sample_rows(layouts: Sequence[ShardLayout]) -> list[tuple[int, str, int, int, int]]:
-    return [
-        (tar_id, s.key, index, s.offset, s.size)
-        for tar_id, layout in enumerate(layouts)
-        for index, s in enumerate(layout.samples)
-    ]
+def _sample_rows(tar_id: int, layout: ShardLayout) -> list[tuple[int, str, int, int, int]]:
+    return [(tar_id, s.key, index, s.offset, s.size) for index, s in enumerate(layout.samples)]
 
 
-def _part_rows(layouts: Sequence[ShardLayout]) -> list[tuple[int, int, str, int, int]]:
+def _part_rows(tar_id: int, layout: ShardLayout) -> list[tuple[int, int, str, int, int]]:
     return [
         (tar_id, index, part, offset, size)
-        for tar_id, layout in enumerate(layouts)
         for index, s in enumerate(layout.samples)
         for part, offset, size in s.parts
     ]
 
 
+class _IndexDigest:
+    """The uuid5 of the index content, fed one shard at a time (names, sample and part offsets):
+    reproducible, and a build never holds the layouts of all its shards at once."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, tar_id: int, layout: ShardLayout) -> None:
+        self._digest.update(layout.name.encode() + b"\0" + layout.itar_bytes())
+        self._digest.update(json.dumps(_part_rows(tar_id, layout)).encode())
+
+    def uuid(self) -> str:
+        return str(uuid.uuid5(INDEX_NAMESPACE, self._digest.hexdigest()))
+
+
 def index_uuid(layouts: Sequence[ShardLayout]) -> str:
     """A uuid5 of the index content (names, sample and part offsets): reproducible."""
-    digest = hashlib.sha256()
-    for layout in layouts:
-        digest.update(layout.name.encode() + b"\0" + layout.itar_bytes())
-    digest.update(json.dumps(_part_rows(layouts)).encode())
-    return str(uuid.uuid5(INDEX_NAMESPACE, digest.hexdigest()))
+    digest = _IndexDigest()
+    for tar_id, layout in enumerate(layouts):
+        digest.add(tar_id, layout)
+    return digest.uuid()
 
 
-def _write_sqlite(path: Path, layouts: Sequence[ShardLayout]) -> None:
-    temporary = Path(temporary_name(str(path)))
-    db = sqlite3.connect(temporary)
-    try:
-        db.execute(_CREATE_SAMPLES)
-        db.execute(_CREATE_PARTS)
+class _SqliteIndex:
+    """Energon's `index.sqlite`, written under a temporary name one shard at a time, indexed
+    and renamed into place by `commit`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temporary = Path(temporary_name(str(path)))
+        self.db = sqlite3.connect(self.temporary)
+        self.db.execute(_CREATE_SAMPLES)
+        self.db.execute(_CREATE_PARTS)
+
+    def add(self, tar_id: int, layout: ShardLayout) -> None:
         try:
-            db.executemany(
+            self.db.executemany(
                 "INSERT INTO samples (tar_file_id, sample_key, sample_index, byte_offset, "
                 "byte_size) VALUES (?, ?, ?, ?, ?)",
-                _sample_rows(layouts),
+                _sample_rows(tar_id, layout),
             )
         except sqlite3.IntegrityError as error:
             raise EnergonMetadataError(f"duplicate sample key across shards: {error}") from None
-        db.executemany(
+        self.db.executemany(
             "INSERT INTO sample_parts (tar_file_id, sample_index, part_name, "
             "content_byte_offset, content_byte_size) VALUES (?, ?, ?, ?, ?)",
-            _part_rows(layouts),
+            _part_rows(tar_id, layout),
         )
+
+    def commit(self) -> None:
         for statement in _CREATE_INDEXES:
-            db.execute(statement)
-        db.commit()
-        db.close()
-        with open(temporary, "rb+") as handle:
+            self.db.execute(statement)
+        self.db.commit()
+        self.db.close()
+        with open(self.temporary, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        db.close()
-        for leftover in (temporary, Path(f"{temporary}-journal")):
+        os.replace(self.temporary, self.path)
+
+    def abandon(self) -> None:
+        self.db.close()
+        for leftover in (self.temporary, Path(f"{self.temporary}-journal")):
             leftover.unlink(missing_ok=True)
-        raise
 
 
 def write_energon_metadata(
@@ -204,35 +222,55 @@ def write_energon_metadata(
     shards: Sequence[_ShardLike],
     *,
     layouts: Sequence[ShardLayout] | None = None,
-) -> list[ShardLayout]:
+) -> None:
     """Write `.nv-meta/` and the `{shard}.tar.idx` files for the shards (in index order).
 
     `shards` need `.name` (relative to out_dir) and `.samples` (checked against the tars);
-    pass `layouts` to skip re-reading the tars. Every file is written atomically.
+    pass `layouts` to skip re-reading the tars. Shards are read and indexed one at a time (the
+    memory of one shard's layout, not of the build's). Every file is written atomically.
     """
     out = Path(out_dir)
-    if layouts is None:
-        layouts = [read_layout(out / s.name) for s in shards]
-    for shard, layout in zip(shards, layouts, strict=True):
-        if shard.name != layout.name or shard.samples != len(layout.samples):
-            raise EnergonMetadataError(
-                f"{shard.name}: {len(layout.samples)} samples in the tar, {shard.samples} expected"
-            )
     meta = out / MAIN_FOLDER
     meta.mkdir(exist_ok=True)
-    for layout in layouts:
-        write_bytes_atomic(out / f"{layout.name}{ITAR_SUFFIX}", layout.itar_bytes())
-    _write_sqlite(meta / "index.sqlite", layouts)
-    write_text_atomic(str(meta / "index.uuid"), index_uuid(layouts))
-    info = {"shard_counts": {layout.name: len(layout.samples) for layout in layouts}}
+    index = _SqliteIndex(meta / "index.sqlite")
+    digest = _IndexDigest()
+    try:
+        for tar_id, shard in enumerate(shards):
+            layout = read_layout(out / shard.name) if layouts is None else layouts[tar_id]
+            if shard.name != layout.name or shard.samples != len(layout.samples):
+                raise EnergonMetadataError(
+                    f"{shard.name}: {len(layout.samples)} samples in the tar, "
+                    f"{shard.samples} expected"
+                )
+            write_bytes_atomic(out / f"{layout.name}{ITAR_SUFFIX}", layout.itar_bytes())
+            index.add(tar_id, layout)
+            digest.add(tar_id, layout)
+        index.commit()
+    except BaseException:
+        index.abandon()
+        raise
+    write_text_atomic(str(meta / "index.uuid"), digest.uuid())
+    info = {"shard_counts": {shard.name: shard.samples for shard in shards}}
     write_text_atomic(str(meta / ".info.json"), json.dumps(info, indent=2) + "\n")
     split = {
-        "split_parts": {"train": [layout.name for layout in layouts if layout.samples]},
+        "split_parts": {"train": [shard.name for shard in shards if shard.samples]},
         "exclude": [],
     }
     write_text_atomic(str(meta / "split.yaml"), yaml.safe_dump(split, sort_keys=False))
     write_text_atomic(str(meta / "dataset.yaml"), DATASET_YAML)
-    return list(layouts)
+
+
+MAX_META_FILE = 16 << 20
+"""Largest `.nv-meta` text file read (`.info.json` of 100,000 shards is ~5 MB)."""
+
+
+def _read_small(path: Path) -> str:
+    """A metadata file's text, at most `MAX_META_FILE` bytes (`ValueError` past that)."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_META_FILE + 1)
+    if len(data) > MAX_META_FILE:
+        raise ValueError(f"{path.name} is larger than {MAX_META_FILE} bytes")
+    return data.decode("utf-8")
 
 
 def check_energon_metadata(
@@ -246,47 +284,55 @@ def check_energon_metadata(
     problems: list[str] = []
     names = [layout.name for layout in layouts]
     try:
-        info = json.loads((meta / ".info.json").read_text(encoding="utf-8"))
-        counts = info["shard_counts"]
+        info = json.loads(_read_small(meta / ".info.json"))
+        counts = dict(info["shard_counts"])
         if set(info) - {"energon_version", "shard_counts"}:
             problems.append(f".info.json has keys Energon rejects: {sorted(info)}")
         expected = {layout.name: len(layout.samples) for layout in layouts}
         if list(counts.items()) != list(expected.items()):
             problems.append(".info.json shard_counts differ from the shards (names, order, counts)")
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         problems.append(f".info.json unreadable: {error!r}")
     try:
-        split = yaml.safe_load((meta / "split.yaml").read_text(encoding="utf-8"))
-        listed = {
-            name
-            for part in split["split_parts"].values()
-            for pattern in part
-            for name in braceexpand.braceexpand(pattern)
-        }
+        split = yaml.safe_load(_read_small(meta / "split.yaml"))
+        # brace patterns expand combinatorially ("{1..99999999}"): stop past what could match
+        most = len(names) + 1
+        listed = set()
+        for part in split["split_parts"].values():
+            for pattern in part:
+                for name in itertools.islice(braceexpand.braceexpand(str(pattern)), most + 1):
+                    listed.add(name)
+                if len(listed) > most:
+                    raise ValueError(f"its patterns expand to more than {most} names")
         if listed - set(names):
             problems.append(f"split.yaml lists unknown shards: {sorted(listed - set(names))[:5]}")
         unlisted = {layout.name for layout in layouts if layout.samples} - listed
         if unlisted:
             problems.append(f"split.yaml leaves out shards: {sorted(unlisted)[:5]}")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as error:
         problems.append(f"split.yaml unreadable: {error!r}")
+    except RecursionError:
+        problems.append("split.yaml unreadable: nested too deep")
     try:
-        dataset = yaml.safe_load((meta / "dataset.yaml").read_text(encoding="utf-8"))
+        dataset = yaml.safe_load(_read_small(meta / "dataset.yaml"))
         if not isinstance(dataset, dict) or not (
             "__class__" in dataset or "sample_type" in dataset
         ):
             problems.append("dataset.yaml names no Energon dataset class or sample type")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, yaml.YAMLError) as error:
         problems.append(f"dataset.yaml unreadable: {error!r}")
+    except RecursionError:
+        problems.append("dataset.yaml unreadable: nested too deep")
     for layout in layouts:
         path = out / f"{layout.name}{ITAR_SUFFIX}"
+        expected = layout.itar_bytes()
         try:
-            if path.read_bytes() != layout.itar_bytes():
+            if path.stat().st_size != len(expected) or path.read_bytes() != expected:
                 problems.append(f"{path.name}: sample offsets differ from the tar")
         except OSError:
             problems.append(f"{path.name} is missing (Energon cannot open {layout.name})")
     try:
-        uuid.UUID((meta / "index.uuid").read_text(encoding="utf-8").strip())
+        uuid.UUID(_read_small(meta / "index.uuid").strip())
     except (OSError, ValueError):
         problems.append("index.uuid is missing or not a UUID")
     sqlite_path = meta / "index.sqlite"
@@ -310,9 +356,9 @@ def check_energon_metadata(
     except sqlite3.Error as error:
         problems.append(f"index.sqlite unreadable: {error}")
         return problems
-    if samples != _sample_rows(layouts):
+    if samples != [row for i, layout in enumerate(layouts) for row in _sample_rows(i, layout)]:
         problems.append("index.sqlite samples table differs from the tars")
-    if parts != _part_rows(layouts):
+    if parts != [row for i, layout in enumerate(layouts) for row in _part_rows(i, layout)]:
         problems.append("index.sqlite sample_parts table differs from the tars")
     return problems
 
