@@ -6,7 +6,8 @@
     torchrun --nproc-per-node P -m pipelines generate MODEL ...   (context parallel, CP = P)
 
 MODEL is a checkpoint directory (`lvita_model.weights.load_pretrained`: config.json +
-safetensors; its tokenizer.json is used when present) or a preset name (`tiny`, ...): a
+safetensors, e.g. a released Long-VITA checkpoint as published or what lvita saved; its
+tokenizer.json is used when present) or a preset name (`tiny`, ...): a
 **randomly initialized** model, which the output says; its text is noise, useful to check the
 pipeline end to end.
 
@@ -192,9 +193,10 @@ def _tokenizer(spec: str | None, model_spec: str) -> LongVitaTokenizer:
 # Context parallelism from torchrun's environment
 
 
-def _distributed() -> tuple[Any, torch.device]:
-    """(CP group or None, device): a process group over all ranks when WORLD_SIZE > 1 (gloo on
-    CPU, nccl on CUDA, hccl on NPU: `pipelines.runtime`, as `lvita train`)."""
+def _distributed() -> tuple[Any, torch.device, bool]:
+    """(CP group or None, device, whether this call created the group): a process group over
+    all ranks when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA, hccl on NPU: `pipelines.runtime`,
+    as `lvita train`); a group that already exists (a caller's) is used and left alone."""
     import torch.distributed as dist
 
     from pipelines.runtime import device_type, join_process_group, select_device
@@ -202,9 +204,9 @@ def _distributed() -> tuple[Any, torch.device]:
     kind = device_type()
     device = select_device(kind)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, device
-    join_process_group(kind, device)
-    return dist.group.WORLD, device
+        return None, device, False
+    owns = join_process_group(kind, device)
+    return dist.group.WORLD, device, owns
 
 
 def _is_main() -> bool:
@@ -259,7 +261,7 @@ def generate_text(request: GenerateRequest) -> Generated:
         request.prefill_chunk is not None and request.prefill_chunk < 1
     ):
         raise GenerateError("--max-new-tokens and --prefill-chunk must be >= 1")
-    group, device = _distributed()
+    group, device, owns_group = _distributed()
     dtype = compute_dtype(request.dtype, device)
     model, random = _load_model(
         request.model, device=device, dtype=dtype, backend=request.backend, seed=request.seed
@@ -289,7 +291,7 @@ def generate_text(request: GenerateRequest) -> Generated:
     )
     notes = _notes(request, result, random, dtype, prompt, world=_world_size())
     generated = Generated(tokenizer.decode(result.tokens), notes, _is_main())
-    if group is not None:
+    if owns_group:
         torch.distributed.destroy_process_group()
     return generated
 

@@ -20,8 +20,11 @@ on any accelerator (CUDA or NPU) and float32 on CPU. (Until Layout 2, `lvita gen
 bfloat16 on CUDA only, so an NPU generated in float32.)
 
 **Model.** `load_model(spec)`: a preset name (`lvita_model.config.PRESETS`, random init from a
-seed) or a checkpoint directory (`lvita_model.weights.load_pretrained`); a preset name wins over
-a directory of the same name, as in `lvita_model.config.load_config`.
+seed) or a checkpoint directory (`lvita_model.weights.load_pretrained`: a released Long-VITA
+checkpoint as published, or what lvita saved); a preset name wins over a directory of the same
+name, as in `lvita_model.config.load_config`. With ``vision=`` the spec is a Qwen2 / Qwen2.5
+directory and the model is composed with that InternViT directory and a fresh projector from the
+seed (stage 1, `lvita_model.weights.compose_pretrained`).
 """
 
 from __future__ import annotations
@@ -191,14 +194,27 @@ def load_model(
     dtype: torch.dtype,
     attention_backend: str = "auto",
     seed: int = 0,
+    vision: str | None = None,
 ) -> tuple[LongVitaForCausalLM, bool]:
-    """(model, whether its weights are random): a preset name (random init from `seed`) or a
-    checkpoint directory. Raises `ConfigError` / `WeightsError` / `OSError` from
-    `lvita_model` for a spec that is neither, or a checkpoint that cannot be read."""
+    """(model, whether its weights are random): a preset name (random init from `seed`), a
+    checkpoint directory, or with `vision` a language model directory composed with that
+    vision tower directory (module docstring). Raises `ConfigError` / `WeightsError` /
+    `OSError` from `lvita_model` for a spec that is neither, or a checkpoint that cannot be
+    read."""
     from lvita_model.config import PRESETS
     from lvita_model.model import build_model
-    from lvita_model.weights import load_pretrained
+    from lvita_model.weights import compose_pretrained, load_pretrained
 
+    if vision is not None:
+        model = compose_pretrained(
+            spec,
+            vision,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            attention_backend=attention_backend,
+        )
+        return model, False
     if spec in PRESETS:
         model = build_model(
             spec, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend

@@ -410,12 +410,36 @@ def load_checkpoint(
 
 
 def export_hf(
-    model: nn.Module, out_dir: str | os.PathLike[str], *, dtype: torch.dtype | None = None
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = "qwen2.5",
 ) -> None:
     """Gather the full model (collective) and write it from rank 0 in the Long-VITA Hugging Face
-    layout (`lvita_model.weights.save_state_dict`; `load_pretrained` reads it back)."""
+    layout, in the original's schema (`lvita_model.weights.save_state_dict`; `load_pretrained`
+    and the original's own code read it back), with the files of the `tokenizer` spec
+    (`pipelines.hf_tokenizer`) unless it is None or larger than the model's vocabulary."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if group.rank() == 0:
-        save_state_dict(state, model.config, out_dir, dtype=dtype)
+        extra = None if tokenizer is None else export_tokenizer_files(model.config, tokenizer)
+        save_state_dict(state, model.config, out_dir, dtype=dtype, extra_files=extra)
     group.barrier()
+
+
+def export_tokenizer_files(config: Any, spec: str) -> dict[str, str] | None:
+    """The tokenizer files of `spec` for a model of `config`, or None (with a warning) when the
+    model's embedding has fewer rows than the tokenizer has ids (a test-sized vocabulary)."""
+    from lvita_data.tokenizer.tokenizer import load_tokenizer
+    from pipelines.hf_tokenizer import tokenizer_files
+
+    tokenizer = load_tokenizer(spec)
+    if len(tokenizer) > config.llm.vocab_size:
+        warnings.warn(
+            f"tokenizer {spec!r} has {len(tokenizer)} ids, the model's vocabulary "
+            f"{config.llm.vocab_size}: no tokenizer files written beside the weights",
+            stacklevel=2,
+        )
+        return None
+    return tokenizer_files(tokenizer, model_max_length=config.llm.max_position_embeddings)

@@ -54,12 +54,51 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    name: str
-    """A preset of `lvita_model.config.PRESETS` (random init) or a checkpoint directory."""
+    """The starting model: `name` (a preset or one Long-VITA checkpoint directory), or `llm` +
+    `vision` (stage 1: two public checkpoints, composed with a fresh projector from the recipe's
+    seed by `lvita_model.weights.compose_pretrained`)."""
+
+    name: str | None = None
+    """A preset of `lvita_model.config.PRESETS` (random init from the recipe's seed) or a
+    checkpoint directory (a released Long-VITA one, or what lvita saved)."""
+    llm: str | None = None
+    """A Qwen2 / Qwen2.5 checkpoint directory in its own HF layout (e.g. a download of
+    ``Qwen/Qwen2.5-14B-Instruct``): the language model. Needs `vision`."""
+    vision: str | None = None
+    """An InternViT checkpoint directory in its own HF layout (e.g. a download of
+    ``OpenGVLab/InternViT-300M-448px``): the vision tower. Needs `llm`."""
+    tokenizer: str | None = None
+    """The tokenizer the HF export writes beside the weights (a directory with a tokenizer.json
+    or ``qwen2.5``, the bundled one); default: the starting checkpoint's (`name` or `llm`) when
+    it has a tokenizer.json, else ``qwen2.5``."""
     attention_backend: str = "auto"
     activation_checkpointing: bool = True
     compile: bool = False
     """torch.compile each decoder layer."""
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.llm is None and self.vision is None):
+            raise TrainConfigError(
+                "model: give either name (a preset or a Long-VITA checkpoint directory) or "
+                "llm + vision (stage 1: a Qwen2.5 and an InternViT checkpoint directory)"
+            )
+        if (self.llm is None) != (self.vision is None):
+            missing = "vision" if self.vision is None else "llm"
+            raise TrainConfigError(
+                f"model.{missing} is missing: stage 1 starts from model.llm (a Qwen2.5 "
+                "checkpoint directory) and model.vision (an InternViT one) together"
+            )
+
+    @property
+    def tokenizer_spec(self) -> str:
+        """`tokenizer`, else the starting checkpoint's directory when it has a tokenizer.json,
+        else the bundled ``qwen2.5``."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        start = self.name if self.llm is None else self.llm
+        if start is not None and (Path(start) / "tokenizer.json").is_file():
+            return start
+        return "qwen2.5"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,8 +179,18 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
         raise TrainConfigError(f"{path}: {error}") from None
     base = path.resolve().parent
     model_name = config.model.name
-    if os.sep in model_name or model_name.startswith("."):
+    if model_name is not None and (os.sep in model_name or model_name.startswith(".")):
         model_name = _resolve(model_name, base)
+    tokenizer = config.model.tokenizer
+    if tokenizer is not None and (os.sep in tokenizer or tokenizer.startswith(".")):
+        tokenizer = _resolve(tokenizer, base)
+    model = dataclasses.replace(
+        config.model,
+        name=model_name,
+        llm=_resolve(config.model.llm, base),
+        vision=_resolve(config.model.vision, base),
+        tokenizer=tokenizer,
+    )
     return dataclasses.replace(
         config,
         data=dataclasses.replace(
@@ -149,7 +198,7 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
             shards=_resolve(config.data.shards, base),
             manifest=_resolve(config.data.manifest, base),
         ),
-        model=dataclasses.replace(config.model, name=model_name),
+        model=model,
         output=dataclasses.replace(config.output, dir=_resolve(config.output.dir, base)),
         source_path=str(path.resolve()),
     )

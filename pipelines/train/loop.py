@@ -73,6 +73,7 @@ from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.loader import PackedBatch, ShardLoader
 from lvita_data.shards.format import read_build_manifest
 from lvita_model.config import load_config
+from lvita_model.config.hf import compose_config
 from lvita_model.context_parallel.batch import context_parallel_inputs
 from lvita_model.head import IGNORE_INDEX, next_token_targets
 from lvita_model.model import LongVitaForCausalLM
@@ -151,7 +152,10 @@ def preflight(config: TrainConfig, recipe: Recipe) -> Path:
     layout and the accumulation against the world size torchrun announces. Returns the shard
     directory."""
     shards = check_data(config)
-    load_config(config.model.name)
+    if config.model.llm is not None:
+        compose_config(config.model.llm, config.model.vision or "")
+    else:
+        load_config(config.model.name or "")
     dp = check_layout(expected_world_size(), config.parallel.cp)
     accumulation_steps(recipe.global_batch, dp, config.data.packs_per_micro_batch)
     return shards
@@ -235,11 +239,12 @@ def prepare_model(config: TrainConfig, recipe: Recipe, runtime: Runtime) -> Loss
     """Load in fp32 master weights (a preset: random init from the recipe seed; or a checkpoint
     directory), freeze per recipe, checkpoint/compile layers, shard with FSDP2."""
     model, _ = load_model(
-        config.model.name,
+        config.model.name or config.model.llm or "",
         device=runtime.device,
         dtype=torch.float32,
         attention_backend=config.model.attention_backend,
         seed=recipe.seed,
+        vision=config.model.vision,
     )
     apply_trainable(model, recipe)
     model.model.checkpoint_layers = config.model.activation_checkpointing
@@ -406,7 +411,7 @@ class Trainer:
             logger.close()
         if self.config.output.export_hf:
             result.hf_dir = self.run_dir / "hf"
-            export_hf(self.model, result.hf_dir)
+            export_hf(self.model, result.hf_dir, tokenizer=self.config.model.tokenizer_spec)
         if self.runtime.is_main and result.losses:
             first, last = min(result.losses), max(result.losses)
             print(

@@ -379,3 +379,68 @@ def test_cli_missing_model_exit_code_3(shards, tmp_path, capsys):
         main(["train", str(config)])
     assert exit_info.value.code == 3
     assert "no_model" in capsys.readouterr().err
+
+
+def test_stage1_starts_from_the_two_public_checkpoints(shards, tmp_path):
+    """Stage 1 from a Qwen2.5-layout and an InternViT-layout directory (sharded, written by
+    `hf_layouts`, not by lvita): only the fresh projector trains; the export is a Long-VITA
+    checkpoint in the original's schema with the tokenizer files, read by `load_pretrained` and
+    `transformers.AutoTokenizer` (offline)."""
+    import json
+
+    import transformers
+    from hf_layouts import VISION_PREFIX, internvit_config, qwen25_config, write_checkpoint
+
+    from lvita_data.tokenizer.special_tokens import LONGVITA_SPECIAL_TOKENS
+    from lvita_model.model import init_weights
+    from lvita_model.weights import VISION_PREFIXES, load_pretrained
+
+    state = build_model(SMALL, seed=2).state_dict()
+    llm, vision = SMALL.llm, SMALL.vision
+    qwen = write_checkpoint(
+        tmp_path / "Qwen2.5",
+        qwen25_config(
+            vocab_size=llm.vocab_size,
+            hidden_size=llm.hidden_size,
+            intermediate_size=llm.intermediate_size,
+            num_layers=llm.num_layers,
+            num_heads=llm.num_heads,
+            num_kv_heads=llm.num_kv_heads,
+        ),
+        {k: v for k, v in state.items() if not k.startswith(VISION_PREFIXES)},
+        num_shards=2,
+    )
+    vit = write_checkpoint(
+        tmp_path / "InternViT",
+        internvit_config(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_layers=vision.num_layers,
+            num_heads=vision.num_heads,
+        ),
+        {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)},
+        num_shards=2,
+    )
+    config = write_config(tmp_path / "train.yaml", shards, tmp_path, recipe={"lr": 1e-2})
+    body = yaml.safe_load(config.read_text())
+    body |= {"stage": 1, "model": {"llm": "Qwen2.5", "vision": "InternViT"}}
+    config.write_text(yaml.safe_dump(body))
+    result, params = run_ranks(config, 1, tmp_path / "run")
+    assert result["records"][0]["loss"] > 0
+    hf_dir = tmp_path / "run" / "hf"
+    hf = json.loads((hf_dir / "config.json").read_text())
+    assert hf["model_type"] == "long_vita" and hf["visual"]["model_type"] == "intern_vit_6b"
+    for name, tensor in qwen.items():  # frozen: as loaded (bf16 -> fp32 master -> fp32 export)
+        assert torch.equal(params[name], tensor.float()), name
+    for name, tensor in vit.items():
+        assert torch.equal(params[VISION_PREFIX + name], tensor.float()), name
+    fresh = build_model(SMALL, seed=0).model.vision_projection
+    init_weights(fresh, seed=42)  # stage 1's seed
+    for name, initial in fresh.state_dict().items():  # trained from the seed's init
+        moved = (params[f"model.vision_projection.{name}"] - initial).abs().max().item()
+        assert moved == pytest.approx(1e-2, rel=1e-2), name  # Adam's first step: lr
+    assert load_pretrained(hf_dir).config.vision == SMALL.vision
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    ids = tokenizer.convert_tokens_to_ids(list(LONGVITA_SPECIAL_TOKENS))
+    assert ids == list(range(151665, 151682))
+    assert tokenizer.encode("<image>\nhi", add_special_tokens=False)[0] == 151680

@@ -310,7 +310,14 @@ def test_config_errors_name_the_field(tmp_path: Path, body: str, message: str) -
 
 @pytest.mark.parametrize("name", ["stage1", "stage2", "stage3", "stage4", "demo"])
 def test_shipped_train_configs_parse(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in ("LVITA_SHARDS_ROOT", "LVITA_RUNS_ROOT", "LVITA_DEMO_ROOT", "LVITA_INIT_MODEL"):
+    for variable in (
+        "LVITA_SHARDS_ROOT",
+        "LVITA_RUNS_ROOT",
+        "LVITA_DEMO_ROOT",
+        "LVITA_INIT_MODEL",
+        "LVITA_QWEN25_DIR",
+        "LVITA_INTERNVIT_DIR",
+    ):
         monkeypatch.delenv(variable, raising=False)
     config = load_train_config(CONFIGS / f"{name}.yaml")
     recipe = resolve_recipe(config)
@@ -326,6 +333,36 @@ def test_shipped_train_configs_parse(name: str, monkeypatch: pytest.MonkeyPatch)
     assert config.parallel.cp == {1: 1, 2: 1, 3: 2, 4: 8}[stage]
     assert config.data.manifest == str(repo / "manifests" / "longvita" / f"{name}.yaml")
     assert config.data.shards == str(repo / "data" / "shards" / "longvita" / name)
+    if stage == 1:  # the two public checkpoints, composed with a fresh projector
+        assert config.model.name is None
+        assert config.model.llm == str(repo / "checkpoints" / "Qwen2.5-14B-Instruct")
+        assert config.model.vision == str(repo / "checkpoints" / "InternViT-300M-448px")
+
+
+def test_config_stage1_model_from_two_directories(tmp_path: Path) -> None:
+    body = "stage: 1\ndata: {shards: s}\nmodel: {llm: ../qwen, vision: ./vit}\noutput: {dir: o}\n"
+    config = load_train_config(write_config(tmp_path, body))
+    assert config.model.llm == str(tmp_path.parent / "qwen")
+    assert config.model.vision == str(tmp_path / "vit")
+    assert config.model.name is None and config.model.tokenizer_spec == "qwen2.5"
+    (tmp_path.parent / "qwen").mkdir(exist_ok=True)
+    (tmp_path.parent / "qwen" / "tokenizer.json").write_text("{}")
+    assert config.model.tokenizer_spec == str(tmp_path.parent / "qwen")  # the LLM's own
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("{llm: q}", "model.vision is missing"),
+        ("{vision: v}", "model.llm is missing"),
+        ("{name: tiny, llm: q, vision: v}", "either name"),
+        ("{}", "either name"),
+    ],
+)
+def test_config_model_sources_are_exclusive(tmp_path: Path, model: str, message: str) -> None:
+    body = f"stage: 1\ndata: {{shards: s}}\nmodel: {model}\noutput: {{dir: o}}\n"
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_config(write_config(tmp_path, body))
 
 
 def test_other_vit_parameters_and_wrapped_names() -> None:
