@@ -14,7 +14,9 @@ usual ``if __name__ == "__main__":`` guard. Every worker runs `watch_parent`, so
 worker or one task, tasks run in this process (no pickling, plain tracebacks).
 
 Results come back in task order (``ordered=True``) or as they complete (``ordered=False``, for
-progress and for writing completion records early). The first failing task stops the run: its
+progress and for writing completion records early). At most `IN_FLIGHT_PER_WORKER` tasks per
+worker are submitted and not yet handed back, so a 35,000-shard build holds a few dozen tasks
+and results at a time, not all of them. The first failing task stops the run: its
 exception is raised here and the tasks not yet started are cancelled.
 
 ``executor="ray"``: Ray tasks of 1 CPU each, retried up to 3 times if a worker dies, on the Ray
@@ -28,6 +30,7 @@ started with ``ray start`` otherwise works in the directory that ``ray start`` r
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import signal
@@ -44,6 +47,8 @@ R = TypeVar("R")
 Executor = Literal["local", "ray"]
 EXECUTORS: tuple[Executor, ...] = ("local", "ray")
 _NO_SHARED = object()
+IN_FLIGHT_PER_WORKER = 4
+"""Tasks submitted ahead per local worker (enough to keep every worker busy)."""
 _shared: Any = _NO_SHARED  # the `shared` object in a local worker process
 
 
@@ -103,14 +108,33 @@ def _map_local(
         initializer=_init_worker,
         initargs=(shared is not _NO_SHARED, None if shared is _NO_SHARED else shared),
     ) as pool:
-        futures: list[Future[R]] = [pool.submit(_call, fn, task) for task in tasks]
-        try:
-            for future in futures if ordered else as_completed(futures):
-                yield future.result()
-        except BaseException:
-            for future in futures:  # a failed task stops the run now, not after all others
-                future.cancel()
-            raise
+        yield from _bounded_results(pool, fn, tasks, IN_FLIGHT_PER_WORKER * workers, ordered)
+
+
+def _bounded_results(
+    pool: ProcessPoolExecutor, fn: Callable[..., R], tasks: Sequence[T], limit: int, ordered: bool
+) -> Iterator[R]:
+    """Results of `tasks` with at most `limit` submitted and not yet handed back: the pool's
+    queues and the finished results held here stay bounded however many tasks there are."""
+    upcoming = iter(tasks)
+    in_flight: dict[Future[R], None] = {}  # insertion order = task order
+
+    def submit(count: int) -> None:
+        for task in itertools.islice(upcoming, count):
+            in_flight[pool.submit(_call, fn, task)] = None
+
+    submit(limit)
+    try:
+        while in_flight:
+            future = next(iter(in_flight)) if ordered else next(as_completed(in_flight))
+            result = future.result()
+            del in_flight[future]
+            submit(1)
+            yield result
+    except BaseException:
+        for future in in_flight:  # a failed task stops the run now, not after all others
+            future.cancel()
+        raise
 
 
 def _import_ray():
