@@ -6,7 +6,7 @@
     lvita stats DIR [--json] [--html FILE]  packing quality report of a build
     lvita verify DIR                        checksums, per-sample invariants, accounting
     lvita generate MODEL --prompt TEXT      generated text, KV cache (see pipelines.generate)
-    lvita train CONFIG [--no-resume]        train a stage (torchrun for DP x CP; pipelines.train)
+    lvita train CONFIG [--set K=V ...]      train a stage (torchrun for DP x CP; pipelines.train)
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build output directory problems, 6 verify found problems, 130
@@ -34,10 +34,12 @@ from pathlib import Path
 from lvita_data import __version__
 from lvita_data.errors import (
     BuildError,
+    EnergonMetadataError,
     LoaderError,
     ManifestError,
     MissingInputs,
     RejectRateExceeded,
+    ShardFormatError,
     StatsError,
 )
 from lvita_model.errors import ConfigError, WeightsError
@@ -66,6 +68,8 @@ EXIT_CODES: dict[type[Exception], int] = {
     # 5: the build output directory does not match, or is not a build
     BuildError: 5,
     StatsError: 5,
+    ShardFormatError: 5,
+    EnergonMetadataError: 5,
 }
 """Exit code of each error class; an error takes the code of its most specific listed class."""
 EXIT_VERIFY_PROBLEMS = 6
@@ -198,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines.train.config import load_train_config
     from pipelines.train.loop import train
 
-    config = load_train_config(args.config)
+    config = load_train_config(args.config, args.set or ())
     train(config, resume=not args.no_resume)
     return EXIT_OK
 
@@ -355,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-resume",
         action="store_true",
         help="do not continue from the latest checkpoint (refused if output.dir has one)",
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.SUB=VALUE",
+        help="override a config field, as strictly typed as the YAML (repeatable): "
+        "--set recipe.lr=2e-5 --set parallel.cp=4 --set output.dir=runs/x",
     )
     train.set_defaults(run=_cmd_train)
     return parser

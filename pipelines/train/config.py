@@ -14,12 +14,21 @@ the config file's directory. Example (configs/train/demo.yaml):
     recipe: {iterations: 30, global_batch: 4, lr: 1.0e-3}
     parallel: {cp: 2}
     output: {dir: ../../demo_data/runs/stage2, save_every: 10}
+
+Command-line overrides (`lvita train CONFIG --set recipe.lr=2e-5 --set parallel.cp=4`) are
+merged into the YAML mapping before it is parsed, so they are exactly as strict as the file: the
+dotted key must name a field, the value (read as YAML: ``4``, ``true``, ``[0.9, 0.95]``, ``null``;
+a number in any spelling, ``2e-5`` included, is a number) must have the field's type. A relative
+path given on the command line is relative to the current directory, not to the config's.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -165,11 +174,62 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return None if path is None else resolve_path(path, base)
 
 
-def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
-    """Parse a training config strictly; errors name the file and the field."""
+PATH_KEYS = frozenset(
+    {"data.shards", "data.manifest", "model.name", "model.llm", "model.vision", "model.tokenizer"}
+    | {"output.dir"}
+)
+"""Fields holding paths: relative ones resolve against the config file's directory, or the
+current directory when given with ``--set``."""
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"recipe.lr=2e-5"`` -> (["recipe", "lr"], 2e-05); `TrainConfigError` when malformed."""
+    key, equals, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not equals or not all(part.isidentifier() for part in parts):
+        raise TrainConfigError(f"--set {text!r}: expected KEY.SUB=VALUE, e.g. recipe.lr=2e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise TrainConfigError(f"--set {text!r}: the value is not YAML ({error})") from None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 2e-5 as a string
+    key = ".".join(parts)
+    if key in PATH_KEYS and isinstance(value, str) and value:
+        names_or_paths = key in ("model.name", "model.tokenizer")  # "tiny", "qwen2.5" stay
+        if not names_or_paths or os.sep in value or value.startswith("."):
+            value = os.path.abspath(value)
+    return parts, value
+
+
+def apply_overrides(data: object, overrides: Sequence[str]) -> object:
+    """The YAML mapping with each ``KEY.SUB=VALUE`` set (a missing section is created, so an
+    unknown key reaches the strict parser and is named there)."""
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        raise TrainConfigError("the config must be a mapping to take --set overrides")
+    merged = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = merged
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise TrainConfigError(f"--set {text!r}: {where} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_train_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Parse a training config strictly, with command-line `overrides` (see the module
+    docstring); errors name the file and the field."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = apply_overrides(yaml.safe_load(path.read_text(encoding="utf-8")), overrides)
         config = build_dataclass(TrainConfig, data, errors=(TrainConfigError,))
     except OSError as error:
         raise TrainConfigError(f"{path}: cannot read: {error}") from None
