@@ -6,7 +6,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 DEMO_DIR ?= demo_data
 EXTRAS ?= dev
 
-.PHONY: setup demo test test-cluster lint bench clean
+.PHONY: setup demo test test-cluster fuzz lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ test: setup
 # machine, builds with RAY_ADDRESS, a Ray worker and the driver killed with -9
 test-cluster: setup
 	$(PY) -m pytest -q -m cluster
+
+# the fuzz suite of every shard reader (tests/data/test_fuzz.py) with many more examples
+fuzz: setup
+	LVITA_FUZZ_EXAMPLES=500 $(PY) -m pytest -q tests/data/test_fuzz.py -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -206,7 +206,11 @@ def _pack_tiles(pack: Pack) -> Iterator[np.ndarray]:
     cut: dict[str, list[Image.Image]] = {}
     for source, index in pack.tile_sources:
         if source is None:
-            yield decode_tile(pack.tiles[index], pack.tile_format)
+            try:
+                yield decode_tile(pack.tiles[index], pack.tile_format)
+            except ValueError as error:
+                member = f"tile{index:06d}.{pack.tile_format}"
+                raise LoaderError(f"{pack.where}: {member}: {error}") from None
             continue
         if source.member not in cut:
             try:

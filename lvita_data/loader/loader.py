@@ -46,17 +46,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lvita_data.errors import LoaderError, ShardFormatError
+from lvita_data.errors import LoaderError, LvitaError, ShardFormatError
 from lvita_data.loader.batch import Allocate, PackedBatch, assemble_batch
 from lvita_data.loader.order import epoch_order, num_batches, rank_slice, seed_words
 from lvita_data.loader.reader import Pack, ShardReader
 from lvita_data.loader.workers import worker_batches
-from lvita_data.shards.format import BUNDLED_TOKENIZER, SHARD_FORMATS, read_build_manifest
+from lvita_data.shards.format import (
+    BUNDLED_TOKENIZER,
+    KEY_PATTERN,
+    SHARD_FORMATS,
+    parse_json,
+    read_build_manifest,
+)
+from lvita_data.shards.tar import BLOCK, plain_name, scan_tar_file, split_member_name
 from lvita_data.tokenizer.special_tokens import (
     LONGVITA_SPECIAL_TOKENS,
     QWEN25_NUM_BPE_TOKENS,
@@ -67,30 +75,106 @@ from lvita_data.tokenizer.special_tokens import (
 STATE_VERSION = 1
 
 
+MAX_SEQ_LEN = 1 << 24
+"""Largest ``max_seq_len`` an index.json may state (16M tokens; Long-VITA trains at 1M)."""
+MAX_INDEX_BYTES = 64 << 20
+"""Largest index.json read (about 200 bytes per shard: 300,000 shards)."""
+
+
+def check_index(path: Path, index: object) -> dict:
+    """`index.json` against its schema, before anything is used: an object with ``format`` (one
+    of `SHARD_FORMATS`), ``stage`` (a string), ``max_seq_len`` (an int in 1..`MAX_SEQ_LEN`) and
+    a non-empty list ``shards`` of objects with a plain, unique file ``name`` and ints
+    ``samples`` >= 0 and ``bytes`` >= 512 * samples (every sample has a header block). A bool is
+    not an int here. `LoaderError` naming the field otherwise."""
+
+    def fail(field: str, value: object) -> LoaderError:
+        return LoaderError(f"{path}: {field} is {str(value)[:80]!r}, not what the format allows")
+
+    if not isinstance(index, dict):
+        raise fail("the document", type(index).__name__)
+    version = index.get("format")
+    if type(version) is not int or version not in SHARD_FORMATS:
+        raise LoaderError(f"{path}: shard format {version!r}, this loader reads {SHARD_FORMATS}")
+    if not isinstance(index.get("stage"), str):
+        raise fail("stage", index.get("stage"))
+    seq_len = index.get("max_seq_len")
+    if type(seq_len) is not int or not 0 < seq_len <= MAX_SEQ_LEN:
+        raise fail("max_seq_len", seq_len)
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise LoaderError(f"{path}: no shards")
+    names = set()
+    for number, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise fail(f"shards[{number}]", shard)
+        name, samples, size = shard.get("name"), shard.get("samples"), shard.get("bytes")
+        if not isinstance(name, str) or not plain_name(name) or name in names:
+            raise LoaderError(
+                f"{path}: shards[{number}].name {str(name)[:80]!r} is not a file name in the "
+                "build (plain and unique)"
+            )
+        names.add(name)
+        if type(samples) is not int or samples < 0:
+            raise fail(f"shards[{number}].samples", samples)
+        if type(size) is not int or size < BLOCK * samples:
+            raise fail(f"shards[{number}].bytes", size)
+    return index
+
+
 def _check_shard_files(root: Path, shards: list) -> None:
-    """Every shard of `index.json` is a plain name of a file in the build with its recorded
-    size (one stat each, before any step of training), else one error listing them all."""
+    """Every shard of `index.json` is a regular file of the build (not a symlink: a path
+    confined to the build directory) with its recorded size (one lstat each, before any step of
+    training), else one error listing them all."""
     problems = []
-    try:
-        for shard in shards:
-            name, size = shard["name"], shard["bytes"]
-            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-                problems.append(f"{name!r} is not a file name in the build")
-                continue
-            try:
-                actual = os.stat(root / name).st_size
-            except OSError as error:
-                problems.append(f"{name} ({error.strerror})")
-                continue
-            if actual != size:
-                problems.append(f"{name} ({actual} bytes, index.json says {size})")
-    except (KeyError, TypeError) as error:
-        raise LoaderError(f"{root / 'index.json'}: malformed shard entry ({error!r})") from None
+    for shard in shards:
+        name, size = shard["name"], shard["bytes"]
+        try:
+            status = os.lstat(root / name)
+        except OSError as error:
+            problems.append(f"{name} ({error.strerror})")
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            problems.append(f"{name} (not a regular file of the build)")
+        elif status.st_size != size:
+            problems.append(f"{name} ({status.st_size} bytes, index.json says {size})")
     if problems:
         listing = "; ".join(problems[:10]) + (
             f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
         )
         raise LoaderError(f"{root}: {len(problems)} shard(s) missing or changed: {listing}")
+
+
+def first_keys(root: Path, shards: list) -> list[str | None]:
+    """The first sample key of each shard (None for an empty one), from its first member's
+    headers (a few blocks per shard); they must rise strictly from shard to shard, which with
+    the per-shard check of `ShardReader` makes every key of the build unique."""
+    keys: list[str | None] = []
+    last = None
+    for shard in shards:
+        if shard["samples"] == 0:
+            keys.append(None)
+            continue
+        try:
+            scan = scan_tar_file(root / shard["name"], limit=1)
+        except ShardFormatError as error:
+            raise LoaderError(str(error)) from None
+        if not scan.members:
+            raise LoaderError(f"{root / shard['name']}: no member, index.json says samples")
+        key = split_member_name(scan.members[0].name)[0]
+        if not KEY_PATTERN.match(key) or (last is not None and int(key) <= int(last)):
+            raise LoaderError(
+                f"{root / shard['name']}: first sample key {key[:40]!r} is not a 9-digit key "
+                f"after the previous shard's ({last})"
+            )
+        keys.append(key)
+        last = key
+    return keys
+
+
+def bundled_vocab_size() -> int:
+    """Ids of the bundled qwen2.5 tokenizer: BPE, Qwen's specials and Long-VITA's."""
+    return QWEN25_NUM_BPE_TOKENS + len(QWEN25_SPECIAL_TOKENS) + len(LONGVITA_SPECIAL_TOKENS)
 
 
 def bundled_vision_ids() -> tuple[int, int, int]:
@@ -102,16 +186,32 @@ def bundled_vision_ids() -> tuple[int, int, int]:
     )  # type: ignore[return-value]
 
 
-def _vision_ids_of_build(root: Path) -> tuple[int, int, int]:
+def _build_settings(
+    root: Path, special_ids: SpecialIds | None
+) -> tuple[tuple[int, int, int], int | None, bool | None]:
+    """(vision ids, vocabulary size, pack.reset_attention) of a build, from its manifest copy
+    and tokenizer. With `special_ids` the manifest may be unreadable (then the vocabulary is
+    unknown and either position layout is accepted)."""
     try:
-        spec = read_build_manifest(root).tokenizer_spec
-    except ShardFormatError as error:
-        raise LoaderError(f"{error}; pass special_ids=") from None
-    if spec == BUNDLED_TOKENIZER:
-        return bundled_vision_ids()
-    from lvita_data.tokenizer.tokenizer import load_tokenizer
+        manifest = read_build_manifest(root)
+        pack = manifest.data.get("pack")
+        reset = pack.get("reset_attention") if isinstance(pack, dict) else None
+        reset = reset if isinstance(reset, bool) else None
+        spec = manifest.tokenizer_spec
+        if spec == BUNDLED_TOKENIZER:
+            vision_ids, vocab = bundled_vision_ids(), bundled_vocab_size()
+        else:
+            from lvita_data.tokenizer.tokenizer import load_tokenizer
 
-    return load_tokenizer(spec).special_ids.vision_context_ids
+            tokenizer = load_tokenizer(spec)
+            vision_ids, vocab = tokenizer.special_ids.vision_context_ids, tokenizer.vocab_size
+    except LvitaError as error:  # an unreadable copy, an unset ${VAR}, no such tokenizer, ...
+        if special_ids is None:
+            raise LoaderError(f"{error}; pass special_ids=") from None
+        return tuple(special_ids.vision_context_ids), None, None  # type: ignore[return-value]
+    if special_ids is not None:
+        vision_ids = special_ids.vision_context_ids
+    return tuple(vision_ids), vocab, reset  # type: ignore[return-value]
 
 
 class ShardLoader:
@@ -185,16 +285,18 @@ class ShardLoader:
         self.drop_last = drop_last
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
-        if special_ids is not None:
-            self.vision_ids = tuple(special_ids.vision_context_ids)
-        else:
-            self.vision_ids = _vision_ids_of_build(self.root)
+        self.vision_ids, self.vocab_size, self.reset_attention = _build_settings(
+            self.root, special_ids
+        )
         self.reader = ShardReader(
             self.root,
             self.shard_names,
             self.shard_counts,
             seq_len=self.seq_len,
             vision_ids=self.vision_ids,
+            vocab_size=self.vocab_size,
+            reset_attention=self.reset_attention,
+            first_keys=first_keys(self.root, index["shards"]),
         )
         self._epoch = epoch
         self._position = 0
@@ -205,15 +307,15 @@ class ShardLoader:
     def _read_index(self) -> dict:
         path = self.root / "index.json"
         try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise LoaderError(f"{path}: {error}") from None
-        if index.get("format") not in SHARD_FORMATS:
-            raise LoaderError(
-                f"{path}: shard format {index.get('format')!r}, this loader reads {SHARD_FORMATS}"
-            )
-        if not index.get("shards"):
-            raise LoaderError(f"{path}: no shards")
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_INDEX_BYTES + 1)
+            if len(data) > MAX_INDEX_BYTES:
+                raise LoaderError(f"{path}: larger than {MAX_INDEX_BYTES} bytes")
+            index = check_index(path, parse_json(data, str(path)))
+        except OSError as error:
+            raise LoaderError(f"{path}: {error.strerror}") from None
+        except ShardFormatError as error:
+            raise LoaderError(str(error)) from None
         _check_shard_files(self.root, index["shards"])
         return index
 

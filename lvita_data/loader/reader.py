@@ -30,7 +30,6 @@ decoded later (`batch`).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections import OrderedDict
@@ -43,15 +42,18 @@ import numpy as np
 
 from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
+from lvita_data.schema import IGNORE_INDEX
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     ARRAYS_NPZ,
     FORMAT_SOURCE,
     FORMAT_TILES,
+    KEY_PATTERN,
     SHARD_FORMATS,
     load_npy,
     load_npz,
     npz_limit,
+    parse_json,
 )
 from lvita_data.shards.tar import TarSample, group_samples, scan_tar_file
 
@@ -61,6 +63,8 @@ KEEP_SHARDS = 4
 
 _TILE_NAME = re.compile(r"^tile(\d+)\.([a-z0-9]+)$")
 _IMAGE_NAME = re.compile(r"^image\d{6}\.[a-z0-9]+$")
+TILE_FORMATS = ("png", "webp", "jpeg", "raw")
+"""Tile formats a pack's meta may name (`lvita_data.media.tiles`)."""
 MAX_GRID_TILES = 64
 """Upper bound of cols * rows accepted from a shard (Long-VITA uses at most 12)."""
 _Value = TypeVar("_Value")
@@ -109,6 +113,8 @@ def parse_pack(
     where: str,
     seq_len: int,
     vision_ids: tuple[int, int, int],
+    vocab_size: int | None = None,
+    reset_attention: bool | None = None,
 ) -> Pack:
     """Check one pack's members (see the module docstring) and return it as a `Pack`.
 
@@ -117,6 +123,8 @@ def parse_pack(
         where: names the pack in errors (shard and key).
         seq_len: T, the length of every array (``pack.max_seq_len`` of the build).
         vision_ids: the (IMG, PATCH, VID) context ids whose count must be 256 per tile.
+        vocab_size: token ids must be below it (None: only >= 0 is checked).
+        reset_attention: the build's ``pack.reset_attention`` (None: either position layout).
 
     Raises:
         LoaderError: a member is missing or malformed, or the tiles and placeholders disagree.
@@ -124,9 +132,9 @@ def parse_pack(
     if "meta.json" not in members:
         raise LoaderError(f"{where}: missing ['meta.json']")
     try:
-        meta = json.loads(bytes(members["meta.json"]))
-    except ValueError as error:
-        raise LoaderError(f"{where}: meta.json: {error}") from None
+        meta = parse_json(members["meta.json"], "meta.json")
+    except ShardFormatError as error:
+        raise LoaderError(f"{where}: {error}") from None
     if not isinstance(meta, dict):
         raise LoaderError(f"{where}: meta.json is not an object")
     version = meta.get("format", FORMAT_TILES)
@@ -139,19 +147,10 @@ def parse_pack(
     for name, array in zip(ARRAY_NAMES[:3], arrays[:3], strict=True):
         if array.shape[0] != seq_len:
             raise LoaderError(f"{where}: {name} has {array.shape[0]} tokens, expected {seq_len}")
-    if (
-        cu_seqlens.shape[0] < 2
-        or cu_seqlens[0] != 0
-        or cu_seqlens[-1] != seq_len
-        or (np.diff(cu_seqlens) < 0).any()
-    ):
-        raise LoaderError(f"{where}: cu_seqlens {cu_seqlens.tolist()} is not 0 .. {seq_len}")
+    _check_tokens(arrays, meta, where, seq_len, vocab_size, reset_attention)
     tile_format = meta.get("tile_format", "png")
-    version = meta.get("format", FORMAT_TILES)
-    if version not in SHARD_FORMATS:
-        raise LoaderError(
-            f"{where}: meta.json format {version!r}, this loader reads {SHARD_FORMATS}"
-        )
+    if tile_format not in TILE_FORMATS:
+        raise LoaderError(f"{where}: meta.json tile_format {tile_format!r}")
     stored = meta.get("stored_tiles") if version == FORMAT_SOURCE else meta.get("num_tiles")
     tiles = _numbered_tiles(members, stored, tile_format, where)
     if version == FORMAT_SOURCE:
@@ -171,6 +170,8 @@ def parse_pack(
             f"{where}: {positions.shape[0]} vision placeholders for {len(sources)} tiles "
             f"(expected {len(sources) * TOKENS_PER_TILE}; wrong special_ids?)"
         )
+    if (labels[positions] != IGNORE_INDEX).any():
+        raise LoaderError(f"{where}: labels: a vision placeholder is supervised (label != -100)")
     return Pack(
         key=key,
         input_ids=input_ids,
@@ -184,6 +185,64 @@ def parse_pack(
         tile_sources=sources,
         where=where,
     )
+
+
+def _check_tokens(
+    arrays: list[np.ndarray],
+    meta: dict,
+    where: str,
+    seq_len: int,
+    vocab_size: int | None,
+    reset_attention: bool | None,
+) -> None:
+    """The per-pack token checks, O(T): `cu_seqlens` strictly increasing from 0 to T, one
+    segment per packed sample of the meta, each sample starting at its boundary and fitting in
+    its segment; `position_ids` restarting at each boundary (reset_attention) or 0..T-1; token
+    ids in [0, vocab_size); every label -100 or its input id (the documented rule: labels are
+    the assistant's own tokens, unshifted), -100 on each segment's padding (and, checked with
+    the placeholder count in `parse_pack`, on vision placeholders)."""
+    input_ids, labels, position_ids, cu = arrays
+    if cu.shape[0] < 2 or cu[0] != 0 or cu[-1] != seq_len or (np.diff(cu) <= 0).any():
+        shown = cu.tolist()[:12]
+        raise LoaderError(f"{where}: cu_seqlens {shown} does not rise from 0 to {seq_len}")
+    samples = meta.get("samples")
+    if not isinstance(samples, list) or len(samples) != cu.shape[0] - 1:
+        count = len(samples) if isinstance(samples, list) else samples
+        raise LoaderError(
+            f"{where}: cu_seqlens has {cu.shape[0] - 1} segments, meta.json samples {count!r}"
+        )
+    supervised = np.zeros(seq_len, dtype=bool)
+    for number, sample in enumerate(samples):
+        start, stop = int(cu[number]), int(cu[number + 1])
+        offset = sample.get("offset") if isinstance(sample, dict) else None
+        length = sample.get("length") if isinstance(sample, dict) else None
+        if offset != start or type(length) is not int or not 0 < length <= stop - start:
+            raise LoaderError(
+                f"{where}: meta.json samples[{number}] offset {offset!r} length {length!r} "
+                f"against cu_seqlens segment [{start}, {stop})"
+            )
+        supervised[start : start + length] = True
+    positions = np.arange(seq_len, dtype=np.int64)
+    restarted = positions - np.repeat(cu[:-1].astype(np.int64), np.diff(cu))
+    layouts = {True: [restarted], False: [positions], None: [restarted, positions]}
+    if not any(np.array_equal(position_ids, p) for p in layouts[reset_attention]):
+        raise LoaderError(
+            f"{where}: position_ids do not follow cu_seqlens (reset_attention={reset_attention})"
+        )
+    bad = (input_ids < 0) if vocab_size is None else (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise LoaderError(
+            f"{where}: input_ids[{first}] = {int(input_ids[first])} is outside the vocabulary "
+            f"(size {vocab_size})"
+        )
+    wrong = (labels != IGNORE_INDEX) & ((labels != input_ids) | ~supervised)
+    if wrong.any():
+        first = int(np.flatnonzero(wrong)[0])
+        raise LoaderError(
+            f"{where}: labels[{first}] = {int(labels[first])} breaks the label rule (-100, or "
+            f"the input id {int(input_ids[first])} on a non-padding token)"
+        )
 
 
 def _pair(value: object, what: str, where: str) -> tuple[int, int]:
@@ -274,10 +333,10 @@ def _arrays(
 
 
 def _npy(data: memoryview, name: str, where: str) -> np.ndarray:
-    """An int32 1-D array from .npy bytes (allow_pickle=False semantics: plain dtypes only)."""
+    """An int32 1-D array from .npy bytes (`load_npy`: header validated, plain dtypes only)."""
     try:
         array = load_npy(data)
-    except ValueError as error:
+    except ShardFormatError as error:
         raise LoaderError(f"{where}: {name}.npy: {error}") from None
     return _int32(array, name, where)
 
@@ -307,12 +366,20 @@ class ShardReader:
         *,
         seq_len: int,
         vision_ids: tuple[int, int, int],
+        vocab_size: int | None = None,
+        reset_attention: bool | None = None,
+        first_keys: Sequence[str | None] | None = None,
     ) -> None:
         self.root = root
         self.shard_names = list(shard_names)
         self.shard_counts = list(shard_counts)
         self.seq_len = seq_len
         self.vision_ids = vision_ids
+        self.vocab_size = vocab_size
+        self.reset_attention = reset_attention
+        self.first_keys = list(first_keys) if first_keys is not None else None
+        """Each shard's first key (`lvita_data.loader.loader.first_keys`): a shard's keys must
+        lie between its own and the next shard's."""
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_counts, dtype=np.int64)])
         self._scans: OrderedDict[int, list[TarSample]] = OrderedDict()
         self._files: OrderedDict[int, int] = OrderedDict()
@@ -351,13 +418,17 @@ class ShardReader:
         shard, number = self.locate(global_index)
         sample = _recent(self._scans, shard, lambda: self._scan(shard))[number]
         size = sample.end - sample.start
-        fd = _recent(
-            self._files,
-            shard,
-            lambda: os.open(self.root / self.shard_names[shard], os.O_RDONLY),
-            evict=os.close,
-        )
-        data = os.pread(fd, size, sample.start)
+        path = self.root / self.shard_names[shard]
+        try:
+            fd = _recent(
+                self._files,
+                shard,
+                lambda: os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)),
+                evict=os.close,
+            )
+            data = os.pread(fd, size, sample.start)
+        except OSError as error:
+            raise LoaderError(f"{path}: {error.strerror}") from None
         if len(data) != size:
             raise LoaderError(f"{self.shard_names[shard]}: short read of sample {sample.key}")
         view = memoryview(data)
@@ -367,9 +438,15 @@ class ShardReader:
     def read_pack(self, global_index: int) -> Pack:
         """The checked pack of a global index (`read_raw` + `parse_pack`)."""
         key, members = self.read_raw(global_index)
-        where = f"{self.shard_names[self.locate(global_index)[0]]} sample {key}"
+        where = f"{self.root / self.shard_names[self.locate(global_index)[0]]} sample {key}"
         return parse_pack(
-            key, members, where=where, seq_len=self.seq_len, vision_ids=self.vision_ids
+            key,
+            members,
+            where=where,
+            seq_len=self.seq_len,
+            vision_ids=self.vision_ids,
+            vocab_size=self.vocab_size,
+            reset_attention=self.reset_attention,
         )
 
     def _scan(self, shard: int) -> list[TarSample]:
@@ -382,7 +459,25 @@ class ShardReader:
             raise LoaderError(
                 f"{path}: {len(samples)} samples, index.json says {self.shard_counts[shard]}"
             )
+        if self.first_keys is not None:
+            self._check_keys(shard, [sample.key for sample in samples], path)
         return samples
+
+    def _check_keys(self, shard: int, keys: list[str], path: Path) -> None:
+        """9-digit keys rising strictly, from this shard's first key to below the next
+        non-empty shard's: no key of the build is used twice."""
+        assert self.first_keys is not None
+        after = next((k for k in self.first_keys[shard + 1 :] if k is not None), None)
+        previous = -1
+        for key in keys:
+            number = int(key) if KEY_PATTERN.match(key) else -1
+            bad = number <= previous or (after is not None and number >= int(after))
+            if bad or (previous < 0 and key != self.first_keys[shard]):
+                raise LoaderError(
+                    f"{path}: sample key {key[:40]!r} is not a 9-digit key after {previous} "
+                    f"and before the next shard's {after}: keys must be unique in the build"
+                )
+            previous = number
 
 
 def _recent(

@@ -91,9 +91,24 @@ def read_source_image(plan: ImagePlan) -> tuple[bytes, str]:
     return data, EXTENSIONS.get(fmt, fmt.lower())
 
 
+def max_source_pixels() -> int:
+    """The pixel budget of one source image at load time: what the build admits, twice
+    Pillow's ``MAX_IMAGE_PIXELS`` (its DecompressionBombError limit; 179 MP by default, so at
+    most ~0.5 GB of RGB per image while it is decoded and cut)."""
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
 def source_image_tiles(
     data: bytes, size: tuple[int, int], grid: tuple[int, int], name: str
 ) -> list[Image.Image]:
-    """The 448 tiles of a stored source image (`image_tiles`); an image that does not decode,
-    or whose size (checked before decoding) is not the planned `size`, raises `SkipSample`."""
+    """The 448 tiles of a stored source image (`image_tiles`); an image over the pixel budget
+    (`max_source_pixels`, checked on the planned size before its bytes are opened), that does
+    not decode, or whose size (read from its header before decoding) is not the planned `size`,
+    raises `SkipSample` (``decompression_bomb`` / ``corrupt_image``)."""
+    if size[0] * size[1] > max_source_pixels():
+        raise SkipSample(
+            RejectReason.decompression_bomb,
+            f"{name}: planned size {size[0]}x{size[1]} is over the budget of "
+            f"{max_source_pixels():,} pixels",
+        )
     return image_tiles(decode_rgb(io.BytesIO(data), name, expected_size=size), grid)

@@ -120,7 +120,19 @@ _BICUBIC = Image.Resampling.BICUBIC
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _FORMATS = ("png", "webp", "jpeg", "raw")
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error)
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    # what Pillow's plugins raise on some malformed files (hostile headers, issue 15)
+    TypeError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+)
 
 
 def _normalize_table() -> np.ndarray:
@@ -429,12 +441,16 @@ def _decode_tile_into(data: bytes, out: np.ndarray, fmt: str | None) -> None:
     if fmt not in _FORMATS:
         raise ValueError(f"unknown tile format {fmt!r}; expected one of {_FORMATS}")
     try:
-        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as image:
-            mode, size = image.mode, image.size
-            if mode == "RGB" and size == (TILE_SIZE, TILE_SIZE):
-                image.load()
-                out[...] = np.asarray(image)
-                return
-    except _DECODE_ERRORS as error:
+        # a tile is 448 x 448: Pillow's bomb warning (over 89 MP) is an error here, so a
+        # hostile header never gets a large buffer
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as image:
+                mode, size = image.mode, image.size
+                if mode == "RGB" and size == (TILE_SIZE, TILE_SIZE):
+                    image.load()
+                    out[...] = np.asarray(image)
+                    return
+    except (*_DECODE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(f"undecodable {fmt} tile: {error}") from error
     raise ValueError(f"stored tile is {mode} {size}, expected RGB 448x448")

@@ -33,6 +33,7 @@ import itertools
 import json
 import mmap
 import os
+import re
 import sqlite3
 import struct
 import uuid
@@ -273,6 +274,21 @@ def _read_small(path: Path) -> str:
     return data.decode("utf-8")
 
 
+_BRACE_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}|\{([^.{}])\.\.([^.{}])\}")
+
+
+def _expansion_bound(pattern: str) -> int:
+    """An upper bound of the names a brace pattern expands to (each range and each comma
+    group multiplies), computed without expanding it."""
+    bound = 1
+    for match in _BRACE_RANGE.finditer(pattern):
+        if match.group(1) is not None:
+            bound *= abs(int(match.group(2)) - int(match.group(1))) + 1
+        else:
+            bound *= abs(ord(match.group(4)) - ord(match.group(3))) + 1
+    return bound * (pattern.count(",") + 1)
+
+
 def check_energon_metadata(
     out_dir: str | os.PathLike[str], layouts: Sequence[ShardLayout]
 ) -> list[str]:
@@ -300,6 +316,8 @@ def check_energon_metadata(
         listed = set()
         for part in split["split_parts"].values():
             for pattern in part:
+                if _expansion_bound(str(pattern)) > most:  # braceexpand materializes ranges
+                    raise ValueError(f"pattern {str(pattern)[:60]!r} expands past {most} names")
                 for name in itertools.islice(braceexpand.braceexpand(str(pattern)), most + 1):
                     listed.add(name)
                 if len(listed) > most:

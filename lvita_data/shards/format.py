@@ -80,6 +80,10 @@ _HEADER = re.compile(r"^#.*?, from (?P<source>.+)$")
 """The copy's first line (`manifest_header`); the source path follows the first ", from "."""
 
 
+KEY_PATTERN = re.compile(r"^[0-9]{9}\Z")
+"""A sample key (`sample_key`): the global pack number, 9 digits."""
+
+
 def shard_name(stage: str, index: int) -> str:
     return f"{stage}-{index:06d}.tar"
 
@@ -107,8 +111,69 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+MAX_NPY_HEADER = 1024
+"""Largest `.npy` header dict read (lvita writes 118 bytes; numpy's own default cap is 10,000)."""
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(data: bytes | memoryview) -> np.ndarray:
+    """The array of `.npy` bytes someone handed over, validated before anything is allocated:
+    magic and version 1.0 / 2.0 / 3.0, a header of at most `MAX_NPY_HEADER` bytes holding
+    exactly ``descr`` / ``fortran_order`` / ``shape``, a plain numeric dtype (bool, int,
+    uint, float: no object, string, void or structured dtype, so never a pickle), dimensions
+    >= 0 whose product times the item size is exactly the bytes after the header. Work and
+    memory O(len(data)). `ShardFormatError` otherwise."""
+    view = memoryview(data).cast("B")
+    if bytes(view[:6]) != _NPY_MAGIC or len(view) < 10:
+        raise ShardFormatError("not a .npy (bad magic)")
+    major = view[6]
+    if major == 1:
+        length, start = int.from_bytes(view[8:10], "little"), 10
+    elif major in (2, 3) and len(view) >= 12:
+        length, start = int.from_bytes(view[8:12], "little"), 12
+    else:
+        raise ShardFormatError(f".npy version {major}.{view[7]}")
+    if length > MAX_NPY_HEADER or start + length > len(view):
+        raise ShardFormatError(f".npy header of {length} bytes (member of {len(view)})")
+    header = _npy_header(bytes(view[start : start + length]), major)
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    try:
+        dtype = np.dtype(descr) if isinstance(descr, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype:
+        raise ShardFormatError(f".npy dtype {descr!r} is not a plain numeric dtype")
+    if (
+        not isinstance(shape, tuple)
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or type(fortran) is not bool
+    ):
+        raise ShardFormatError(f".npy shape {shape!r} / fortran_order {fortran!r}")
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    body = len(view) - start - length
+    if count * dtype.itemsize != body:
+        raise ShardFormatError(
+            f".npy shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, the member "
+            f"holds {body}"
+        )
+    array = np.frombuffer(view, dtype=dtype, count=count, offset=start + length)
+    return array.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _npy_header(text: bytes, major: int) -> dict:
+    """The header dict, parsed as a Python literal (`ast.literal_eval`: no code runs; bounded
+    by `MAX_NPY_HEADER`)."""
+    import ast
+
+    try:
+        header = ast.literal_eval(text.decode("utf-8" if major == 3 else "latin1"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, UnicodeError):
+        raise ShardFormatError(f".npy header does not parse: {text[:80]!r}") from None
+    if not isinstance(header, dict) or sorted(header) != ["descr", "fortran_order", "shape"]:
+        raise ShardFormatError(f".npy header {text[:80]!r} is not descr/fortran_order/shape")
+    return header
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -134,8 +199,11 @@ def npz_limit(max_seq_len: int) -> int:
 
 def load_npz(data: bytes, names: Sequence[str], max_bytes: int) -> dict[str, np.ndarray]:
     """The arrays `names` of an `.npz` someone handed over, with bounded work: exactly those
-    members, each at most `max_bytes` once inflated (checked before inflating), CRCs checked,
-    plain dtypes only (no pickle). `ShardFormatError` otherwise."""
+    members, stored or DEFLATE only (bzip2 / LZMA inflate without an output bound in
+    `zipfile`), each at most `max_bytes` once inflated (checked before inflating; `zipfile`
+    stops a DEFLATE stream at the size the directory states), CRCs checked, each a valid `.npy`
+    (`load_npy`). Work and memory O(len(data) + len(names) * max_bytes). `ShardFormatError`
+    otherwise."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             infos = archive.infolist()
@@ -145,6 +213,9 @@ def load_npz(data: bytes, names: Sequence[str], max_bytes: int) -> dict[str, np.
             too_big = [i.filename for i in infos if i.file_size > max_bytes]
             if too_big:
                 raise ShardFormatError(f"npz members {too_big} inflate past {max_bytes} bytes")
+            methods = {i.compress_type for i in infos} - {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+            if methods:
+                raise ShardFormatError(f"npz compression methods {sorted(methods)}")
             return {name: load_npy(archive.read(f"{name}.npy")) for name in names}
     except (
         zipfile.BadZipFile,
@@ -158,6 +229,16 @@ def load_npz(data: bytes, names: Sequence[str], max_bytes: int) -> dict[str, np.
         EOFError,
     ) as error:
         raise ShardFormatError(f"unreadable npz: {error!r}") from None
+
+
+def parse_json(data: bytes | memoryview | str, what: str) -> Any:
+    """JSON someone handed over: `ShardFormatError` naming `what` for anything that is not
+    UTF-8 JSON, nesting too deep for the parser (`RecursionError`) included. Work and memory
+    O(len(data))."""
+    try:
+        return json.loads(data if isinstance(data, str) else bytes(data))
+    except (ValueError, RecursionError, MemoryError) as error:
+        raise ShardFormatError(f"{what}: not JSON ({type(error).__name__}: {error})") from None
 
 
 def meta_bytes(meta: Mapping[str, Any]) -> bytes:

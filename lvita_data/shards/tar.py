@@ -21,6 +21,19 @@ and trailer when checking. Two modes, one walk:
   there): the parser resynchronizes on the next block that is a valid ustar header (checksum and
   magic) and reports the skipped region.
 
+Hostile input (issue 15). Every field is checked before it is used, in both modes: a size (ustar
+octal digits only, GNU base-256, or a PAX ``size`` record of decimal digits) must be >= 0 and
+its member must end inside the file; a PAX record's length must be decimal digits, cover its own
+``"LEN key=value\n"`` and stay inside the PAX data; a PAX or GNU long-name payload is at most
+`MAX_META_BYTES`; a member name must be plain (`plain_name`: no ``/``, no ``..``, not empty, no
+NUL, valid UTF-8) and its type a regular file (no links, directories, devices). Every loop
+advances by at least one 512-byte block, so a scan of an n-byte file ends after at most n / 512
+steps: work O(n / 512) header blocks (O(n) bytes only when checking padding, the trailer, or
+resynchronizing), memory O(members) plus one `MAX_META_BYTES` payload. A size that points
+backwards, a zero-length or overlong PAX record, a size of 10^18, a negative or non-numeric
+size, a link or a path in a name: a `ShardFormatError` (strict) or a `TarProblem` (lenient),
+naming the byte offset of the header.
+
 Non-strict scans also require zero padding and a zero end-of-archive area; with `canonical`,
 headers must be byte-identical to what `TarWriter` writes and the archive padded to a 10 KiB
 record as it pads it.
@@ -36,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -48,6 +62,9 @@ _ZERO_BLOCK = bytes(BLOCK)
 REGULAR_TYPES = (b"0", b"\0", b"7")
 """Type flags of regular files (``7``: contiguous file, read as a regular one)."""
 _META_TYPES = (b"x", b"g", b"L", b"K")
+MAX_META_BYTES = 1 << 16
+"""Largest PAX or GNU long-name payload read (lvita writes 512-byte PAX headers)."""
+_OCTAL = frozenset(b"01234567")
 
 TAR_HEADER = {"format": "pax", "mtime": 0.0, "mode": 0o444, "uid": 0, "gid": 0, "owner": ""}
 """Header fields of every member. The float mtime makes `tarfile` add a PAX record
@@ -140,12 +157,30 @@ def _nts(field_bytes: bytes) -> str:
 
 
 def _number(field_bytes: bytes) -> int:
-    """An octal header field, or GNU base-256 (first byte 0x80 positive, 0xFF negative)."""
+    """An octal header field (octal digits only, NUL/space padded), or GNU base-256 (first
+    byte 0x80 positive, 0xFF negative). `ValueError` otherwise."""
     if field_bytes and field_bytes[0] & 0x80:
-        value = int.from_bytes(bytes([field_bytes[0] & 0x7F]) + field_bytes[1:], "big")
+        if field_bytes[0] not in (0x80, 0xFF):
+            raise ValueError(f"bad base-256 number {field_bytes!r}")
+        value = int.from_bytes(field_bytes[1:], "big")
         return value if field_bytes[0] == 0x80 else -value
-    text = _nts(field_bytes).strip() or "0"
-    return int(text, 8)
+    end = field_bytes.find(b"\0")
+    digits = (field_bytes if end < 0 else field_bytes[:end]).strip(b" ")
+    if not set(digits) <= _OCTAL:
+        raise ValueError(f"not an octal number: {field_bytes!r}")
+    return int(digits, 8) if digits else 0
+
+
+def plain_name(name: str) -> bool:
+    """A member name lvita accepts: one path component, not ``.``/``..``, no NUL, valid UTF-8
+    (`_nts` decodes with surrogateescape: an invalid byte becomes a lone surrogate)."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name or "\\" in name:
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _checksum_ok(block: bytes) -> bool:
@@ -162,13 +197,20 @@ def _header_ok(block: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``"LEN key=value\\n"`` records of a PAX payload; `ValueError` on a record whose
+    length is not decimal digits, does not cover its own key, runs past the payload or does
+    not end in a newline (each record advances by its length, > 0: the loop ends)."""
     records, pos = {}, 0
     while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
+        space = data.find(b" ", pos, pos + 20)
+        if space < 0 or not data[pos:space].isdigit():
+            raise ValueError(f"bad PAX record length at byte {pos} of the PAX data")
         length = int(data[pos:space])
-        if length <= space - pos + 1 or pos + length > len(data):
-            raise ValueError("bad PAX record length")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if length <= space - pos + 2 or pos + length > len(data) or data[pos + length - 1] != 10:
+            raise ValueError(f"bad PAX record length {length} at byte {pos} of the PAX data")
+        key, equals, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not equals or not key:
+            raise ValueError(f"PAX record at byte {pos} has no key=value")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
@@ -177,8 +219,17 @@ def _pax_records(data: bytes) -> dict[str, str]:
 class _Scanner:
     """One walk over the headers; `problem` raises in strict mode and records otherwise."""
 
-    def __init__(self, data: bytes | mmap.mmap, strict: bool, canonical: bool, where: str) -> None:
+    def __init__(
+        self,
+        data: bytes | mmap.mmap,
+        strict: bool,
+        canonical: bool,
+        where: str,
+        limit: int | None = None,
+    ) -> None:
         self.data, self.strict, self.canonical, self.where = data, strict, canonical, where
+        self.limit = limit
+        """Stop after this many members (the loader reads each shard's first key)."""
         self.total = len(data)
         self.check_zeros = canonical or not strict
         """Padding and end-of-archive bytes must be zero (read only when checking)."""
@@ -242,9 +293,15 @@ class _Scanner:
                 size = -1
             data_offset = pos + BLOCK
             if size < 0 or data_offset + size > self.total:
-                self.problem(TarProblem(pos, f"member size {size} runs past the end of the file"))
+                shown = "unreadable" if size == -1 else size
+                message = f"member size {shown} is negative, not a number or runs past the file"
+                self.problem(TarProblem(pos, message))
                 return TarScan(self.members, pos, self.problems)
             if kind in _META_TYPES:
+                if size > MAX_META_BYTES:
+                    message = f"PAX/long-name header of {size} bytes (at most {MAX_META_BYTES})"
+                    self.problem(TarProblem(pos, message))
+                    return TarScan(self.members, pos, self.problems)
                 payload = bytes(self.data[data_offset : data_offset + size])
                 try:
                     if kind == b"x":
@@ -264,14 +321,20 @@ class _Scanner:
             if prefix and "path" not in pax and long_name is None:
                 name = f"{prefix}/{name}"
             if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    self.problem(TarProblem(pos, f"bad PAX size {pax['size']!r}", name=name))
+                text = pax["size"]
+                size = int(text) if text.isascii() and text.isdigit() else -1
+                if size < 0 or data_offset + size > self.total:
+                    message = f"PAX size {text[:40]!r} is not a size inside the file"
+                    self.problem(TarProblem(start, message, name=name))
+                    return TarScan(self.members, start, self.problems)
             index = len(self.members)
             self.members.append(TarMember(name, start, data_offset, size, kind))
-            if kind not in (b"0", b"\0") and not self.strict:
-                message = f"unexpected tar entry type {kind!r}"
+            named = plain_name(name)
+            if kind not in (REGULAR_TYPES if self.strict else (b"0", b"\0")):
+                message = f"unexpected tar entry type {kind!r} (only regular files)"
+                self.problem(TarProblem(start, message, name=name, member_index=index))
+            elif not named:
+                message = f"member name {name[:120]!r} is not a plain file name"
                 self.problem(TarProblem(start, message, name=name, member_index=index))
             elif self.canonical and not resynced:
                 self.check_header(index)
@@ -281,6 +344,8 @@ class _Scanner:
                 return TarScan(self.members, self.total, self.problems)
             if self.check_zeros:
                 self.check_padding(index)
+            if self.limit is not None and len(self.members) >= self.limit:
+                return TarScan(self.members, end, self.problems)
             pos = start = end
             pax, long_name, resynced = {}, None, False
         if self.check_zeros:
@@ -290,7 +355,11 @@ class _Scanner:
     def check_header(self, index: int) -> None:
         member = self.members[index]
         written = bytes(self.data[member.header_offset : member.data_offset])
-        if written != tar_header(member.name, member.size):
+        try:
+            expected = tar_header(member.name, member.size)
+        except (ValueError, UnicodeError):
+            expected = b""
+        if written != expected:
             message = (
                 "tar header differs from the one lvita's writer produces (checksum still valid)"
             )
@@ -318,24 +387,40 @@ class _Scanner:
 
 
 def scan_tar(
-    data: bytes | mmap.mmap, *, strict: bool = False, canonical: bool = True, where: str = ""
+    data: bytes | mmap.mmap,
+    *,
+    strict: bool = False,
+    canonical: bool = True,
+    where: str = "",
+    limit: int | None = None,
 ) -> TarScan:
     """Members of a tar held in memory (or mapped), with its structural problems.
 
     ``strict``: raise `ShardFormatError` (prefixed with `where`) at the first problem instead of
     collecting it. ``canonical``: also require `TarWriter`'s exact bytes (see the module doc).
+    ``limit``: stop after that many members (no end-of-archive check then).
     """
-    return _Scanner(data, strict, canonical, where).run()
+    return _Scanner(data, strict, canonical, where, limit).run()
 
 
-def scan_tar_file(path: str | os.PathLike[str], *, canonical: bool = False) -> TarScan:
-    """`scan_tar(strict=True)` of a file, through a read-only map (only headers are touched)."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            return scan_tar(b"", strict=True, canonical=canonical, where=os.fspath(path))
+def scan_tar_file(
+    path: str | os.PathLike[str], *, canonical: bool = False, limit: int | None = None
+) -> TarScan:
+    """`scan_tar(strict=True)` of a regular file (a symlink or anything else is an error),
+    through a read-only map (only headers are touched)."""
+    where = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as error:
+        raise ShardFormatError(f"{where}: cannot open: {error.strerror}") from None
+    with open(fd, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ShardFormatError(f"{where}: not a regular file")
+        if status.st_size == 0:
+            return scan_tar(b"", strict=True, canonical=canonical, where=where, limit=limit)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return scan_tar(data, strict=True, canonical=canonical, where=os.fspath(path))
+            return scan_tar(data, strict=True, canonical=canonical, where=where, limit=limit)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -47,11 +47,12 @@ from typing import Protocol
 
 import numpy as np
 
-from lvita_data.errors import ShardFormatError, StatsError
+from lvita_data.errors import LoaderError, ShardFormatError, StatsError
+from lvita_data.loader.loader import check_index
 from lvita_data.manifest import StageManifest
 from lvita_data.pool import map_tasks
 from lvita_data.schema import Reject
-from lvita_data.shards.format import MANIFEST_COPY, ShardInfo, read_build_manifest
+from lvita_data.shards.format import MANIFEST_COPY, ShardInfo, parse_json, read_build_manifest
 from lvita_data.stats.scan import DatasetScan, ShardScan, scan_shard
 
 STATS_FORMAT_VERSION = 1
@@ -119,25 +120,38 @@ class _Entry:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_bytes(), str(path))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as error:
-        raise StatsError(f"{path}: cannot read: {error}") from None
+    except OSError as error:
+        raise StatsError(f"{path}: cannot read: {error.strerror}") from None
+    except ShardFormatError as error:
+        raise StatsError(str(error)) from None
 
 
 def _read_rejects(path: Path) -> list[tuple[str, str, str]]:
     """(dataset, reason, phase) of every line of `rejects.jsonl` (builds written before the
     phase was recorded: "plan")."""
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         raise StatsError(f"{path} not found: not a finished lvita build") from None
-    try:
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [(str(r["dataset"]), str(r["reason"]), str(r.get("phase", "plan"))) for r in lines]
-    except (ValueError, KeyError, TypeError) as error:
-        raise StatsError(f"{path}: invalid JSON line: {error}") from None
+    except OSError as error:
+        raise StatsError(f"{path}: cannot read: {error.strerror}") from None
+    rejects = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            reject = parse_json(line, f"{path} line {number}")
+        except ShardFormatError as error:
+            raise StatsError(str(error)) from None
+        if not isinstance(reject, dict) or "dataset" not in reject or "reason" not in reject:
+            raise StatsError(f"{path} line {number}: not a reject (dataset, reason)")
+        rejects.append(
+            (str(reject["dataset"]), str(reject["reason"]), str(reject.get("phase", "plan")))
+        )
+    return rejects
 
 
 def _manifest_entries(manifest: StageManifest | None, out: Path) -> list[_Entry]:
@@ -155,17 +169,20 @@ def _manifest_entries(manifest: StageManifest | None, out: Path) -> list[_Entry]
     except ShardFormatError as error:
         raise StatsError(str(error)) from None
     entries = []
-    for d in data.get("datasets") or []:
-        name = str(d["name"])
-        max_samples = d.get("max_samples")
-        entries.append(
-            _Entry(
-                name,
-                str(d.get("group") or name),
-                float(d.get("ratio", 1.0)),
-                None if max_samples is None else int(max_samples),
+    try:
+        for d in data.get("datasets") or []:
+            name = str(d["name"])
+            max_samples = d.get("max_samples")
+            entries.append(
+                _Entry(
+                    name,
+                    str(d.get("group") or name),
+                    float(d.get("ratio", 1.0)),
+                    None if max_samples is None else int(max_samples),
+                )
             )
-        )
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
+        raise StatsError(f"{out / MANIFEST_COPY}: malformed datasets entry ({error!r})") from None
     return entries
 
 
@@ -175,30 +192,48 @@ def _plan_reports(plan: PlanReports | None, out: Path) -> list[dict] | None:
     if plan is not None:
         return [d.to_json() for d in plan.datasets]
     saved = _read_json(out / "stats.json")
-    if isinstance(saved, dict) and isinstance(saved.get("plan"), list):
-        return saved["plan"]
-    return None
+    if not (isinstance(saved, dict) and isinstance(saved.get("plan"), list)):
+        return None
+    for number, report in enumerate(saved["plan"]):
+        if not (
+            isinstance(report, dict)
+            and isinstance(report.get("name"), str)
+            and all(
+                type(report.get(field, 0)) is int and report.get(field, 0) >= 0
+                for field in ("tokens", "samples")
+            )
+        ):
+            raise StatsError(f"{out / 'stats.json'}: plan[{number}] is not a planner report")
+    return saved["plan"]
 
 
 def _index_shards(out: Path) -> tuple[list[ShardInfo], str, int]:
     """The shards, stage and T of a finished build's `index.json`."""
     index = _read_json(out / "index.json")
-    if not isinstance(index, dict):
+    if index is None:
         raise StatsError(f"{out / 'index.json'} not found: not a finished lvita build")
-    try:
-        shards = [
+    try:  # the loader's schema: types, ranges, plain unique shard names
+        check_index(out / "index.json", index)
+    except LoaderError as error:
+        raise StatsError(str(error)) from None
+    assert isinstance(index, dict)
+    shards = []
+    for number, s in enumerate(index["shards"]):
+        if (
+            type(s.get("tokens")) is not int
+            or not 0 <= s["tokens"] <= s["samples"] * (index["max_seq_len"])
+        ):
+            raise StatsError(f"{out / 'index.json'}: shards[{number}].tokens {s.get('tokens')!r}")
+        shards.append(
             ShardInfo(
-                name=str(s["name"]),
-                samples=int(s["samples"]),
-                tokens=int(s["tokens"]),
-                bytes=int(s.get("bytes", 0)),
+                name=s["name"],
+                samples=s["samples"],
+                tokens=s["tokens"],
+                bytes=s["bytes"],
                 sha256=str(s.get("sha256", "")),
             )
-            for s in index.get("shards", [])
-        ]
-        return shards, str(index["stage"]), int(index["max_seq_len"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise StatsError(f"{out / 'index.json'}: malformed ({error!r})") from None
+        )
+    return shards, index["stage"], index["max_seq_len"]
 
 
 def compute_stats(
@@ -239,8 +274,8 @@ def compute_stats(
     tasks = []
     for shard in shard_list:
         path = out / shard.name
-        if not path.is_file():
-            raise StatsError(f"{path}: shard listed in the index is missing")
+        if not path.is_file() or path.is_symlink():
+            raise StatsError(f"{path}: shard listed in the index is missing (or not a file)")
         tasks.append((str(path), shard.name, capacity))
     scans = list(map_tasks(scan_shard, tasks, workers=workers))
     for shard, scan in zip(shard_list, scans, strict=True):

@@ -9,15 +9,19 @@ merged in shard order by `lvita_data.stats.compute`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from lvita_data.errors import ShardFormatError, StatsError
+from lvita_data.samples.tiling import TOKENS_PER_TILE
 from lvita_data.schema import media_modality
+from lvita_data.shards.format import parse_json
 from lvita_data.shards.tar import group_samples, scan_tar_file
+
+MAX_META_BYTES = 1 << 20
+"""Largest pack meta.json read (lvita writes a few hundred bytes per packed sample)."""
 
 
 @dataclass(slots=True)
@@ -63,6 +67,7 @@ class ShardScan:
     datasets: dict[str, DatasetScan] = field(default_factory=dict)
 
     def add_pack(self, meta: dict) -> None:
+        """Add one pack's meta (checked by `check_meta` first)."""
         samples = meta.get("samples") or []
         self.packs += 1
         real = sum(int(s["length"]) for s in samples)
@@ -97,26 +102,65 @@ class ShardScan:
 def read_pack_metas(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict]]:
     """(key, meta) of every packed sequence of a shard, in tar order: the headers are walked by
     `lvita_data.shards.tar` (strict: a damaged header is an error, not the end of the archive)
-    and only the `meta.json` members are read."""
+    and only the `meta.json` members are read, each at most `MAX_META_BYTES`."""
     try:
         scan = scan_tar_file(path)
         with open(path, "rb") as handle:
             for sample in group_samples(scan, where=os.fspath(path)):
                 member = sample.members.get("meta.json")
                 if member is None:
-                    continue
+                    raise StatsError(f"{path}: sample {sample.key}: no meta.json")
                 offset, size = member
+                if size > MAX_META_BYTES:
+                    raise StatsError(f"{path}: sample {sample.key}: meta.json of {size} bytes")
                 handle.seek(sample.start + offset)
-                yield sample.key, json.loads(handle.read(size))
-    except (OSError, ShardFormatError, ValueError) as error:
+                yield sample.key, parse_json(handle.read(size), f"sample {sample.key} meta.json")
+    except (OSError, ShardFormatError) as error:
         raise StatsError(f"{path}: cannot read shard: {error}") from None
+
+
+def check_meta(meta: object, capacity: int) -> str | None:
+    """Why a pack's meta.json cannot be counted (None when it can): an object whose
+    ``samples`` is a non-empty list of objects with int ``length`` > 0 and ``offset`` >= 0
+    ending inside T, a ``dataset``, lists ``images`` / ``videos`` (videos: objects with a list
+    ``frames`` and an int ``requested_frames`` >= 0 when present), and an int ``num_tiles`` in
+    0..T / 256. A bool is not an int here."""
+    if not isinstance(meta, dict):
+        return "not an object"
+    tiles = meta.get("num_tiles", 0)
+    if type(tiles) is not int or not 0 <= tiles <= capacity // TOKENS_PER_TILE:
+        return f"num_tiles {tiles!r}"
+    samples = meta.get("samples")
+    if not isinstance(samples, list) or not samples:
+        return "samples is not a non-empty list"
+    for number, sample in enumerate(samples):
+        if not isinstance(sample, dict) or "dataset" not in sample:
+            return f"samples[{number}] is not an object with a dataset"
+        length, offset = sample.get("length"), sample.get("offset")
+        if type(length) is not int or type(offset) is not int or length < 1 or offset < 0:
+            return f"samples[{number}] length {length!r} offset {offset!r}"
+        if offset + length > capacity:
+            return f"samples[{number}] ends at {offset + length}, past T = {capacity}"
+        for media in ("images", "videos"):
+            if not isinstance(sample.get(media) or [], list):
+                return f"samples[{number}].{media} is not a list"
+        for video in sample.get("videos") or ():
+            requested = video.get("requested_frames", 0) if isinstance(video, dict) else None
+            if not isinstance(video, dict) or not isinstance(video.get("frames") or [], list):
+                return f"samples[{number}].videos has an entry without a frame list"
+            if type(requested) is not int or requested < 0:
+                return f"samples[{number}].videos requested_frames {requested!r}"
+    return None
 
 
 def scan_shard(task: tuple[str, str, int]) -> ShardScan:
     """The `ShardScan` of one shard; `task` is (path, name, T)."""
     path, name, capacity = task
     scan = ShardScan(name=name, capacity=capacity)
-    for _, meta in read_pack_metas(path):
+    for key, meta in read_pack_metas(path):
+        problem = check_meta(meta, capacity)
+        if problem is not None:
+            raise StatsError(f"{path}: sample {key}: meta.json: {problem}")
         scan.add_pack(meta)
     return scan
 

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lvita_data.errors import ShardFormatError
 from lvita_data.fileio import TEMP_MARKER
-from lvita_data.shards.format import STATE_DIR, shard_name
+from lvita_data.shards.format import STATE_DIR, parse_json, shard_name
 from lvita_data.verify.report import Problem
 from lvita_data.verify.shard import KEY_PATTERN, ShardResult
 
@@ -24,10 +24,12 @@ from lvita_data.verify.shard import KEY_PATTERN, ShardResult
 def read_json(path: Path, problems: list[Problem], what: str) -> Any:
     """The JSON of `path`, or None with a ``files`` problem naming `what` as missing or broken."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_bytes(), what)
     except FileNotFoundError:
         problems.append(Problem("files", f"{what} is missing"))
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        problems.append(Problem("files", f"{what} cannot be read: {error.strerror}"))
+    except ShardFormatError as error:
         problems.append(Problem("files", f"{what} does not parse: {error}"))
     return None
 
@@ -55,16 +57,21 @@ def check_accounting(out: Path, results: list[ShardResult], problems: list[Probl
     stats = read_json(out / "stats.json", problems, "stats.json")
     rejects: list[dict] = []
     try:
-        for number, line in enumerate(
-            (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines(), 1
-        ):
-            if line.strip():
-                try:
-                    rejects.append(json.loads(line))
-                except ValueError as error:
-                    problems.append(Problem("files", f"rejects.jsonl line {number}: {error}"))
+        lines = (out / "rejects.jsonl").read_bytes().splitlines()
     except OSError:
         problems.append(Problem("files", "rejects.jsonl is missing"))
+        lines = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                reject = parse_json(line, f"rejects.jsonl line {number}")
+            except ShardFormatError as error:
+                problems.append(Problem("files", str(error)))
+                continue
+            if not isinstance(reject, dict):
+                problems.append(Problem("files", f"rejects.jsonl line {number}: not an object"))
+                continue
+            rejects.append(reject)
     packed = Counter()
     for result in results:
         packed.update(result.datasets)
@@ -79,7 +86,7 @@ def check_accounting(out: Path, results: list[ShardResult], problems: list[Probl
         measured = {str(d["name"]): int(d["samples"]) for d in stats["datasets"] if "samples" in d}
         total_packs, total_tokens = int(stats["packs"]), int(stats["tokens"])
         stats_rejects = int(stats["rejects"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         problems.append(Problem("files", f"stats.json lacks field {error}"))
         return
     for dataset, count in selected.items():
@@ -134,11 +141,22 @@ def _check_plan(
 ) -> None:
     """Keys inside their shard's pack range; planned = packed + build-rejected, per pack."""
     try:
-        plan = json.loads((out / STATE_DIR / "plan.json").read_text(encoding="utf-8"))
-        files = [f["path"] for f in plan["files"]]
-        shards, offsets = plan["shards"], plan["pack_offset"]
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = parse_json((out / STATE_DIR / "plan.json").read_bytes(), "plan.json")
+    except (OSError, ShardFormatError):
         return  # no saved plan (e.g. a copied dataset): nothing to compare with
+    if not isinstance(plan, dict) or not {"files", "shards", "pack_offset"} <= set(plan):
+        return  # a plan of another layout (the columnar plan): nothing to compare with
+    try:
+        _compare_plan(plan, results, rejects, problems)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as error:
+        problems.append(Problem("plan", f".lvita-build/plan.json is malformed ({error!r})"))
+
+
+def _compare_plan(
+    plan: Any, results: list[ShardResult], rejects: list[dict], problems: list[Problem]
+) -> None:
+    files = [str(f["path"]) for f in plan["files"]]
+    shards, offsets = plan["shards"], plan["pack_offset"]
     if len(shards) != len(results):
         problems.append(
             Problem("plan", f"plan.json has {len(shards)} shard(s), index.json {len(results)}")
@@ -146,7 +164,7 @@ def _check_plan(
         return
     rejected = Counter((str(r.get("file")), str(r.get("record"))) for r in rejects)
     for number, (result, packs) in enumerate(zip(results, shards, strict=True)):
-        first = offsets[number]
+        first = int(offsets[number])
         for key, refs in result.refs.items():
             try:
                 pack = int(key) - first

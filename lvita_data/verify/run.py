@@ -11,15 +11,16 @@ files (`check_files`), each shard (`verify_shard`, in `workers` processes of
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tqdm import tqdm
 
+from lvita_data.errors import LoaderError, ShardFormatError
+from lvita_data.loader.loader import check_index
 from lvita_data.pool import map_tasks
 from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
-from lvita_data.shards.format import SHARD_FORMATS, STATE_DIR
+from lvita_data.shards.format import STATE_DIR, parse_json
 from lvita_data.verify.accounting import check_accounting, check_files, read_json
 from lvita_data.verify.report import Problem, VerifyReport
 from lvita_data.verify.settings import Settings, load_settings
@@ -31,10 +32,10 @@ def _recorded_digests(out: Path, entry: dict) -> dict[str, str] | None:
         return entry["digests"]
     done = out / STATE_DIR / "done" / f"{entry['name']}.json"
     try:
-        record = json.loads(done.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = parse_json(done.read_bytes(), str(done))
+    except (OSError, ShardFormatError):
         return None
-    digests = record.get("digests")
+    digests = record.get("digests") if isinstance(record, dict) else None
     return digests if isinstance(digests, dict) else None
 
 
@@ -53,16 +54,17 @@ def verify_build(
         problems.append(Problem("files", "not a directory"))
         return report
     index = read_json(out / "index.json", problems, "index.json")
-    try:
-        shards = list(index["shards"])
-        for entry in shards:
-            entry["name"], entry["bytes"], entry["sha256"], entry["samples"], entry["tokens"]
-        if index["format"] not in SHARD_FORMATS:
-            problems.append(Problem("files", f"index.json format {index['format']}"))
-    except (TypeError, KeyError) as error:
-        if index is not None:
-            problems.append(Problem("files", f"index.json lacks field {error}"))
+    if index is None:
         return report
+    try:  # the loader's schema: types, ranges, plain unique names (confined to the build)
+        check_index(out / "index.json", index)
+        for number, entry in enumerate(index["shards"]):
+            if not isinstance(entry.get("sha256"), str) or type(entry.get("tokens")) is not int:
+                raise LoaderError(f"index.json: shards[{number}] sha256 / tokens malformed")
+    except LoaderError as error:
+        problems.append(Problem("files", str(error)))
+        return report
+    shards = list(index["shards"])
     report.shards = len(shards)
     settings: Settings | None
     try:

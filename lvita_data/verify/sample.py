@@ -46,6 +46,7 @@ from lvita_data.shards.format import (
     npy_bytes,
     npz_bytes,
     npz_limit,
+    parse_json,
     tile_member,
 )
 from lvita_data.verify.images import IMAGE_PATTERN, check_images
@@ -181,8 +182,8 @@ def check_sample(
     meta = None
     if "meta.json" in parts:
         try:
-            meta = json.loads(parts["meta.json"])
-        except (ValueError, UnicodeError) as error:
+            meta = parse_json(parts["meta.json"], "meta.json")
+        except ShardFormatError as error:
             out.add(f"does not parse: {error}", "meta.json")
         else:
             canonical = meta_bytes(meta)
@@ -201,7 +202,10 @@ def check_sample(
             summary.tokens = sum(int(s["length"]) for s in samples)
             meta_tiles = int(meta["num_tiles"])
             meta_stored = int(meta[stored_field])
-        except (KeyError, TypeError, ValueError) as error:
+            most = settings.max_seq_len // TOKENS_PER_TILE
+            if not (0 <= meta_stored <= most and 0 <= meta_tiles <= most):
+                raise ValueError(f"tile counts {meta_tiles} / {meta_stored} outside 0..{most}")
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             out.add(f"malformed: missing or bad field {error}", "meta.json")
             meta = None
     # tiles: names, count, bytes

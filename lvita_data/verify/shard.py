@@ -22,6 +22,7 @@ import hashlib
 import mmap
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -101,10 +102,14 @@ def verify_shard(task: ShardTask) -> ShardResult:
     problems = result.problems
     path = task.path
     try:
-        size = os.path.getsize(path)
+        status = os.lstat(path)
     except OSError:
         problems.append(Problem("files", "shard listed in index.json is missing", name))
         return result
+    if not stat.S_ISREG(status.st_mode):  # a symlink could point outside the build
+        problems.append(Problem("files", "shard is not a regular file of the build", name))
+        return result
+    size = status.st_size
     with open(path, "rb") as handle:
         if size == 0:
             problems.append(Problem("files", "shard is empty", name))

@@ -24,24 +24,39 @@ from lvita_data.tokenizer.special_tokens import SpecialIds
 from lvita_data.verify.report import SampleProblems
 from lvita_data.verify.settings import Settings
 
+MAX_GRID = 64
+"""Largest cols * rows of an image accepted from a meta (Long-VITA uses at most 12)."""
 
-def _expected_vision(sample: dict, special: SpecialIds) -> list[tuple[np.ndarray, int]]:
-    """(ids, tiles) of each vision block of a packed sample, in order of appearance."""
+
+def _expected_vision(
+    sample: dict, special: SpecialIds, max_tiles: int
+) -> list[tuple[np.ndarray, int]]:
+    """(ids, tiles) of each vision block of a packed sample, in order of appearance; at most
+    `max_tiles` in all (T / 256: every tile takes 256 placeholders), so a meta that claims a
+    grid or a frame count of 10^18 is reported, not expanded."""
     blocks = []
+    total = 0
     for kind, index in sample["media_order"]:
         if kind == "image":
             image = sample["images"][index]
             grid = (int(image["grid"][0]), int(image["grid"][1]))
-            if min(grid) < 1 or image["tiles"] != num_tiles(grid):
+            if min(grid) < 1 or grid[0] * grid[1] > MAX_GRID or image["tiles"] != num_tiles(grid):
                 raise ValueError(f"image {index}: grid {grid} with {image['tiles']} tiles")
-            blocks.append((image_token_ids(grid, special), num_tiles(grid)))
+            tiles = num_tiles(grid)
         elif kind == "video":
             frames = sample["videos"][index]["frames"]
             if not frames:
                 raise ValueError(f"video {index} has no frames")
-            blocks.append((video_token_ids(len(frames), special), len(frames)))
+            tiles = len(frames)
         else:
             raise ValueError(f"unknown media kind {kind!r}")
+        total += tiles
+        if total > max_tiles:
+            raise ValueError(f"its media stand for more than {max_tiles} tiles (T / 256)")
+        if kind == "image":
+            blocks.append((image_token_ids(grid, special), tiles))
+        else:
+            blocks.append((video_token_ids(tiles, special), tiles))
     for kind, media in (("image", sample["images"]), ("video", sample["videos"])):
         listed = sorted(index for k, index in sample["media_order"] if k == kind)
         if listed != list(range(len(media))):
@@ -62,7 +77,7 @@ def check_text(
     special = settings.special
     what = f"packed sample {number} ({sample.get('dataset')}, record {sample.get('record')})"
     try:
-        blocks = _expected_vision(sample, special)
+        blocks = _expected_vision(sample, special, settings.max_seq_len // TOKENS_PER_TILE)
     except (KeyError, TypeError, ValueError, IndexError) as error:
         out.add(f"{what}: media metadata malformed: {error}", "meta.json")
         return 0

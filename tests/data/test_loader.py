@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lvita_data.build.run import build_stage
-from lvita_data.errors import LoaderError
+from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.loader import PackedBatch, ShardLoader, epoch_order
 from lvita_data.loader.batch import assemble_batch
 from lvita_data.loader.loader import bundled_vision_ids
@@ -171,17 +171,11 @@ def test_scan_matches_tarfile(build):
             assert before.end == after.start  # samples tile the archive
 
 
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_scan_reads_long_names_and_skips_directories(tmp_path, fmt):
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_scan_reads_long_names(tmp_path, fmt):
     path = tmp_path / "t.tar"
-    long_dir = "d" * 60 + "/" + "e" * 30  # ustar prefix / GNU long name / pax path
-    names = [f"{long_dir}/k1.a.npy", f"{long_dir}/k1.b.json", f"{long_dir}/k2.a.npy", "k3.x"]
-    if fmt != tarfile.USTAR_FORMAT:
-        names.append("f" * 120 + ".Long.PNG")  # > 100 characters, no '/'
+    names = ["k1.a.npy", "k1.b.json", "k2.a.npy", "f" * 120 + ".Long.PNG"]  # GNU L / pax path
     with tarfile.open(path, "w", format=fmt) as archive:
-        directory = tarfile.TarInfo("somedir")
-        directory.type = tarfile.DIRTYPE
-        archive.addfile(directory)
         for i, name in enumerate(names):
             info = tarfile.TarInfo(name)
             info.size = 700 * i + 1
@@ -189,14 +183,37 @@ def test_scan_reads_long_names_and_skips_directories(tmp_path, fmt):
     samples = group_samples(scan_tar_file(path))
     with tarfile.open(path) as archive:
         offsets = {m.name: (m.offset_data, m.size) for m in archive if m.isreg()}
-    assert [s.key for s in samples][:3] == [f"{long_dir}/k1", f"{long_dir}/k2", "k3"]
+    assert [s.key for s in samples] == ["k1", "k2", "f" * 120]
     assert sorted(samples[0].members) == ["a.npy", "b.json"]
-    if fmt != tarfile.USTAR_FORMAT:
-        assert samples[-1].key == "f" * 120 and list(samples[-1].members) == ["long.png"]
+    assert list(samples[-1].members) == ["long.png"]
     for sample in samples:
         for suffix, (offset, size) in sample.members.items():
             original = next(n for n in names if n.lower() == f"{sample.key}.{suffix}".lower())
             assert offsets[original] == (sample.start + offset, size)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("somedir", tarfile.DIRTYPE),
+        ("k1.link", tarfile.SYMTYPE),
+        ("k1.hard", tarfile.LNKTYPE),
+        ("d" * 60 + "/" + "e" * 60 + "/k1.a.npy", tarfile.REGTYPE),  # ustar prefix, long name
+        ("../k1.a.npy", tarfile.REGTYPE),
+        ("/abs/k1.a.npy", tarfile.REGTYPE),
+    ],
+)
+def test_scan_refuses_links_directories_and_paths(tmp_path, fmt, name, kind):
+    """The strict reader takes plain regular members only: anything else names the offset."""
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as archive:
+        archive.addfile(tarfile.TarInfo("k0.a.npy"), io.BytesIO(b""))
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, "k0.a.npy" if kind != tarfile.REGTYPE else ""
+        archive.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ShardFormatError, match=r"t\.tar: .* \(at byte \d+\)"):
+        scan_tar_file(path)
 
 
 def test_samples_match_webdataset(build):
