@@ -318,7 +318,7 @@ def read_build_manifest(out_dir: str | os.PathLike[str]) -> BuildManifest:
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
-    except (OSError, UnicodeError, yaml.YAMLError) as error:
+    except (OSError, UnicodeError, yaml.YAMLError, RecursionError) as error:
         raise ShardFormatError(f"{path}: cannot read the build's manifest copy: {error}") from None
     if data is None:
         data = {}
