@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -476,6 +477,68 @@ def test_an_interrupted_build_says_how_to_resume_and_keeps_its_shards(
     assert any((out / STATE_DIR / "done").glob("*.json"))
     build_stage(str(manifest), str(out), resume=True, progress=False)
     assert tree(out) == reference_tree
+
+
+SLOW_TASKS = """\
+# Imported at start-up by every Python process of the test (PYTHONPATH): each local pool task
+# sleeps first, so that the command is surely interrupted while its workers run.
+import time
+
+import lvita_data.pool as pool
+
+_call = pool._call
+
+
+def slow_call(fn, task):
+    time.sleep(3)
+    return _call(fn, task)
+
+
+pool._call = slow_call
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "sent", "code"), [("plan", signal.SIGINT, 130), ("verify", signal.SIGTERM, 143)]
+)
+def test_an_interrupted_plan_or_verify_ends_in_one_line(
+    command: str, sent: signal.Signals, code: int, manifest: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C (to the whole process group) or SIGTERM (to the command) while pool workers run:
+    exit 130 / 143, one line with the command to run again, no traceback, no worker left."""
+    psutil = pytest.importorskip("psutil")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_TASKS, encoding="utf-8")
+    target = str(manifest) if command == "plan" else str(reference)
+    args = [command, target, "--workers", "2", "--quiet"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        parent = psutil.Process(process.pid)
+        assert _wait_for(lambda: len(parent.children()) >= 2, process), "no workers started"
+        workers = parent.children(recursive=True)
+        time.sleep(1.0)  # the workers are inside their (slow) first task
+        if sent == signal.SIGINT:
+            os.killpg(process.pid, sent)
+        else:
+            process.send_signal(sent)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    what = "interrupted" if sent == signal.SIGINT else "terminated"
+    assert f"lvita {command}: {what}" in stderr and f"lvita {shlex.join(args)}" in stderr
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived the command: {alive}"
 
 
 def test_a_closed_pipe_ends_the_output_quietly(manifest: Path) -> None:

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,47 @@ def test_stage1_starts_from_the_two_public_checkpoints(shards, tmp_path):
     ids = tokenizer.convert_tokens_to_ids(list(LONGVITA_SPECIAL_TOKENS))
     assert ids == list(range(151665, 151682))
     assert tokenizer.encode("<image>\nhi", add_special_tokens=False)[0] == 151680
+
+
+def test_a_terminated_run_keeps_its_checkpoints_and_says_how_to_go_on(shards, model_dir, tmp_path):
+    """SIGTERM (a scheduler's preemption) mid-run: exit 143 with one last line naming the
+    command that goes on, no traceback; the checkpoints written are complete, and running that
+    command finishes the run with every step logged once."""
+    config = write_config(
+        tmp_path / "t" / "train.yaml",
+        shards,
+        model_dir,
+        recipe={"iterations": 12, "global_batch": 1},
+        output={"save_every": 1, "export_hf": False},
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(KILL_ENV, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "train", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    latest = config.parent / "run" / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 180
+        while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before the first checkpoint"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("lvita train: terminated; finished work is kept. To go on: ")
+    assert last.endswith(f"lvita train {config}")
+    stopped_at = len(read_metrics(config.parent / "run" / "metrics.jsonl"))
+    assert 1 <= stopped_at < 12
+    resumed = _cli(config)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [r["step"] for r in read_metrics(config.parent / "run" / "metrics.jsonl")]
+    assert steps == list(range(1, 13))
