@@ -5,7 +5,7 @@ names the file and the field; a whole source that cannot be read is a `SourceErr
 record raises `SkipSample(reason, detail)`, which `lvita_data.samples.read` turns into a counted
 `Reject` (never a silent skip). `RejectRateExceeded` stops a run whose source rejects too much.
 Every other error of the package lives here too, one class per failing step: missing inputs,
-build, pool, shard format, loader, stats, Energon metadata. Library code raises; only
+build, pool, shard format, loader, stats, show, Energon metadata. Library code raises; only
 `pipelines/cli.py` prints and maps them to exit codes.
 """
 
@@ -63,6 +63,11 @@ class LoaderError(LvitaError):
 
 class ShardFormatError(LvitaError):
     """A shard or a build file is not what the shard format says (damaged tar, bad header)."""
+
+
+class ShowError(LvitaError):
+    """`lvita show` was asked for a pack (index or key) the build does not have, or cannot
+    write its HTML file."""
 
 
 class PoolError(LvitaError):

@@ -5,6 +5,7 @@
     lvita build MANIFEST --out DIR          packed WebDataset shards (resumable)
     lvita stats DIR [--json] [--html FILE]  packing quality report of a build
     lvita verify DIR                        checksums, per-sample invariants, accounting
+    lvita show DIR [--pack K | --key KEY]   one packed sequence as the model sees it
     lvita generate MODEL --prompt TEXT      generated text, KV cache (see pipelines.generate)
     lvita train CONFIG [--set K=V ...]      train a stage (torchrun for DP x CP; pipelines.train)
 
@@ -40,6 +41,7 @@ from lvita_data.errors import (
     MissingInputs,
     RejectRateExceeded,
     ShardFormatError,
+    ShowError,
     StatsError,
 )
 from lvita_model.errors import ConfigError, WeightsError
@@ -56,6 +58,7 @@ EXIT_CODES: dict[type[Exception], int] = {
     ManifestError: 2,
     TrainConfigError: 2,
     GenerateError: 2,
+    ShowError: 2,
     # 3: missing or unreadable inputs (data, model, checkpoint, media)
     MissingInputs: 3,
     LoaderError: 3,
@@ -168,6 +171,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(report.format())
     return EXIT_OK if report.ok else EXIT_VERIFY_PROBLEMS
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    """One pack in the terminal (colours per --color), or with --html the page's path."""
+    from lvita_data.show.html import write_html
+    from lvita_data.show.read import show_pack
+    from lvita_data.show.text import format_pack
+
+    shown = show_pack(args.dir, pack=args.pack, key=args.key, with_tiles=bool(args.html))
+    if args.html:
+        write_html(shown.view, shown.tiles, args.html)
+        print(f"wrote {args.html}")
+        return EXIT_OK
+    color = args.color == "always" or (
+        args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    )
+    print(format_pack(shown.view, color=color))
+    return EXIT_OK
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -316,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="check PNG CRCs, image headers and containers; decode no tile or source image",
     )
     verify.set_defaults(run=_cmd_verify)
+
+    show = commands.add_parser(
+        "show",
+        formatter_class=_HelpFormatter,
+        help="one packed sequence as the model sees it (documents, label mask, tiles)",
+    )
+    show.add_argument("dir", help="build output directory")
+    which = show.add_mutually_exclusive_group()
+    which.add_argument(
+        "--pack", type=int, help="global pack index, shards in index.json order (default: 0)"
+    )
+    which.add_argument("--key", help="the pack's sample key (e.g. 000000042)")
+    show.add_argument("--html", metavar="FILE", help="write a self-contained HTML page instead")
+    show.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="ANSI colours (auto: when stdout is a terminal and NO_COLOR is unset)",
+    )
+    show.set_defaults(run=_cmd_show)
 
     demo = commands.add_parser(
         "demo-data",

@@ -36,6 +36,7 @@ DATA_EDGES = {  # part of lvita_data: the parts it may import
     "stats": "errors schema fileio pool manifest shards",
     "loader": "errors schema fileio media samples tokenizer shards",
     "verify": "errors schema fileio pool manifest media samples tokenizer shards",
+    "show": "errors schema fileio tokenizer shards loader",
     "build": "errors schema fileio pool manifest records tokenizer samples media packing shards "
     "stats",
     "demo": "errors schema fileio media",
