@@ -299,6 +299,10 @@ def read_bytes(path: str) -> bytes:
         raise SourceError(f"{path}: cannot read source file: {error}") from None
 
 
+SPLIT_SLICE = 1 << 24
+"""Bytes of a JSON Lines file scanned for newlines at a time (bounds the scan's mask)."""
+
+
 class JsonRows:
     """Rows of a JSONL file (raw line bytes, parsed lazily) or of a JSON array (loaded whole).
 
@@ -360,7 +364,14 @@ class JsonRows:
 
     def _split_lines(self, data: bytes) -> None:
         self._data = data
-        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A).astype(np.int64)
+        view = np.frombuffer(data, dtype=np.uint8)
+        newlines = np.concatenate(  # in slices: the mask of a 500 MB file is not held at once
+            [np.zeros(0, dtype=np.int64)]
+            + [
+                np.flatnonzero(view[start : start + SPLIT_SLICE] == 0x0A).astype(np.int64) + start
+                for start in range(0, len(data), SPLIT_SLICE)
+            ]
+        )
         starts = np.concatenate([np.zeros(1, dtype=np.int64), newlines + 1])
         ends = np.concatenate([newlines, np.array([len(data)], dtype=np.int64)])
         if starts[-1] == len(data):  # the file ends with "\n" (or is empty): no last row

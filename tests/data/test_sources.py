@@ -679,3 +679,18 @@ def check_tags_reference(turns, num_images: int, num_videos: int) -> None:
                 RejectReason.tag_mismatch,
                 f"{found} {tag} tag(s) in the turns but {expected} {tag[1:-1]}(s)",
             )
+
+
+def test_json_lines_split_in_slices_equals_one_split(tmp_path: Path, monkeypatch) -> None:
+    """Newlines are found slice by slice (a bounded mask); rows must not depend on where the
+    slices fall, including a line or a newline on a slice border."""
+    lines = [b'{"a": %d}' % i + b" " * (i % 5) for i in range(40)]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n\n" + b'{"z": 1}')
+    reference = base.JsonRows(str(path))
+    expected = [reference.line(i) for i in range(len(reference))]
+    assert len(expected) == 42 and expected[40] == b"" and expected[41] == b'{"z": 1}'
+    for size in (1, 7, 8, 64, 1 << 20):
+        monkeypatch.setattr(base, "SPLIT_SLICE", size)
+        rows = base.JsonRows(str(path))
+        assert [rows.line(i) for i in range(len(rows))] == expected, size
