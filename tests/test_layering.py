@@ -40,6 +40,7 @@ DATA_EDGES = {  # part of lvita_data: the parts it may import
     "build": "errors schema fileio pool manifest records tokenizer samples media packing shards "
     "stats",
     "demo": "errors schema fileio media",
+    "energon": "errors loader",  # the one module that imports megatron.energon (optional)
 }
 MODEL_EDGES = {  # part of lvita_model (torch + safetensors only, never lvita_data): may import
     "errors": "",

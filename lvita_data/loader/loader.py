@@ -12,6 +12,8 @@ The package, one job per module:
 - `lvita_data.loader.reader`: reading one pack from its shard (tar scan, one ``pread``) and the
   per-pack checks (arrays, tile members, placeholder count).
 - `lvita_data.loader.workers`: decoding in torch DataLoader workers into shared memory.
+- `lvita_data.loader.settings`: `PackSettings`, the same checks and decoding for a pack whose
+  members another reader read (Megatron-Energon, `lvita_data.energon`).
 - this module: `ShardLoader` (the build's ``index.json``, its special ids, the rank's position,
   iteration and resume state).
 
@@ -186,7 +188,7 @@ def bundled_vision_ids() -> tuple[int, int, int]:
     )  # type: ignore[return-value]
 
 
-def _build_settings(
+def build_settings(
     root: Path, special_ids: SpecialIds | None
 ) -> tuple[tuple[int, int, int], int | None, bool | None]:
     """(vision ids, vocabulary size, pack.reset_attention) of a build, from its manifest copy
@@ -212,6 +214,22 @@ def _build_settings(
     if special_ids is not None:
         vision_ids = special_ids.vision_context_ids
     return tuple(vision_ids), vocab, reset  # type: ignore[return-value]
+
+
+def read_index(root: Path) -> dict:
+    """The build's `index.json`, at most `MAX_INDEX_BYTES`, checked by `check_index`
+    (`LoaderError` otherwise)."""
+    path = root / "index.json"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_INDEX_BYTES + 1)
+        if len(data) > MAX_INDEX_BYTES:
+            raise LoaderError(f"{path}: larger than {MAX_INDEX_BYTES} bytes")
+        return check_index(path, parse_json(data, str(path)))
+    except OSError as error:
+        raise LoaderError(f"{path}: {error.strerror}") from None
+    except ShardFormatError as error:
+        raise LoaderError(str(error)) from None
 
 
 class ShardLoader:
@@ -285,7 +303,7 @@ class ShardLoader:
         self.drop_last = drop_last
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
-        self.vision_ids, self.vocab_size, self.reset_attention = _build_settings(
+        self.vision_ids, self.vocab_size, self.reset_attention = build_settings(
             self.root, special_ids
         )
         self.reader = ShardReader(
@@ -305,17 +323,7 @@ class ShardLoader:
     # -- index, pickling ------------------------------------------------------------------
 
     def _read_index(self) -> dict:
-        path = self.root / "index.json"
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_INDEX_BYTES + 1)
-            if len(data) > MAX_INDEX_BYTES:
-                raise LoaderError(f"{path}: larger than {MAX_INDEX_BYTES} bytes")
-            index = check_index(path, parse_json(data, str(path)))
-        except OSError as error:
-            raise LoaderError(f"{path}: {error.strerror}") from None
-        except ShardFormatError as error:
-            raise LoaderError(str(error)) from None
+        index = read_index(self.root)
         _check_shard_files(self.root, index["shards"])
         return index
 
@@ -459,4 +467,10 @@ class ShardLoader:
         )
 
 
-__all__ = ["STATE_VERSION", "ShardLoader", "bundled_vision_ids"]
+__all__ = [
+    "STATE_VERSION",
+    "ShardLoader",
+    "build_settings",
+    "bundled_vision_ids",
+    "read_index",
+]

@@ -2,13 +2,18 @@
 
 What Energon 7.x reads from a prepared WebDataset directory (megatron-energon 7.4.1 source:
 `flavors/webdataset/{prepare,metadata,indexing,itar,itar_reader,structs,config}.py`):
-- `.nv-meta/dataset.yaml`: the factory; `__module__: megatron.energon`, `__class__:
-  CrudeWebdataset` (samples are dicts of raw member bytes, turned into samples by the task
-  encoder's cookers; `subflavors` route them). Parsed strictly.
+- `.nv-meta/dataset.yaml`: Energon's standard factory with lvita's sample type, sample loader
+  and part filter (`DATASET_YAML`, the types of `lvita_data.energon`): each sample is one
+  checked pack, batched into lvita's `PackedBatch`; `energon info` names the sample type and
+  `energon lint` reads every pack through the training loader's checks. Parsed strictly. The
+  raw route (`CRUDE_DATASET_YAML`: a `CrudeWebdataset` of member bytes for a task encoder's
+  cookers, subflavor `lvita: packed`) is not written; save it as `.nv-meta/crude.yaml` and
+  pass `dataset_config="crude.yaml"` to use it.
 - `.nv-meta/.info.json`: `{"energon_version"?: str, "shard_counts": {shard: samples}}`, parsed
   strictly (no other keys). Its key order defines the `tar_file_id` of each shard.
-- `.nv-meta/split.yaml`: `split_parts: {train: [shards...]}` (names are brace-expanded) and
-  `exclude: []`.
+- `.nv-meta/split.yaml`: `split_parts: {train: [shards...], val: [], test: []}` (names are
+  brace-expanded; `energon lint` checks the three parts and skips an empty one, a missing one
+  fails it) and `exclude: []`.
 - `{shard}.tar.idx` next to each shard: little-endian uint64 byte offsets (native `struct` "Q")
   of each sample's first header block, then the offset of the end-of-archive marker (n + 1
   entries). The plain loader (`get_train_dataset` / `get_val_dataset` on the directory, via
@@ -51,9 +56,26 @@ from lvita_data.shards.tar import TarScan, scan_tar, split_member_name
 MAIN_FOLDER = ".nv-meta"
 ITAR_SUFFIX = ".idx"
 """Energon's `Path(shard).with_suffix(".tar.idx")` for a `*.tar` shard."""
-DATASET_YAML = (
+DATASET_YAML = """\
+sample_type:
+  __module__: lvita_data.energon
+  __class__: PackedSample
+sample_loader:
+  __module__: lvita_data.energon
+  __class__: PackLoader
+part_filter:
+  __module__: lvita_data.energon
+  __class__: AllParts
+decoder: null
+subflavors:
+  lvita: packed
+"""
+"""The build's `dataset.yaml`: samples are `lvita_data.energon.PackedSample` (Energon imports
+lvita's types; ``decoder: null`` hands the loader each member's bytes)."""
+CRUDE_DATASET_YAML = (
     "__module__: megatron.energon\n__class__: CrudeWebdataset\nsubflavors:\n  lvita: packed\n"
 )
+"""A `CrudeWebdataset` view of the same build (dicts of member bytes), for cookers."""
 INDEX_NAMESPACE = uuid.UUID("6f1c1d0e-3b1a-5c55-9a53-6c7669746131")
 
 # Statements as Energon's SqliteIndexWriter issues them (sqlite_master keeps their text).
@@ -254,7 +276,11 @@ def write_energon_metadata(
     info = {"shard_counts": {shard.name: shard.samples for shard in shards}}
     write_text_atomic(str(meta / ".info.json"), json.dumps(info, indent=2) + "\n")
     split = {
-        "split_parts": {"train": [shard.name for shard in shards if shard.samples]},
+        "split_parts": {
+            "train": [shard.name for shard in shards if shard.samples],
+            "val": [],
+            "test": [],
+        },
         "exclude": [],
     }
     write_text_atomic(str(meta / "split.yaml"), yaml.safe_dump(split, sort_keys=False))
@@ -382,6 +408,7 @@ def check_energon_metadata(
 
 
 __all__ = [
+    "CRUDE_DATASET_YAML",
     "DATASET_YAML",
     "EnergonMetadataError",
     "ShardLayout",

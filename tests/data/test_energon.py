@@ -1,6 +1,8 @@
-"""Energon compatibility (lvita_data.shards.energon): the `.nv-meta/` and `*.tar.idx` lvita
-writes let the real `megatron-energon` open a build directory without `energon prepare`, agree
-with what `energon prepare` writes, and are byte-reproducible. Skipped without megatron-energon."""
+"""Energon compatibility (lvita_data.shards.energon, lvita_data.energon): the `.nv-meta/` and
+`*.tar.idx` lvita writes let the real `megatron-energon` open a build directory without `energon
+prepare` (`energon info`, `energon lint`, `get_train_dataset` yielding lvita's batches equal to
+`ShardLoader`'s), agree with what `energon prepare` writes, and are byte-reproducible; the crude
+route (`CRUDE_DATASET_YAML`) hands out every member's bytes. Skipped without megatron-energon."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import pytest
 import yaml
 
 from lvita_data.build.run import build_stage
+from lvita_data.loader import ShardLoader
 from lvita_data.shards.energon import (
+    CRUDE_DATASET_YAML,
     DATASET_YAML,
     check_energon_metadata,
     index_uuid,
@@ -122,7 +126,8 @@ def test_metadata_files(built):
     info = json.loads((meta / ".info.json").read_text(encoding="utf-8"))
     assert info == {"shard_counts": {s.name: s.samples for s in shards}}
     split = yaml.safe_load((meta / "split.yaml").read_text(encoding="utf-8"))
-    assert split == {"split_parts": {"train": [s.name for s in shards]}, "exclude": []}
+    train = [s.name for s in shards]
+    assert split == {"split_parts": {"train": train, "val": [], "test": []}, "exclude": []}
     layouts = [read_layout(built / s.name) for s in shards]
     assert (meta / "index.uuid").read_text(encoding="utf-8") == index_uuid(layouts)
     assert uuid.UUID(index_uuid(layouts)).version == 5
@@ -143,8 +148,9 @@ def test_metadata_is_reproducible(built, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def energon_parts(built) -> dict[str, dict[str, bytes]]:
-    """key -> {part: bytes} of every sample, as the real Energon loader hands them out (a
+def energon_parts(built, tmp_path_factory) -> dict[str, dict[str, bytes]]:
+    """key -> {part: bytes} of every sample, as the real Energon loader hands them out through
+    the crude route (`CRUDE_DATASET_YAML` saved as ``crude.yaml`` in a copy of the build; a
     CrudeWebdataset cooked into raw member bytes, no decoding)."""
     from megatron.energon import (
         Cooker,
@@ -170,13 +176,17 @@ def energon_parts(built) -> dict[str, dict[str, bytes]]:
         cookers = [Cooker(cook)]
         decoder = None  # raw member bytes, no image/npy decoding
 
+    crude = tmp_path_factory.mktemp("crude") / "build"
+    shutil.copytree(built, crude)
+    (crude / ".nv-meta" / "crude.yaml").write_text(CRUDE_DATASET_YAML, encoding="utf-8")
     worker_config = WorkerConfig(rank=0, world_size=1, num_workers=0)
     dataset = get_val_dataset(
-        built,
+        crude,
         split_part="train",
         worker_config=worker_config,
         batch_size=None,
         task_encoder=RawEncoder(),
+        dataset_config="crude.yaml",
     )
     loaded = {}
     with warnings.catch_warnings():
@@ -228,6 +238,115 @@ def test_energon_hands_out_the_source_image_bytes(built, energon_parts):
         tiles = sorted(part for part in parts if part.startswith("tile"))
         assert tiles == [f"tile{j:06d}.png" for j in range(meta["stored_tiles"])], key
     assert {"jpg", "png"} <= extensions
+
+
+def energon_cli(*args: str) -> subprocess.CompletedProcess:
+    cli = "from megatron.energon.cli.main import main; main()"
+    command = [sys.executable, "-c", cli, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+def test_energon_info_names_lvitas_sample_type(built):
+    count = sum(shard.samples for shard in shards_of(built))
+    result = energon_cli("info", str(built))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"({count:,} samples" in result.stdout
+    assert "PackedSample <lvita_data.energon.PackedSample>" in result.stdout
+    assert f"`train`: 100%, {count:,} samples in {len(shards_of(built))} shards" in result.stdout
+
+
+def test_energon_lint_reads_every_pack(built):
+    count = sum(shard.samples for shard in shards_of(built))
+    result = energon_cli("lint", str(built))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{count}/{count} [" in result.stderr  # tqdm: every pack of the train part
+    assert "Skipping empty split part val" in result.stdout
+
+
+def test_energon_lint_reports_a_damaged_pack(built, tmp_path):
+    """Lint loads each pack through `PackLoader` (the training loader's checks): a pack whose
+    meta.json no longer parses is reported with its shard and key, and skipped. (Energon 7.4's
+    lint still exits 0 then: it ignores its own handler for the worker config's, which logs.)"""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built, damaged)
+    shard = shards_of(built)[0].name
+    sample = read_layout(damaged / shard).samples[1]
+    offset = next(off for part, off, _ in sample.parts if part == "meta.json")
+    with open(damaged / shard, "r+b") as handle:
+        handle.seek(offset)
+        assert handle.read(1) == b"{"
+        handle.seek(offset)
+        handle.write(b"[")
+    count = sum(shard.samples for shard in shards_of(built))
+    result = energon_cli("lint", str(damaged))
+    assert f"{damaged / shard} sample {sample.key}: meta.json: not JSON" in result.stderr
+    assert f"{count - 1}/{count} [" in result.stderr  # tqdm: one pack fewer than the split
+    assert f"{count}/{count} [" not in result.stderr
+
+
+def test_train_dataset_yields_shardloaders_batches(built):
+    """The README's snippet (run as written, on this build): Energon's `get_train_dataset`
+    with its default task encoder yields lvita's `PackedBatch`es, bit for bit the batches
+    `ShardLoader` gives for the same keys; an epoch covers every pack."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```python\nfrom megatron.energon import WorkerConfig, get_loader")
+    snippet = readme[start + len("```python\n") : readme.index("```", start + 9)]
+    from megatron.energon import get_loader
+
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'pin_memory' argument is set as true")
+        exec(snippet.replace('"shards/stage3"', repr(str(built))), namespace)  # noqa: S102
+        batches = [namespace["batch"]]
+        assert set(namespace["inputs"]) >= {"input_ids", "labels", "cu_seqlens", "pixel_values"}
+        count = sum(shard.samples for shard in shards_of(built))
+        more = zip(range(count), get_loader(namespace["dataset"]), strict=False)
+        batches += [batch for _, batch in more]
+    reference = {b.keys[0]: b for b in ShardLoader(built, shuffle=False)}
+    assert {key for batch in batches for key in batch.keys} == set(reference)
+    names = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values")
+    for batch in batches:
+        assert type(batch).__name__ == "PackedBatch" and len(batch.keys) == 1
+        expected = reference[batch.keys[0]]
+        for name in (*names, "image_token_positions", "tiles_per_pack"):
+            ours, theirs = getattr(batch, name), getattr(expected, name)
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (batch.keys, name)
+        assert batch.meta == expected.meta
+    assert sum(batch.num_tiles for batch in batches) > 0  # pixels were compared
+
+
+def test_packed_task_encoder_batches_uint8_tiles(built):
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset
+
+    from lvita_data.energon import PackedTaskEncoder
+
+    dataset = get_val_dataset(
+        built,
+        split_part="train",
+        batch_size=2,
+        worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+        task_encoder=PackedTaskEncoder(normalize=False),
+    )
+    loader = ShardLoader(built, shuffle=False, normalize=False)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'pin_memory' argument is set as true")
+        for batch in get_loader(dataset):
+            expected = loader.assemble([loader.read_pack(int(key)) for key in batch.keys])
+            assert batch.pixel_values.dtype == np.uint8
+            for name in ("input_ids", "cu_seqlens", "pixel_values", "image_token_positions"):
+                assert np.array_equal(getattr(batch, name), getattr(expected, name)), name
+            seen += batch.keys
+    assert sorted(seen) == [f"{i:09d}" for i in range(loader.num_packs)]
+
+
+def test_lvita_imports_energon_only_in_lvita_data_energon():
+    code = (
+        "import sys, lvita_data, lvita_data.loader, lvita_data.shards.energon, "
+        "lvita_data.verify; print([m for m in sys.modules if m.startswith('megatron')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_energon_index_check(built):
