@@ -72,3 +72,8 @@ class ShowError(LvitaError):
 
 class PoolError(LvitaError):
     """Tasks cannot be run as asked (unknown executor, Ray not installed)."""
+
+
+class WorkerLost(PoolError):
+    """A local worker process died while running a task (killed, out of memory); the work it
+    finished is kept and a rerun (`--resume` for a build) goes on from there."""

@@ -14,7 +14,9 @@ usual ``if __name__ == "__main__":`` guard. Every worker runs `watch_parent`, so
 worker or one task, tasks run in this process (no pickling, plain tracebacks).
 
 Results come back in task order (``ordered=True``) or as they complete (``ordered=False``, for
-progress and for writing completion records early). At most `IN_FLIGHT_PER_WORKER` tasks per
+progress and for writing completion records early). A worker that dies (killed, out of memory)
+is a `WorkerLost` error, unless this process was interrupted too (Ctrl-C to the process group):
+then the interrupt is what is raised. At most `IN_FLIGHT_PER_WORKER` tasks per
 worker are submitted and not yet handed back, so a 35,000-shard build holds a few dozen tasks
 and results at a time, not all of them. The first failing task stops the run: its
 exception is raised here and the tasks not yet started are cancelled.
@@ -38,9 +40,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal, TypeVar
 
-from lvita_data.errors import PoolError
+from lvita_data.errors import PoolError, WorkerLost
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,6 +52,8 @@ EXECUTORS: tuple[Executor, ...] = ("local", "ray")
 _NO_SHARED = object()
 IN_FLIGHT_PER_WORKER = 4
 """Tasks submitted ahead per local worker (enough to keep every worker busy)."""
+LOST_WORKER_GRACE_S = 0.5
+"""How long a dead worker's error waits for this process's own pending Ctrl-C."""
 _shared: Any = _NO_SHARED  # the `shared` object in a local worker process
 
 
@@ -108,7 +113,16 @@ def _map_local(
         initializer=_init_worker,
         initargs=(shared is not _NO_SHARED, None if shared is _NO_SHARED else shared),
     ) as pool:
-        yield from _bounded_results(pool, fn, tasks, IN_FLIGHT_PER_WORKER * workers, ordered)
+        try:
+            yield from _bounded_results(pool, fn, tasks, IN_FLIGHT_PER_WORKER * workers, ordered)
+        except BrokenProcessPool:
+            # Ctrl-C reaches the whole process group: the workers exit at once, and their deaths
+            # can reach this thread before its own KeyboardInterrupt does; let that one win.
+            time.sleep(LOST_WORKER_GRACE_S)
+            raise WorkerLost(
+                f"a worker process died while running a task ({fn.__name__}): killed, or out "
+                "of memory? Finished work is kept; run the command again to go on"
+            ) from None
 
 
 def _bounded_results(

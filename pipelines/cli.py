@@ -39,10 +39,12 @@ from lvita_data.errors import (
     LoaderError,
     ManifestError,
     MissingInputs,
+    PoolError,
     RejectRateExceeded,
     ShardFormatError,
     ShowError,
     StatsError,
+    WorkerLost,
 )
 from lvita_model.errors import ConfigError, WeightsError
 from pipelines.errors import (
@@ -54,11 +56,14 @@ from pipelines.errors import (
 
 EXIT_OK = 0
 EXIT_CODES: dict[type[Exception], int] = {
+    # 1: a worker process died (killed, out of memory): finished work is kept
+    WorkerLost: 1,
     # 2: a bad manifest, config or argument
     ManifestError: 2,
     TrainConfigError: 2,
     GenerateError: 2,
     ShowError: 2,
+    PoolError: 2,  # an executor that cannot run here (Ray not installed)
     # 3: missing or unreadable inputs (data, model, checkpoint, media)
     MissingInputs: 3,
     LoaderError: 3,

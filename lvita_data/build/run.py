@@ -56,7 +56,7 @@ from lvita_data.build.state import (
     read_saved,
     save_build_plan,
 )
-from lvita_data.errors import BuildError, PoolError
+from lvita_data.errors import BuildError
 from lvita_data.fileio import TEMP_MARKER, atomic_open, write_json_atomic, write_text_atomic
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.pool import EXECUTORS, Executor, executor_session, map_tasks
@@ -259,13 +259,10 @@ def build_stage(
     """
     if executor not in EXECUTORS:
         raise BuildError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
-    try:
-        with executor_session(executor, workers):  # one Ray for planning and the shards
-            return _build(
-                manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media
-            )
-    except PoolError as error:
-        raise BuildError(str(error)) from None
+    with executor_session(executor, workers):  # one Ray for planning and the shards
+        return _build(
+            manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media
+        )
 
 
 def _build(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
+from lvita_data.errors import WorkerLost
 from lvita_data.pool import IN_FLIGHT_PER_WORKER, map_tasks
 
 
@@ -32,8 +35,9 @@ def test_tasks_are_submitted_a_bounded_number_ahead(tmp_path: Path, ordered: boo
         map_tasks(_started, tasks, workers=workers, ordered=ordered)
     ):
         started = sum(1 for _ in tmp_path.iterdir())
-        # submitted when this result is handed back: the first `limit`, then one per result
-        assert started <= limit + handed_back, (started, handed_back)
+        # submitted when result number `handed_back` is handed back: the first `limit`, then
+        # one more per result taken from the pool (this one's included)
+        assert started <= limit + handed_back + 1, (started, handed_back)
         results.append(number)
     assert results == list(range(count)) if ordered else sorted(results) == list(range(count))
 
@@ -42,3 +46,14 @@ def test_the_first_failure_stops_the_run() -> None:
     results = map_tasks(_fail_on_seven, list(range(30)), workers=2)
     with pytest.raises(ValueError, match="task seven failed"):
         list(results)
+
+
+def _die_on_three(number: int) -> int:
+    if number == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+    return number
+
+
+def test_a_worker_that_dies_is_a_named_error() -> None:
+    with pytest.raises(WorkerLost, match="a worker process died while running a task"):
+        list(map_tasks(_die_on_three, list(range(10)), workers=2))

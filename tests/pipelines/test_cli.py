@@ -10,8 +10,10 @@ from lvita_data.errors import (
     LoaderError,
     ManifestError,
     MissingInputs,
+    PoolError,
     RejectRateExceeded,
     StatsError,
+    WorkerLost,
 )
 from lvita_model.errors import ConfigError, WeightsError
 from pipelines.cli import EXIT_CODES, exit_code, run
@@ -51,7 +53,8 @@ def test_most_specific_class_wins_and_unexpected_errors_have_no_code():
     assert exit_code(GenerateInputError("x")) == 3  # not GenerateError's 2
     assert exit_code(ValueError("x")) is None
     assert exit_code(PipelineError("x")) is None  # only concrete failures are mapped
-    assert all(code in (2, 3, 4, 5) for code in EXIT_CODES.values())
+    assert all(code in (1, 2, 3, 4, 5) for code in EXIT_CODES.values())
+    assert exit_code(WorkerLost("x")) == 1 and exit_code(PoolError("x")) == 2
 
 
 def test_training_config_error_is_no_manifest_error():
