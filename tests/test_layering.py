@@ -33,7 +33,7 @@ DATA_EDGES = {  # part of lvita_data: the parts it may import
     "samples": "errors schema manifest tokenizer records media",
     "packing": "schema",
     "shards": "errors schema fileio strict_yaml",
-    "stats": "errors schema fileio pool manifest shards",
+    "stats": "errors schema fileio pool manifest samples shards",
     "loader": "errors schema fileio media samples tokenizer shards",
     "verify": "errors schema fileio pool manifest media samples tokenizer shards",
     "show": "errors schema fileio tokenizer shards loader",

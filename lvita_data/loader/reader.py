@@ -5,14 +5,12 @@ Reading
 A process scans a shard's tar headers when it first needs the shard (`lvita_data.shards.tar`,
 strict mode: ustar, pax and GNU long names; only the headers are read through a read-only map:
 about 20 us per member, 0.3 ms per pack of 13 tiles; the scans of the last 4 shards are kept),
-which gives every sample's byte range; a pack is then one
-``pread`` of its contiguous members, sliced without copies. Members are grouped into samples by
-WebDataset's rule (key = the name up to the first dot of its last path component, suffix
-lower-cased, ``__*__`` metadata skipped; tested equal to ``webdataset.WebDataset``'s samples).
-Packs do not go through WebDataset's tar iterators: those stream a shard from its start, so a
-split by pack would make every rank read every byte; their ``tarfile`` stream parsing costs about
-3 ms per pack (170 us per member); and importing ``webdataset`` imports torch, which the loader
-must not do at import time (nor while iterating without workers).
+which gives every sample's byte range; a pack is then one ``pread`` of its contiguous members,
+sliced without copies. Members are grouped into samples by WebDataset's rule (key = the name up
+to the first dot of its last path component, suffix lower-cased, ``__*__`` metadata skipped;
+tested equal to ``webdataset.WebDataset``'s samples).
+Packs do not go through WebDataset's tar iterators: they stream a shard from its start (a split
+by pack would make every rank read every byte), parse at ~170 us per member, and import torch.
 
 Checks
 ------
@@ -23,8 +21,10 @@ the meta's tile format (M = ``num_tiles`` in format 1, ``stored_tiles`` in forma
 2 every image of the meta names an ``image*`` member with a positive size and a grid whose tile
 count it states; and the number of vision placeholders in ``input_ids`` is exactly 256 * N for
 the N tiles the pack's media stand for (`Pack.tile_sources`, walked in each sample's
-``media_order``). A violation raises `LoaderError` naming the shard and the key. Pixels are
-decoded later (`batch`).
+``media_order``). The tokens (`_check_tokens`, O(T)): ``cu_seqlens`` rises strictly with one
+segment per sample of the meta, ``position_ids`` follow it, ids are in the vocabulary and every
+label is -100 or its input id (-100 on padding and placeholders). A violation raises
+`LoaderError` naming the shard and the key. Pixels are decoded later (`batch`).
 """
 
 from __future__ import annotations
@@ -492,8 +492,7 @@ def _recent(
     if value is not None:
         cache.move_to_end(shard)
         return value
-    value = make()
-    cache[shard] = value
+    value = cache[shard] = make()
     while len(cache) > KEEP_SHARDS:
         dropped = cache.popitem(last=False)[1]
         if evict is not None:

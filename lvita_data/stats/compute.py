@@ -47,12 +47,12 @@ from typing import Protocol
 
 import numpy as np
 
-from lvita_data.errors import LoaderError, ShardFormatError, StatsError
-from lvita_data.loader.loader import check_index
+from lvita_data.errors import ShardFormatError, StatsError
 from lvita_data.manifest import StageManifest
 from lvita_data.pool import map_tasks
 from lvita_data.schema import Reject
 from lvita_data.shards.format import MANIFEST_COPY, ShardInfo, parse_json, read_build_manifest
+from lvita_data.shards.index import check_index
 from lvita_data.stats.scan import DatasetScan, ShardScan, scan_shard
 
 STATS_FORMAT_VERSION = 1
@@ -214,7 +214,7 @@ def _index_shards(out: Path) -> tuple[list[ShardInfo], str, int]:
         raise StatsError(f"{out / 'index.json'} not found: not a finished lvita build")
     try:  # the loader's schema: types, ranges, plain unique shard names
         check_index(out / "index.json", index)
-    except LoaderError as error:
+    except ShardFormatError as error:
         raise StatsError(str(error)) from None
     assert isinstance(index, dict)
     shards = []

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lvita_data.errors import LoaderError, ShardFormatError
-from lvita_data.loader.loader import check_index
+from lvita_data.errors import ShardFormatError
 from lvita_data.pool import map_tasks
 from lvita_data.shards.energon import check_energon_metadata, layout_from_scan
 from lvita_data.shards.format import STATE_DIR, parse_json
+from lvita_data.shards.index import check_index
 from lvita_data.verify.accounting import check_accounting, check_files, read_json
 from lvita_data.verify.report import Problem, VerifyReport
 from lvita_data.verify.settings import Settings, load_settings
@@ -60,8 +60,8 @@ def verify_build(
         check_index(out / "index.json", index)
         for number, entry in enumerate(index["shards"]):
             if not isinstance(entry.get("sha256"), str) or type(entry.get("tokens")) is not int:
-                raise LoaderError(f"index.json: shards[{number}] sha256 / tokens malformed")
-    except LoaderError as error:
+                raise ShardFormatError(f"index.json: shards[{number}] sha256 / tokens malformed")
+    except ShardFormatError as error:
         problems.append(Problem("files", str(error)))
         return report
     shards = list(index["shards"])
