@@ -868,9 +868,7 @@ def test_index_and_meta_formats(built, tmp_path):
     (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
     report = verify_build(out, decode_tiles=False)
     assert len(report.problems) == 1, report.format()
-    assert report.problems[0].message.endswith(
-        "index.json: shard format 3, lvita reads (1, 2)"
-    )
+    assert report.problems[0].message.endswith("index.json: shard format 3, lvita reads (1, 2)")
     index["format"] = FORMAT_TILES  # a format-2 build that calls itself format 1
     (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
     report = verify_build(out, decode_tiles=False)
