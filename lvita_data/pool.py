@@ -75,7 +75,8 @@ def _exit_quietly(signum: int, frame: object) -> None:
 def _init_worker(has_shared: bool, shared: Any) -> None:
     global _shared
     _shared = shared if has_shared else _NO_SHARED  # the sentinel does not survive pickling
-    signal.signal(signal.SIGINT, _exit_quietly)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C
+        signal.signal(signal.SIGINT, _exit_quietly)
     watch_parent()
 
 

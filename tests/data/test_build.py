@@ -369,6 +369,11 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> b
     raise AssertionError("the build neither reached the kill point nor finished")
 
 
+def _ctrl_c_default() -> None:
+    """In the child before exec: Ctrl-C as in a terminal, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 KILL_POINTS = {
     # the state directory appears right before planning starts
     "planning": lambda out: (out / STATE_DIR).is_dir(),
@@ -461,6 +466,7 @@ def test_an_interrupted_build_says_how_to_resume_and_keeps_its_shards(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a build started from a terminal
+        preexec_fn=_ctrl_c_default,  # pytest may run as a background job, which ignores Ctrl-C
     )
     try:
         assert _wait_for(lambda: KILL_POINTS["first_done"](out), process), "the build ended first"
@@ -520,6 +526,7 @@ def test_an_interrupted_plan_or_verify_ends_in_one_line(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_ctrl_c_default,  # pytest may run as a background job, which ignores Ctrl-C
     )
     try:
         parent = psutil.Process(process.pid)
