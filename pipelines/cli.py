@@ -2,7 +2,8 @@
 
     lvita demo-data DIR                     write the deterministic demo corpus
     lvita plan MANIFEST [--out PLAN.json]   exact lengths per selected sample, rejects, a report
-    lvita build MANIFEST --out DIR          packed WebDataset shards (resumable)
+    lvita build MANIFEST --out DIR          packed WebDataset shards (resumable; --plan PLAN.json
+                                            reuses a plan of the same manifest and data)
     lvita stats DIR [--json] [--html FILE]  packing quality report of a build
     lvita verify DIR                        checksums, per-sample invariants, accounting
     lvita show DIR [--pack K | --key KEY]   one packed sequence as the model sees it
@@ -95,12 +96,15 @@ def exit_code(error: BaseException) -> int | None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from lvita_data.build.identity import input_identity
     from lvita_data.build.plan import plan_stage
     from lvita_data.build.report import format_report
     from lvita_data.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     started = time.perf_counter()
+    # taken before planning, so a record file changed meanwhile makes `lvita build --plan` refuse
+    inputs = input_identity(manifest) if args.out else None
     plan = plan_stage(
         manifest,
         workers=args.workers,
@@ -109,6 +113,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         executor=args.executor,
     )
+    plan.inputs = inputs
     seconds = time.perf_counter() - started
     print(format_report(plan))
     rate = plan.num_samples / seconds if seconds > 0 else float("inf")
@@ -132,6 +137,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         verify_media=args.verify_media,
+        plan=args.plan,
     )
     shards = index["shards"]
     packs = sum(s["samples"] for s in shards)
@@ -309,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-media",
         action="store_true",
         help="decode every image while planning (else sizes and containers are checked)",
+    )
+    build.add_argument(
+        "--plan",
+        metavar="PLAN.json",
+        help="build from this `lvita plan --out` file instead of planning again "
+        "(refused unless made from the same manifest and record files)",
     )
     build.set_defaults(run=_cmd_build)
 

@@ -7,20 +7,20 @@ into shards of `shards.packs_per_shard`. Every packed sample is a (file index, r
 `BuildPlan.files` with the row's byte offset, held as numpy columns (20 bytes per sample plus 8
 per pack, instead of Python tuples), and a shard task gets only its own slice
 (`BuildPlan.shard_slice`). The build plan is a pure function of the manifest and the data;
-`lvita_data.build.state` saves it with the manifest's hash (`manifest_digest`) and the
-layout's (`BuildPlan.layout_sha256`), so a resumed build can check it.
+`lvita_data.build.state` saves it with the manifest's hash
+(`lvita_data.build.identity.manifest_digest`) and the layout's (`BuildPlan.layout_sha256`), so a
+resumed build can check it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from lvita_data.build.identity import build_identity, manifest_digest
 from lvita_data.build.plan import StagePlan
-from lvita_data.manifest import StageManifest
 from lvita_data.packing.plan import plan_packs
 from lvita_data.schema import Reject, RejectReason
 from lvita_data.shards.format import shard_format
@@ -95,42 +95,6 @@ class BuildPlan:
         for name, array in self.arrays().items():
             digest.update(name.encode() + np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
-
-
-def build_identity(manifest: StageManifest) -> dict:
-    """What makes two builds the same: the manifest as the build uses it (defaults filled in,
-    ``${VAR}`` expanded, paths resolved), without where its file lies (a copy elsewhere is the
-    same build) and without the reject policy (it changes no byte of a shard, so a build stopped
-    by ``rejects.max_rate`` finishes with ``--resume`` once the limit is raised)."""
-    content = asdict(manifest)
-    del content["source_path"], content["rejects"]
-    return json.loads(json.dumps(content))
-
-
-def manifest_digest(manifest: StageManifest) -> str:
-    """Hash of the build identity and the shard format it writes."""
-    content = [build_identity(manifest), shard_format(manifest.shards.image_storage)]
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def manifest_differences(saved: object, current: object, where: str = "") -> list[str]:
-    """Dotted keys (``pack.max_seq_len``, ``datasets[2].ratio``) whose values differ."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current))
-        return [
-            found
-            for key in keys
-            for found in manifest_differences(
-                saved.get(key), current.get(key), f"{where}.{key}" if where else key
-            )
-        ]
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [
-            found
-            for i, (a, b) in enumerate(zip(saved, current, strict=True))
-            for found in manifest_differences(a, b, f"{where}[{i}]")
-        ]
-    return [] if saved == current else [where or "(the whole manifest)"]
 
 
 def _group_labels(plan: StagePlan, group_by: str) -> np.ndarray | None:

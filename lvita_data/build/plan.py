@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 from collections import Counter
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from lvita_data import __version__
+from lvita_data.build.identity import build_identity, input_identity, manifest_digest
 from lvita_data.errors import MissingInputs, RejectRateExceeded, SourceError
 from lvita_data.fileio import atomic_open
 from lvita_data.manifest import DatasetEntry, StageManifest, expand_dataset_files
@@ -35,6 +38,7 @@ from lvita_data.records.mixture import select_rows
 from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
 from lvita_data.samples.tokenize import SampleRules, plan_counts
 from lvita_data.schema import RawRecord, Reject, media_modality
+from lvita_data.shards.format import shard_format
 
 MODALITIES = ("text", "image", "multi_image", "video")
 """Modality names by the code `FilePlan.modality` stores (`schema.media_modality`)."""
@@ -143,6 +147,10 @@ class StagePlan:
     manifest: StageManifest
     datasets: list[DatasetReport]
     files: list[FilePlan]
+    verify_media: bool = False
+    """Whether images were decoded while planning (``--verify-media``)."""
+    inputs: list[list] | None = None
+    """`input_identity` of the record files, taken before planning (`iter_json` writes it)."""
 
     @property
     def num_samples(self) -> int:
@@ -164,11 +172,27 @@ class StagePlan:
         for plan in self.files:
             yield from plan.rejects
 
+    def columns_sha256(self) -> str:
+        """Hash of the per-sample columns (fixed dtypes) and of the samples per file: a plan file
+        read back (`lvita_data.build.planfile`) must give the same."""
+        files = [f for f in self.files if not f.error]
+        digest = hashlib.sha256(np.asarray([f.num_samples for f in files], np.int64).tobytes())
+        for name, (attribute, dtype) in SAMPLE_COLUMNS.items():
+            digest.update(name.encode())
+            for plan in files:
+                digest.update(np.ascontiguousarray(getattr(plan, attribute), dtype).tobytes())
+        return digest.hexdigest()
+
     def iter_json(self) -> Iterator[str]:
         """The plan as compact JSON text, in pieces: the per-sample columns (one entry per
         selected sample, selection order) are written `JSON_CHUNK` values at a time, so a 17M
-        sample plan never exists as Python lists."""
+        sample plan never exists as Python lists. The header also holds what `lvita build
+        --plan` checks before it reuses the plan (`lvita_data.build.planfile`): the manifest's
+        identity and hash, the shard format, the record files' identity (`inputs`, hashed now
+        unless the planner's caller set them before planning), the tool version and the hash of
+        the columns."""
         files = [f for f in self.files if not f.error]
+        inputs = self.inputs if self.inputs is not None else input_identity(self.manifest)
         head = {
             "stage": self.manifest.stage,
             "manifest": self.manifest.source_path,
@@ -178,6 +202,13 @@ class StagePlan:
             "reset_attention": self.manifest.pack.reset_attention,
             "num_samples": self.num_samples,
             "num_tokens": self.num_tokens,
+            "tool": f"lvita {__version__}",
+            "format": shard_format(self.manifest.shards.image_storage),
+            "manifest_sha256": manifest_digest(self.manifest),
+            "build_identity": build_identity(self.manifest),
+            "verify_media": self.verify_media,
+            "inputs": inputs,
+            "columns_sha256": self.columns_sha256(),
             "datasets": [d.to_json() for d in self.datasets],
             "files": [
                 {
@@ -185,6 +216,7 @@ class StagePlan:
                     "path": f.path,
                     "rows": f.num_rows,
                     "selected": f.num_selected,
+                    "samples": f.num_samples,
                 }
                 for f in files
             ],
@@ -197,6 +229,8 @@ class StagePlan:
             "modality": lambda i, f: np.asarray(MODALITIES)[f.modality],
             "tiles": lambda i, f: f.tiles,
             "frames": lambda i, f: f.frames,
+            "offset": lambda i, f: f.offsets,
+            "requested_frames": lambda i, f: f.requested_frames,
         }
         for number, (name, values) in enumerate(columns.items()):
             yield ("," if number else "") + f'"{name}":['
@@ -218,6 +252,17 @@ class StagePlan:
             handle.writelines(self.iter_json())
 
 
+SAMPLE_COLUMNS: dict[str, tuple[str, type]] = {
+    "record": ("rows", np.int64),
+    "length": ("lengths", np.int32),
+    "modality": ("modality", np.uint8),
+    "tiles": ("tiles", np.int32),
+    "frames": ("frames", np.int32),
+    "offset": ("offsets", np.int64),
+    "requested_frames": ("requested_frames", np.int32),
+}
+"""Plan-file column -> (`FilePlan` attribute, dtype); the file's ``file`` column is implied by
+the samples per file. ``modality`` is written as names (`MODALITIES`), ``record`` as strings."""
 JSON_CHUNK = 65536
 """Values per piece of a column in `StagePlan.iter_json`."""
 
@@ -381,7 +426,9 @@ def plan_stage(
     for report in reports:
         examples = [r for plan in file_plans if plan.dataset == report.name for r in plan.rejects]
         check_reject_rate(report.name, report.selected, report.rejects, manifest, examples)
-    return StagePlan(manifest=manifest, datasets=reports, files=file_plans)
+    return StagePlan(
+        manifest=manifest, datasets=reports, files=file_plans, verify_media=verify_media
+    )
 
 
 def _collect(

@@ -4,7 +4,8 @@
    and then the manifest hash saved with it must match; a non-empty directory that holds no build
    is refused. The build holds an exclusive lock (`.lvita-build/lock`, `lockf`) while it runs.
 2. Plan (`lvita_data.build.plan.plan_stage`): exact lengths per selected sample, rejects with
-   reasons.
+   reasons. `--plan PLAN.json` reads a `lvita plan --out` file instead, when it was made from
+   the same manifest and record files (`lvita_data.build.planfile`); the build is the same.
 3. Pack and shard (`lvita_data.build.layout.make_build_plan`): best-fit-decreasing per packing
    group, packs shuffled with the stage seed, cut into shards; the build plan is saved in
    `.lvita-build/` (`lvita_data.build.state`: `layout.npz`, then `plan.json` with the manifest's
@@ -40,18 +41,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lvita_data import __version__
-from lvita_data.build.layout import (
-    BuildPlan,
+from lvita_data.build.identity import (
     build_identity,
-    make_build_plan,
+    input_identity,
+    listed,
     manifest_differences,
     manifest_digest,
 )
+from lvita_data.build.layout import BuildPlan, make_build_plan
 from lvita_data.build.plan import DatasetReport, check_reject_rate, plan_stage
+from lvita_data.build.planfile import read_plan_file
 from lvita_data.build.shard import BuildContext, ShardTask, build_shard, is_done
 from lvita_data.build.state import (
     PlanReports,
-    input_identity,
     load_build_plan,
     read_saved,
     save_build_plan,
@@ -84,11 +86,9 @@ def _check_before_planning(
             raise BuildError(f"{out} holds a build already; pass --resume to finish or redo it")
         if saved["manifest_sha256"] != manifest_digest(manifest):
             keys = manifest_differences(saved.get("manifest"), build_identity(manifest))
-            listed = ", ".join(keys[:10]) + (
-                f" and {len(keys) - 10} more" if len(keys) > 10 else ""
-            )
             raise BuildError(
-                f"{out} was built from a different manifest (differs in: {listed}); use a new --out"
+                f"{out} was built from a different manifest (differs in: {listed(keys)}); "
+                "use a new --out"
             )
     elif out.exists() and (not out.is_dir() or any(p.name != STATE_DIR for p in out.iterdir())):
         raise BuildError(f"{out} is not empty and holds no lvita build")
@@ -101,25 +101,39 @@ def _build_plan(
     executor: Executor,
     progress: bool,
     verify_media: bool,
+    plan_path: str | None,
 ) -> tuple[BuildPlan, list[DatasetReport]]:
     """The saved build plan when every record file is unchanged since it was saved, else a new
-    one (which must equal the saved one, if any); see `lvita_data.build.state`."""
+    one (which must equal the saved one, if any); see `lvita_data.build.state`. A new one comes
+    from the plan file `plan_path` (`lvita_data.build.planfile`, refused unless made from this
+    manifest and these record files) or from planning; with a plan file, a saved plan that
+    matches it still wins, and one that does not is an error."""
     saved = read_saved(out)
     inputs = input_identity(manifest)
-    if saved is not None and saved.get("inputs") == inputs:
+    if plan_path is not None:
+        plan = read_plan_file(plan_path, manifest, inputs=inputs, verify_media=verify_media)
+    elif saved is not None and saved.get("inputs") == inputs:
         return load_build_plan(out, saved)
-    plan = plan_stage(
-        manifest,
-        workers=workers,
-        progress=progress,
-        verify_media=verify_media,
-        executor=executor,
-    )
+    else:
+        plan = plan_stage(
+            manifest,
+            workers=workers,
+            progress=progress,
+            verify_media=verify_media,
+            executor=executor,
+        )
     build_plan = make_build_plan(plan)
     if saved is not None and saved.get("layout_sha256") != build_plan.layout_sha256():
+        if plan_path is not None:
+            raise BuildError(
+                f"{out} holds another build plan than plan file {plan_path} gives; "
+                "use a new --out, or resume without --plan"
+            )
         raise BuildError(
             f"{out} was built from different data (the build plan changed); use a new --out"
         )
+    if saved is not None and saved.get("inputs") == inputs:
+        return load_build_plan(out, saved)
     save_build_plan(out, build_plan, plan.datasets, inputs)
     return build_plan, plan.datasets
 
@@ -250,8 +264,12 @@ def build_stage(
     resume: bool = False,
     progress: bool = True,
     verify_media: bool = False,
+    plan: str | None = None,
 ) -> dict:
     """Build (or finish) the shards of a stage; returns the index written to index.json.
+
+    `plan` is a plan file of `lvita plan --out` to build from instead of planning again
+    (`lvita build --plan`; `lvita_data.build.planfile` says when it is refused).
 
     `verify_media` decodes every image while planning (`lvita build --verify-media`), so an
     image truncated after a valid header is rejected there instead of reaching a format-2
@@ -261,7 +279,7 @@ def build_stage(
         raise BuildError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
     with executor_session(executor, workers):  # one Ray for planning and the shards
         return _build(
-            manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media
+            manifest_path, Path(out_dir), workers, executor, resume, progress, verify_media, plan
         )
 
 
@@ -273,13 +291,16 @@ def _build(
     resume: bool,
     progress: bool,
     verify_media: bool,
+    plan_path: str | None,
 ) -> dict:
     manifest = load_manifest(manifest_path)
     _check_before_planning(out, manifest, resume, read_saved(out))
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     with _locked(out):
         remove_temporaries(str(out))
-        build_plan, datasets = _build_plan(out, manifest, workers, executor, progress, verify_media)
+        build_plan, datasets = _build_plan(
+            out, manifest, workers, executor, progress, verify_media, plan_path
+        )
         tasks = _tasks(out, build_plan)
         todo = [t for t in tasks if not is_done(t)]
         context = BuildContext(files=build_plan.files, manifest=manifest)

@@ -20,15 +20,13 @@ go on (the data changed).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lvita_data.build.layout import BuildPlan, FileRef
 from lvita_data.build.plan import DatasetReport
 from lvita_data.errors import BuildError, ShardFormatError
-from lvita_data.fileio import sha256_file, write_bytes_atomic, write_text_atomic
-from lvita_data.manifest import StageManifest, expand_dataset_files
+from lvita_data.fileio import write_bytes_atomic, write_text_atomic
 from lvita_data.schema import Reject, RejectReason
 from lvita_data.shards.format import STATE_DIR, load_npz, npz_bytes
 
@@ -46,15 +44,6 @@ class PlanReports:
 
 def plan_json_path(out: Path) -> Path:
     return out / STATE_DIR / PLAN_JSON
-
-
-def input_identity(manifest: StageManifest) -> list[list]:
-    """[path, size, sha256] of every record file the manifest names, in manifest order."""
-    return [
-        [path, os.path.getsize(path), sha256_file(path)]
-        for entry in manifest.datasets
-        for path in expand_dataset_files(entry)[0]
-    ]
 
 
 def read_saved(out: Path) -> dict | None:
@@ -130,7 +119,6 @@ def load_build_plan(out: Path, state: dict) -> tuple[BuildPlan, list[DatasetRepo
 
 __all__ = [
     "PlanReports",
-    "input_identity",
     "load_build_plan",
     "read_saved",
     "save_build_plan",

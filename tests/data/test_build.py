@@ -789,3 +789,169 @@ def test_remove_temporaries(tmp_path: Path) -> None:
     (tmp_path / "keep.tar").write_bytes(b"")
     assert remove_temporaries(str(tmp_path)) == 2
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.tar"]
+
+
+# --------------------------------------------------------------------------------------------
+# lvita build --plan: a plan file of the same manifest and record files, reused
+
+
+@pytest.fixture(scope="module")
+def plan_file(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lvita_data.build.plan import plan_stage
+    from lvita_data.manifest import load_manifest
+
+    path = tmp_path_factory.mktemp("plan_file") / "plan.json"
+    plan_stage(load_manifest(str(manifest)), progress=False).write_json(str(path))
+    return path
+
+
+def _no_planning(monkeypatch) -> None:
+    import lvita_data.build.run as build
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("planned again although a plan file was given")
+
+    monkeypatch.setattr(build, "plan_stage", refuse)
+
+
+def test_build_from_a_plan_file_is_byte_identical(
+    manifest: Path, plan_file: Path, reference_tree: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
+    header = json.loads(plan_file.read_text(encoding="utf-8"))
+    assert {"manifest_sha256", "build_identity", "format", "inputs", "columns_sha256"} <= set(
+        header
+    )
+    assert len(header["samples"]["offset"]) == header["num_samples"] > 0
+    _no_planning(monkeypatch)
+    out = tmp_path / "out"
+    build_stage(str(manifest), str(out), plan=str(plan_file), progress=False)
+    assert tree(out) == reference_tree
+    # the same plan re-indented (say by jq) is read the same
+    from lvita_data.build.identity import input_identity
+    from lvita_data.build.planfile import read_plan_file
+    from lvita_data.manifest import load_manifest
+
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(header, indent=1), encoding="utf-8")
+    loaded = load_manifest(str(manifest))
+    read = read_plan_file(str(pretty), loaded, inputs=input_identity(loaded), verify_media=False)
+    assert read.columns_sha256() == header["columns_sha256"]
+
+
+def test_resume_with_a_plan_file_keeps_the_saved_plan_or_refuses_another(
+    reference: Path, reference_tree: dict[str, str], manifest: Path, plan_file: Path, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "index.json").unlink()
+    sorted(out.glob("*.tar"))[0].unlink()
+    build_stage(str(manifest), str(out), resume=True, plan=str(plan_file), progress=False)
+    assert tree(out) == reference_tree
+    state = out / STATE_DIR / "plan.json"
+    saved = json.loads(state.read_text(encoding="utf-8"))
+    saved["layout_sha256"] = "0" * 64  # the saved build plan is not the one the file gives
+    write_json_atomic(str(state), saved, indent=None)
+    with pytest.raises(BuildError, match="another build plan than plan file"):
+        build_stage(str(manifest), str(out), resume=True, plan=str(plan_file), progress=False)
+
+
+def _edited(plan_file: Path, tmp_path: Path, edit) -> Path:
+    payload = json.loads(plan_file.read_text(encoding="utf-8"))
+    edit(payload)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(payload, separators=(",", ":")), encoding="utf-8")
+    return path
+
+
+def test_a_plan_of_another_manifest_or_of_changed_files_is_refused(
+    demo_corpus, manifest: Path, plan_file: Path, tmp_path: Path
+) -> None:
+    def other_seed(payload: dict) -> None:
+        payload["build_identity"]["seed"] = 12
+        payload["manifest_sha256"] = "0" * 64
+
+    edited = _edited(plan_file, tmp_path, other_seed)
+    with pytest.raises(BuildError, match=r"different manifest \(differs in: seed\)"):
+        build_stage(str(manifest), str(tmp_path / "a"), plan=str(edited), progress=False)
+    # a record file changed after planning (its own manifest: the shared one's files stay)
+    from lvita_data.build.plan import plan_stage
+    from lvita_data.manifest import load_manifest
+
+    own = write_manifest(demo_corpus[0], tmp_path)
+    plan_path = tmp_path / "own.json"
+    plan_stage(load_manifest(str(own)), progress=False).write_json(str(plan_path))
+    with (tmp_path / "custom.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(_row("images/img_2x1.jpg", "One more.") + "\n")
+    with pytest.raises(BuildError, match=r"record files changed .*custom\.jsonl"):
+        build_stage(str(own), str(tmp_path / "b"), plan=str(plan_path), progress=False)
+
+
+def _set_first(column: str, value):
+    return lambda p: p["samples"][column].__setitem__(0, value)
+
+
+DAMAGES = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "one byte short": lambda text: text[:-1],
+    "empty": lambda text: "",
+    "not json": lambda text: "plan: yes\n",
+    "a list": lambda text: "[1, 2]",
+    "trailing data": lambda text: text + "{}",
+    "sample count a string": lambda text: text.replace('"num_samples":', '"num_samples":"1', 1),
+}
+EDITS = {
+    "file index out of range": ("samples.file", _set_first("file", 99)),
+    "record out of range": ("samples.record", _set_first("record", "999999")),
+    "record a number": ("samples.record", _set_first("record", 0)),
+    "negative length": ("samples.length", _set_first("length", -3)),
+    "float tiles": ("samples.tiles", _set_first("tiles", 1.5)),
+    "unknown modality": ("samples.modality", _set_first("modality", "audio")),
+    "offset past the file": ("samples.offset", _set_first("offset", 1 << 40)),
+    "a column missing": ("samples.frames", lambda p: p["samples"].pop("frames")),
+    "one value too many": ("samples.length", lambda p: p["samples"]["length"].append(5)),
+    "files not a list": ("files", lambda p: p.__setitem__("files", 3)),
+    "inputs not a list": ("record files changed", lambda p: p.__setitem__("inputs", {"a": 1})),
+    "a reject of another file": ("rejects[0]", lambda p: p["rejects"][0].update(file="/x")),
+    "a reject too many": ("rejects", lambda p: p["rejects"].append(p["rejects"][0])),
+    "a changed length": ("columns_sha256", _set_first("length", 7)),
+    "report counts": ("datasets[0]", lambda p: p["datasets"][0].update(tokens=1)),
+    "reports not objects": ("datasets[1]", lambda p: p["datasets"].__setitem__(1, [])),
+}
+
+
+@pytest.mark.parametrize("damage", [*DAMAGES, *EDITS])
+def test_a_damaged_plan_file_is_one_line_naming_the_field(
+    manifest: Path, plan_file: Path, tmp_path: Path, damage: str
+) -> None:
+    if damage in DAMAGES:
+        path = tmp_path / "damaged.json"
+        path.write_text(DAMAGES[damage](plan_file.read_text(encoding="utf-8")), encoding="utf-8")
+        field = "plan file"
+    else:
+        field, edit = EDITS[damage]
+        path = _edited(plan_file, tmp_path, edit)
+    with pytest.raises(BuildError) as raised:
+        build_stage(str(manifest), str(tmp_path / "out"), plan=str(path), progress=False)
+    message = str(raised.value)
+    assert str(path) in message and field in message and "\n" not in message
+
+
+def test_cli_build_with_a_plan_and_its_exit_codes(
+    demo_corpus, manifest: Path, reference_tree: dict[str, str], tmp_path: Path
+) -> None:
+    plan_path = tmp_path / "plan.json"
+    planned = cli("plan", str(manifest), "--out", str(plan_path), "--quiet")
+    assert planned.returncode == 0, planned.stderr
+    built = cli("build", str(manifest), "--out", str(tmp_path / "out"), "--plan", str(plan_path))
+    assert built.returncode == 0, built.stderr
+    assert tree(tmp_path / "out") == reference_tree
+    other = write_manifest(demo_corpus[0], manifest.parent, seed=12, name="other.yaml")
+    refused = cli("build", str(other), "--out", str(tmp_path / "o"), "--plan", str(plan_path))
+    assert refused.returncode == EXIT_BUILD and "differs in: seed" in refused.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(plan_path.read_bytes()[:-5])
+    damaged = cli("build", str(manifest), "--out", str(tmp_path / "d"), "--plan", str(broken))
+    assert damaged.returncode == EXIT_BUILD and "Traceback" not in damaged.stderr
+    assert len(damaged.stderr.strip().splitlines()) == 1 and str(broken) in damaged.stderr
+    missing = cli("build", str(manifest), "--out", str(tmp_path / "m"), "--plan", "/nonexistent")
+    assert missing.returncode == EXIT_BUILD and "unreadable" in missing.stderr
