@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import asdict
 
+from lvita_data.errors import MissingInputs
 from lvita_data.fileio import sha256_file
 from lvita_data.manifest import StageManifest, expand_dataset_files
 from lvita_data.shards.format import shard_format
@@ -61,12 +62,19 @@ def listed(keys: list[str], limit: int = 10) -> str:
 
 
 def input_identity(manifest: StageManifest) -> list[list]:
-    """[path, size, sha256] of every record file the manifest names, in manifest order."""
-    return [
-        [path, os.path.getsize(path), sha256_file(path)]
-        for entry in manifest.datasets
-        for path in expand_dataset_files(entry)[0]
-    ]
+    """[path, size, sha256] of every record file the manifest names, in manifest order;
+    `MissingInputs` listing the files that cannot be read."""
+    identity, unreadable = [], []
+    for entry in manifest.datasets:
+        for path in expand_dataset_files(entry)[0]:
+            try:
+                identity.append([path, os.path.getsize(path), sha256_file(path)])
+            except OSError as error:
+                unreadable.append(f"  {entry.name}: {path}: {error.strerror or error}")
+    if unreadable:
+        listing = "\n".join(unreadable)
+        raise MissingInputs(f"{len(unreadable)} dataset file(s) could not be read:\n{listing}")
+    return identity
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
-from lvita_data.errors import BuildError
+from lvita_data.errors import BuildError, MissingInputs
 from lvita_data.fileio import TEMP_MARKER, sha256_file, write_json_atomic
 from lvita_data.media.tiles import decode_tile
 from lvita_data.samples.read import tokenizer_and_template
@@ -955,3 +955,17 @@ def test_cli_build_with_a_plan_and_its_exit_codes(
     assert len(damaged.stderr.strip().splitlines()) == 1 and str(broken) in damaged.stderr
     missing = cli("build", str(manifest), "--out", str(tmp_path / "m"), "--plan", "/nonexistent")
     assert missing.returncode == EXIT_BUILD and "unreadable" in missing.stderr
+
+
+def test_an_unreadable_record_file_is_a_missing_input(manifest: Path, monkeypatch) -> None:
+    """Hashing the inputs (the identity a resume and `--plan` check) names a record file it
+    cannot read, as planning does (exit 3), instead of an OSError traceback."""
+    import lvita_data.build.identity as identity
+    from lvita_data.manifest import load_manifest
+
+    def unreadable(path: str) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(identity, "sha256_file", unreadable)
+    with pytest.raises(MissingInputs, match=r"could not be read:\n.*Permission denied"):
+        identity.input_identity(load_manifest(str(manifest)))
