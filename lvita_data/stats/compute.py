@@ -27,7 +27,9 @@ What is measured (T = pack.max_seq_len, P = packed sequences):
   the target columns are null.
 - per mixture group (`group` of the manifest entries, default the entry name): the same shares;
 - rejects by reason, by dataset and by phase (found while planning, packing or building; all
-  count against ``rejects.max_rate``), from `rejects.jsonl`.
+  count against ``rejects.max_rate``), from `rejects.jsonl`, and under `reject_examples` the
+  first 3 records (file, record, reason, detail, phase) of each dataset and reason, in
+  `rejects.jsonl` order (`lvita_data.stats.rejects`: memory bounded whatever the reject count).
 
 The keys of the build's earlier minimal stats.json keep their meaning (stage, max_seq_len, packs,
 tokens, padding_tokens, fill, planned_samples, rejects = total count, datasets[].modalities).
@@ -53,6 +55,7 @@ from lvita_data.pool import map_tasks
 from lvita_data.schema import Reject
 from lvita_data.shards.format import MANIFEST_COPY, ShardInfo, parse_json, read_build_manifest
 from lvita_data.shards.index import check_index
+from lvita_data.stats.rejects import RejectTally, read_rejects
 from lvita_data.stats.scan import DatasetScan, ShardScan, scan_shard
 
 STATS_FORMAT_VERSION = 1
@@ -127,31 +130,6 @@ def _read_json(path: Path) -> object:
         raise StatsError(f"{path}: cannot read: {error.strerror}") from None
     except ShardFormatError as error:
         raise StatsError(str(error)) from None
-
-
-def _read_rejects(path: Path) -> list[tuple[str, str, str]]:
-    """(dataset, reason, phase) of every line of `rejects.jsonl` (builds written before the
-    phase was recorded: "plan")."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
-        raise StatsError(f"{path} not found: not a finished lvita build") from None
-    except OSError as error:
-        raise StatsError(f"{path}: cannot read: {error.strerror}") from None
-    rejects = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            reject = parse_json(line, f"{path} line {number}")
-        except ShardFormatError as error:
-            raise StatsError(str(error)) from None
-        if not isinstance(reject, dict) or "dataset" not in reject or "reason" not in reject:
-            raise StatsError(f"{path} line {number}: not a reject (dataset, reason)")
-        rejects.append(
-            (str(reject["dataset"]), str(reject["reason"]), str(reject.get("phase", "plan")))
-        )
-    return rejects
 
 
 def _manifest_entries(manifest: StageManifest | None, out: Path) -> list[_Entry]:
@@ -263,11 +241,7 @@ def compute_stats(
         shard_list, stage, capacity = list(shards), manifest.stage, int(manifest.pack.max_seq_len)
     else:
         raise StatsError("compute_stats: pass manifest= together with shards=")
-    reject_list = (
-        [(r.dataset, str(r.reason), r.phase) for r in rejects]
-        if rejects is not None
-        else _read_rejects(out / "rejects.jsonl")
-    )
+    tally = RejectTally.of(rejects) if rejects is not None else read_rejects(out / "rejects.jsonl")
     entries = _manifest_entries(manifest, out)
     reports = _plan_reports(plan, out)
 
@@ -287,7 +261,7 @@ def compute_stats(
             )
         if scan.overfull:
             raise StatsError(f"{scan.name}: {scan.overfull} pack(s) longer than T = {capacity}")
-    return _assemble(stage, capacity, scans, reject_list, entries, reports)
+    return _assemble(stage, capacity, scans, tally, entries, reports)
 
 
 def _dataset_row(
@@ -357,7 +331,7 @@ def _assemble(
     stage: str,
     capacity: int,
     scans: list[ShardScan],
-    rejects: list[tuple[str, str, str]],
+    rejects: RejectTally,
     entries: list[_Entry],
     reports: list[dict] | None,
 ) -> dict:
@@ -372,15 +346,7 @@ def _assemble(
         for name, part in scan.datasets.items():
             datasets.setdefault(name, DatasetScan()).merge(part)
 
-    by_dataset: dict[str, Counter] = {}
-    by_phase: Counter = Counter()
-    for dataset, reason, phase in rejects:
-        by_dataset.setdefault(dataset, Counter())[reason] += 1
-        by_phase[phase] += 1
-    by_reason: Counter = Counter()
-    for counts in by_dataset.values():
-        by_reason.update(counts)
-
+    by_dataset = rejects.by_dataset
     planned = {str(r["name"]): r for r in reports} if reports is not None else None
     names = [e.name for e in entries]
     extra = set(datasets) | set(by_dataset) | set(planned or ())
@@ -457,14 +423,7 @@ def _assemble(
             for m in sorted(modality_samples)
         },
         "frames": frames,
-        "rejects": sum(by_reason.values()),
-        "rejects_by_reason": {r: by_reason[r] for r in sorted(by_reason)},
-        "rejects_by_phase": {p: by_phase[p] for p in ("plan", "pack", "build") if by_phase[p]},
-        "rejects_by_dataset": {
-            name: {r: by_dataset[name][r] for r in sorted(by_dataset[name])}
-            for name in names
-            if name in by_dataset
-        },
+        **rejects.to_json(names),  # rejects, by reason, phase and dataset, examples
         "planned_samples": (
             sum(int(r.get("samples", 0)) for r in planned.values()) if planned else None
         ),

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from html import escape
 
 from lvita_data.fileio import write_text_atomic
-from lvita_data.stats.text import DATASET_COLUMNS, dataset_rows, pct
+from lvita_data.stats.rejects import MAX_EXAMPLES
+from lvita_data.stats.text import DATASET_COLUMNS, EXAMPLE_COLUMNS, dataset_rows, example_rows, pct
 
 PACKED = "#1f77b4"
 """Colour of the packed / after-packing series (the test looks for it in the screenshot)."""
@@ -348,6 +349,12 @@ def render_html(stats: dict) -> str:
             )
         )
         reject_table = _html_table(("dataset", *reasons, "total"), matrix, total=True)
+        examples = example_rows(stats)
+        if examples:  # untrusted text (paths, record ids, details): _html_table escapes it
+            reject_table += (
+                f'<p class="note">Example rejects: the first {MAX_EXAMPLES} of each dataset and '
+                "reason, in rejects.jsonl order.</p>" + _html_table(EXAMPLE_COLUMNS, examples)
+            )
     else:
         reject_table = '<p class="note">No rejects.</p>'
     lengths = stats["sample_lengths"]

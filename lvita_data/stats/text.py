@@ -3,13 +3,16 @@
 `format_stats(stats)` lays out the dict of `lvita_data.stats.compute.compute_stats` as aligned
 tables and bar histograms: the summary, the per-dataset table (with the mixture-group columns
 only when a group holds several datasets), modality mix, length and fill histograms, samples per
-pack and rejects by reason and dataset. `pct` and `delta` format shares for this report and for
-the HTML report (`lvita_data.stats.html`).
+pack, rejects by reason and dataset, and a few example rejects (`example_rows`, also for the
+HTML report). `pct` and `delta` format shares for this report and for the HTML report
+(`lvita_data.stats.html`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from lvita_data.stats.rejects import MAX_EXAMPLES
 
 DATASET_COLUMNS = (
     "dataset",
@@ -26,6 +29,19 @@ DATASET_COLUMNS = (
     "modality",
 )
 """Columns of the per-dataset table, in the terminal report and in the HTML report."""
+EXAMPLE_COLUMNS = ("dataset", "reason", "phase", "file", "record", "detail")
+"""Columns of the example rejects, in the terminal report and in the HTML report."""
+_EXAMPLE_SHRINK = (
+    (3, 20, True),
+    (5, 24, False),
+    (0, 12, False),
+    (1, 12, False),
+    (4, 8, False),
+    (2, 8, False),
+)
+"""(column, narrowest, keep the end) in the order the example columns give way when a row is
+wider than the terminal: the file path first (its name is at the end), then the detail. The
+narrowest widths (84) plus the separators (10) fit 120 columns, whatever the rejects hold."""
 
 
 def pct(value: float | None) -> str:
@@ -175,6 +191,58 @@ def _phases(by_phase: dict[str, int]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def example_rows(stats: dict) -> list[tuple[str, ...]]:
+    """The cells of `EXAMPLE_COLUMNS`: the example rejects of each dataset and reason (stats.json
+    `reject_examples`), in dataset and reason order."""
+    return [
+        (
+            name,
+            reason,
+            _PHASE_NAMES.get(e["phase"], e["phase"]),
+            e["file"],
+            e["record"],
+            e["detail"],
+        )
+        for name, reasons in stats.get("reject_examples", {}).items()
+        for reason, examples in reasons.items()
+        for e in examples
+    ]
+
+
+def _printable(text: str) -> str:
+    """Untrusted text for a terminal: control characters (a newline, an escape sequence) spelled
+    out as Python escapes (``\\n``, ``\\x1b``)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _cut(text: str, width: int, *, keep_end: bool = False) -> str:
+    """`text` in at most `width` characters, an ellipsis where it was cut."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1 :] if keep_end else text[: width - 1] + "…"
+
+
+def _example_table(stats: dict, width: int = TERMINAL_WIDTH) -> list[str]:
+    """The example rejects as a table of at most `width` columns: the file path cut at its start,
+    the detail (then the other columns) at its end, as `_EXAMPLE_SHRINK` says."""
+    rows = [tuple(map(_printable, row)) for row in example_rows(stats)]
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in (EXAMPLE_COLUMNS, *rows)) for i in range(len(rows[0]))]
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    keep_end = [False] * len(widths)
+    for column, narrowest, end in _EXAMPLE_SHRINK:
+        cut = max(0, min(over, widths[column] - narrowest))
+        widths[column] -= cut
+        over -= cut
+        keep_end[column] = end
+    fitted = [
+        tuple(_cut(c, w, keep_end=e) for c, w, e in zip(row, widths, keep_end, strict=True))
+        for row in rows
+    ]
+    return table(EXAMPLE_COLUMNS, fitted, left=range(len(widths)), width=width)
+
+
 def format_stats(stats: dict) -> str:
     """A readable terminal report: summary, per-dataset table, histograms, rejects."""
     capacity = stats["max_seq_len"]
@@ -284,6 +352,10 @@ def format_stats(stats: dict) -> str:
                 )
             ]
         lines += wide
+    examples = _example_table(stats)
+    if examples:
+        first = f"the first {MAX_EXAMPLES} per dataset and reason, in rejects.jsonl order"
+        lines += ["", f"example rejects ({first}):", *examples]
     if stats["planned_tokens"] is None:
         lines += [
             "",
@@ -294,8 +366,10 @@ def format_stats(stats: dict) -> str:
 
 __all__ = [
     "DATASET_COLUMNS",
+    "EXAMPLE_COLUMNS",
     "TERMINAL_WIDTH",
     "delta",
+    "example_rows",
     "format_stats",
     "pct",
     "table",

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tarfile
 from collections import Counter
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,125 @@ def test_terminal_reports_fit_120_columns(variant_build):
     manifest = load_manifest(variant_build[0])
     report = format_report(plan_stage(manifest, progress=False))
     assert max(map(len, report.splitlines())) <= 120
+
+
+STAGE2 = REPO / "manifests" / "demo" / "stage2.yaml"
+EXAMPLE_FIELDS = ("file", "record", "reason", "detail", "phase")
+
+
+@pytest.fixture(scope="module")
+def stage2_build(demo_env, tmp_path_factory) -> Path:
+    """Demo stage 2: ~20 rejects of many reasons, at planning and while building."""
+    out = tmp_path_factory.mktemp("stats_stage2") / "build"
+    build_stage(str(STAGE2), str(out), workers=1, progress=False)
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _first_examples(rejects: list[dict], limit: int = 3) -> dict:
+    """The first `limit` rejects of each dataset and reason, in file order (independently)."""
+    expected: dict[str, dict[str, list]] = {}
+    for r in rejects:
+        kept = expected.setdefault(r["dataset"], {}).setdefault(r["reason"], [])
+        if len(kept) < limit:
+            kept.append({k: r.get(k, "plan" if k == "phase" else "") for k in EXAMPLE_FIELDS})
+    return expected
+
+
+def test_reject_examples_are_the_first_of_each_dataset_and_reason(stage2_build):
+    saved = json.loads((stage2_build / "stats.json").read_text(encoding="utf-8"))
+    stats = compute_stats(stage2_build)
+    assert saved == stats  # computed from the build's Reject objects == read from rejects.jsonl
+    rejects = _jsonl(stage2_build / "rejects.jsonl")
+    examples = stats["reject_examples"]
+    assert examples == _first_examples(rejects)
+    assert list(examples) == list(stats["rejects_by_dataset"])
+    for name, reasons in examples.items():
+        assert list(reasons) == list(stats["rejects_by_dataset"][name])  # sorted reasons
+        for reason, kept in reasons.items():
+            assert len(kept) == min(3, stats["rejects_by_dataset"][name][reason])
+            assert all(list(e) == list(EXAMPLE_FIELDS) for e in kept)
+            assert all(type(v) is str for e in kept for v in e.values())
+    assert len({e["phase"] for r in examples.values() for k in r.values() for e in k}) > 1
+    assert max(len(k) for r in examples.values() for k in r.values()) == 3  # not vacuous
+
+
+@pytest.fixture
+def tampered_build(stage2_build, tmp_path) -> tuple[Path, list[dict]]:
+    """A copy of stage 2 whose rejects.jsonl has 5 more lv_bad_records bad_field_type rejects
+    (8 in all) and a first detail with markup, a terminal escape, a newline and 600 more
+    characters."""
+    copy = tmp_path / "copy"
+    shutil.copytree(stage2_build, copy)
+    rejects = _jsonl(copy / "rejects.jsonl")
+    rejects[0]["detail"] = "<script>alert(1)</script>\x1b[31mred\nnext line " + "x" * 600
+    extra = next(
+        r for r in rejects if (r["dataset"], r["reason"]) == ("lv_bad_records", "bad_field_type")
+    )
+    rejects += [{**extra, "record": f"extra-{i}", "detail": f"extra {i}"} for i in range(5)]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    (copy / "rejects.jsonl").write_text(lines, encoding="utf-8")
+    return copy, rejects
+
+
+def test_reject_examples_keep_at_most_3_and_both_paths_agree(tampered_build):
+    from lvita_data.stats.rejects import MAX_EXAMPLE_CHARS, RejectTally, read_rejects
+
+    copy, rejects = tampered_build
+    stats = compute_stats(copy)
+    dataset = next(r["dataset"] for r in rejects if r["record"] == "extra-0")
+    assert stats["rejects_by_dataset"][dataset]["bad_field_type"] == 8
+    kept = stats["reject_examples"][dataset]["bad_field_type"]
+    assert [e["record"] for e in kept] == [
+        r["record"] for r in rejects if r["dataset"] == dataset and r["reason"] == "bad_field_type"
+    ][:3]
+    assert all(not e["record"].startswith("extra-") for e in kept)
+    first = rejects[0]
+    detail = stats["reject_examples"][first["dataset"]][first["reason"]][0]["detail"]
+    assert len(detail) == MAX_EXAMPLE_CHARS and detail.endswith("…")
+    assert detail.startswith("<script>alert(1)</script>\x1b[31mred\nnext line xxx")
+    # The build passes Reject objects, `lvita stats` reads rejects.jsonl: the same reject keys.
+    objects = [Reject(**{**r, "reason": RejectReason(r["reason"])}) for r in rejects]
+    names = list(stats["rejects_by_dataset"])
+    from_objects = RejectTally.of(objects).to_json(names)
+    assert from_objects == read_rejects(copy / "rejects.jsonl").to_json(names)
+    assert from_objects == {k: stats[k] for k in from_objects}
+
+
+def test_reject_examples_in_the_terminal_fit_120_columns(stage2_build, tampered_build):
+    for out in (stage2_build, tampered_build[0]):
+        stats = compute_stats(out)
+        lines = format_stats(stats).splitlines()
+        assert max(map(len, lines)) <= 120
+        start = next(i for i, line in enumerate(lines) if line.startswith("example rejects ("))
+        header = lines[start + 1].split()
+        assert header == ["dataset", "reason", "phase", "file", "record", "detail"]
+        rows = lines[start + 3 : start + 3 + sum(len(k) for k in _kept(stats))]
+        assert len(rows) == sum(len(k) for k in _kept(stats)) and all(rows)
+        for row, example in zip(rows, [e for k in _kept(stats) for e in k], strict=True):
+            assert f"  {example['record']}  " in row
+            assert row.split()[1] == example["reason"]
+    text = format_stats(compute_stats(tampered_build[0]))
+    assert "\x1b" not in text and "<script>alert(1)</script>\\x1b[31mred" in text  # escaped
+    assert sum(line.endswith("…") for line in text.splitlines()) >= 1  # the long detail, cut
+    assert "…" in text.split("example rejects (")[1].splitlines()[3]  # long paths cut at the start
+
+
+def _kept(stats: dict) -> list[list[dict]]:
+    return [k for reasons in stats["reject_examples"].values() for k in reasons.values()]
+
+
+def test_reject_examples_in_html_are_escaped(tampered_build):
+    copy, rejects = tampered_build
+    html = render_html(compute_stats(copy))
+    assert "Example rejects" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html
+    for r in rejects[1:]:
+        if r["record"].startswith("extra-"):
+            assert f">{r['record']}<" not in html  # not among the first 3
+        else:
+            assert escape(r["detail"]) in html
