@@ -16,17 +16,18 @@ worker or one task, tasks run in this process (no pickling, plain tracebacks).
 Results come back in task order (``ordered=True``) or as they complete (``ordered=False``, for
 progress and for writing completion records early). A worker that dies (killed, out of memory)
 is a `WorkerLost` error, unless this process was interrupted too (Ctrl-C to the process group):
-then the interrupt is what is raised. At most `IN_FLIGHT_PER_WORKER` tasks per
-worker are submitted and not yet handed back, so a 35,000-shard build holds a few dozen tasks
-and results at a time, not all of them. The first failing task stops the run: its
-exception is raised here and the tasks not yet started are cancelled.
+then the interrupt is what is raised. At most `IN_FLIGHT_PER_WORKER` tasks per worker are
+submitted and not yet handed back, so a 35,000-shard build holds a few dozen tasks and results
+at a time, not all of them. The first failing task stops the run: its exception is raised here
+and the tasks not yet started are cancelled.
 
-``executor="ray"``: Ray tasks of 1 CPU each, retried up to 3 times if a worker dies, on the Ray
-this process is connected to, else the cluster of ``RAY_ADDRESS``, else a local Ray of `workers`
-CPUs; a Ray that `map_tasks` started is shut down when it ends. A Ray task runs in this process's
-working directory, as a local worker does, so relative paths (``lvita build --out shards/x``)
-name the same files on every node of a cluster with a shared filesystem (a worker of a cluster
-started with ``ray start`` otherwise works in the directory that ``ray start`` ran in).
+``executor="ray"``: Ray tasks of 1 CPU each, spread over the nodes, retried up to 3 times if a
+worker dies, on the Ray this process is connected to, else the cluster of ``RAY_ADDRESS``, else
+a local Ray of `workers` CPUs; a Ray that `map_tasks` started is shut down when it ends. A Ray
+task runs in this process's working directory, as a local worker does, so relative paths
+(``lvita build --out shards/x``) name the same files on every node of a cluster with a shared
+filesystem (a worker of a cluster started with ``ray start`` otherwise works in the directory
+that ``ray start`` ran in).
 """
 
 from __future__ import annotations
@@ -201,8 +202,11 @@ def _in_directory(directory: str, fn: Callable[..., R], *args: Any) -> R:
 def _ray_results(ray, fn: Callable[..., R], tasks: Sequence[T], shared: Any, ordered: bool):
     pending: list = []
     try:
-        # named after `fn`: Ray's task lists and the worker's process title say ray::build_shard
-        remote = ray.remote(num_cpus=1, max_retries=3)(_in_directory).options(name=fn.__name__)
+        # named after `fn`: Ray's task lists and the worker's process title say ray::build_shard;
+        # spread over the nodes (Ray's default packs tasks onto the driver's node first)
+        remote = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(
+            _in_directory
+        ).options(name=fn.__name__)
         cwd = os.getcwd()
         if shared is _NO_SHARED:
             pending = [remote.remote(cwd, fn, task) for task in tasks]
