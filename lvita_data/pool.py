@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal, TypeVar
 
@@ -55,6 +55,8 @@ IN_FLIGHT_PER_WORKER = 4
 """Tasks submitted ahead per local worker (enough to keep every worker busy)."""
 LOST_WORKER_GRACE_S = 0.5
 """How long a dead worker's error waits for this process's own pending Ctrl-C."""
+SIGNAL_POLL_S = 0.2
+"""How often a run waiting for results looks at a noted SIGINT / SIGTERM."""
 _shared: Any = _NO_SHARED  # the `shared` object in a local worker process
 
 
@@ -109,29 +111,85 @@ def map_tasks(
 def _map_local(
     fn: Callable[..., R], tasks: Sequence[T], workers: int, shared: Any, ordered: bool
 ) -> Iterator[R]:
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(shared is not _NO_SHARED, None if shared is _NO_SHARED else shared),
-    ) as pool:
+    limit = IN_FLIGHT_PER_WORKER * workers
+    with (
+        _deferred_signals() as interrupted,
+        ProcessPoolExecutor(
+            max_workers=min(workers, len(tasks)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(shared is not _NO_SHARED, None if shared is _NO_SHARED else shared),
+        ) as pool,
+    ):
         try:
-            yield from _bounded_results(pool, fn, tasks, IN_FLIGHT_PER_WORKER * workers, ordered)
+            yield from _bounded_results(pool, fn, tasks, limit, ordered, interrupted)
         except BrokenProcessPool:
-            # Ctrl-C reaches the whole process group: the workers exit at once, and their deaths
-            # can reach this thread before its own KeyboardInterrupt does; let that one win.
+            # Ctrl-C reaches the whole process group: the workers exit at once, and their
+            # deaths can reach this thread before its own Ctrl-C does; let that one win.
             time.sleep(LOST_WORKER_GRACE_S)
+            interrupted()
             raise WorkerLost(
                 f"a worker process died while running a task ({fn.__name__}): killed, or out "
                 "of memory? Finished work is kept; run the command again to go on"
             ) from None
 
 
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[Callable[[], None]]:
+    """While a local pool runs (shut down included), the first SIGINT or SIGTERM is only
+    noted, and the yielded check hands it to the handler installed before (Ctrl-C's
+    KeyboardInterrupt, the CLI's SIGTERM exception, or the default action) at a safe point; at
+    the latest when the pool has shut down. A handler that raises inside concurrent.futures'
+    own code can leave one of its locks held (a future's condition, the shutdown lock) and the
+    pool then hangs on exit: a SIGTERM test hung so in a random-order run. A second signal goes
+    straight to the previous handler (press Ctrl-C again to stop at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    noted: list[int] = []
+    previous = {
+        number: signal.getsignal(number)
+        for number in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(number) not in (signal.SIG_IGN, None)
+    }
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signum)
+        restore()
+
+    def interrupted() -> None:
+        if noted:
+            signum = noted.pop()
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # SIG_DFL: the default action, now that the pool is left alone
+                os.kill(os.getpid(), signum)
+
+    for number in previous:
+        signal.signal(number, note)
+    try:
+        yield interrupted
+    finally:
+        restore()
+        interrupted()
+
+
 def _bounded_results(
-    pool: ProcessPoolExecutor, fn: Callable[..., R], tasks: Sequence[T], limit: int, ordered: bool
+    pool: ProcessPoolExecutor,
+    fn: Callable[..., R],
+    tasks: Sequence[T],
+    limit: int,
+    ordered: bool,
+    interrupted: Callable[[], None],
 ) -> Iterator[R]:
     """Results of `tasks` with at most `limit` submitted and not yet handed back: the pool's
-    queues and the finished results held here stay bounded however many tasks there are."""
+    queues and the finished results held here stay bounded however many tasks there are. Every
+    `SIGNAL_POLL_S` (and before each result) `interrupted()` may raise a noted signal."""
     upcoming = iter(tasks)
     in_flight: dict[Future[R], None] = {}  # insertion order = task order
 
@@ -142,7 +200,12 @@ def _bounded_results(
     submit(limit)
     try:
         while in_flight:
-            future = next(iter(in_flight)) if ordered else next(as_completed(in_flight))
+            candidates = [next(iter(in_flight))] if ordered else list(in_flight)
+            done, _ = wait(candidates, timeout=SIGNAL_POLL_S, return_when=FIRST_COMPLETED)
+            interrupted()
+            if not done:
+                continue
+            future = candidates[0] if ordered else next(f for f in in_flight if f in done)
             result = future.result()
             del in_flight[future]
             submit(1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,33 @@ def _die_on_three(number: int) -> int:
 def test_a_worker_that_dies_is_a_named_error() -> None:
     with pytest.raises(WorkerLost, match="a worker process died while running a task"):
         list(map_tasks(_die_on_three, list(range(10)), workers=2))
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _slow(number: int) -> int:
+    time.sleep(0.3)
+    return number
+
+
+def test_sigterm_while_the_pool_runs_is_raised_at_a_safe_point() -> None:
+    """A SIGTERM handler that raises (the CLI's) gets the signal once the pool is at a safe
+    point, not inside concurrent.futures' locks (a hang on exit), and is restored after."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(_Stop):
+            list(map_tasks(_slow, list(range(200)), workers=2))
+        assert time.monotonic() - started < 30  # not all 200 tasks (30 s of work), no hang
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
