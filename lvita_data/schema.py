@@ -163,6 +163,12 @@ class Reject:
     """Where it was found: planning (headers, text), packing (too long, too many tiles) or
     building (pixels decoded or copied); all phases count against ``rejects.max_rate``."""
 
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Reject:
+        """The inverse of `to_json` (`TypeError`, `KeyError` or `ValueError` when it is not
+        one: an unknown field or reason, a missing one)."""
+        return cls(**{**data, "reason": RejectReason(data["reason"])})
+
     def to_json(self) -> dict[str, str]:
         return {
             "dataset": self.dataset,

@@ -38,7 +38,7 @@ from lvita_data.build.plan import (
 )
 from lvita_data.errors import BuildError, MissingInputs
 from lvita_data.manifest import StageManifest, expand_dataset_files
-from lvita_data.schema import Reject, RejectReason
+from lvita_data.schema import Reject
 
 CHUNK = 1 << 20
 """Bytes of a column parsed at a time."""
@@ -309,7 +309,7 @@ class _PlanFile:
             try:
                 if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
                     raise TypeError("not an object of strings")
-                reject = Reject(**{**data, "reason": RejectReason(data["reason"])})
+                reject = Reject.from_json(data)
             except (TypeError, KeyError, ValueError) as error:
                 scanner.fail(f"not a reject ({error})")
             if (reject.dataset, reject.file, reject.phase) != (

@@ -62,7 +62,7 @@ from lvita_data.errors import BuildError
 from lvita_data.fileio import TEMP_MARKER, atomic_open, write_json_atomic, write_text_atomic
 from lvita_data.manifest import StageManifest, load_manifest
 from lvita_data.pool import EXECUTORS, Executor, executor_session, map_tasks
-from lvita_data.schema import Reject, RejectReason
+from lvita_data.schema import Reject
 from lvita_data.shards.energon import write_energon_metadata
 from lvita_data.shards.format import (
     MANIFEST_COPY,
@@ -195,9 +195,7 @@ def _finish(
     for task in tasks:
         record = json.loads(Path(task.done_path).read_text(encoding="utf-8"))
         shards.append(ShardInfo(**record["shard"]))
-        build_rejects.extend(
-            Reject(**{**x, "reason": RejectReason(x["reason"])}) for x in record["rejects"]
-        )
+        build_rejects.extend(Reject.from_json(x) for x in record["rejects"])
     rejects = build_plan.plan_rejects + build_plan.pack_rejects + build_rejects
     index = {
         "format": build_plan.shard_format,

@@ -27,7 +27,7 @@ from lvita_data.build.layout import BuildPlan, FileRef
 from lvita_data.build.plan import DatasetReport
 from lvita_data.errors import BuildError, ShardFormatError
 from lvita_data.fileio import write_bytes_atomic, write_text_atomic
-from lvita_data.schema import Reject, RejectReason
+from lvita_data.schema import Reject
 from lvita_data.shards.format import STATE_DIR, load_npz, npz_bytes
 
 PLAN_JSON = "plan.json"
@@ -83,17 +83,13 @@ def save_build_plan(
     write_text_atomic(str(state_dir / PLAN_JSON), json.dumps(state, ensure_ascii=False))
 
 
-def _reject(data: dict) -> Reject:
-    return Reject(**{**data, "reason": RejectReason(data["reason"])})
-
-
 def load_build_plan(out: Path, state: dict) -> tuple[BuildPlan, list[DatasetReport]]:
     """The saved build plan and reports (`BuildError` when the state does not check out)."""
     path = out / STATE_DIR / LAYOUT_NPZ
     try:
         bound = 8 * (max(int(state["samples"]), int(state["packs"]) + 1)) + 1024
         columns = load_npz(path.read_bytes(), LAYOUT_COLUMNS, bound)
-        rejects = [_reject(r) for r in state["rejects"]]
+        rejects = [Reject.from_json(r) for r in state["rejects"]]
         plan = BuildPlan(
             manifest_sha256=state["manifest_sha256"],
             manifest=state["manifest"],
