@@ -222,22 +222,13 @@ class StagePlan:
             ],
         }
         yield _dumps(head)[:-1] + ',"samples":{'
-        columns = {
-            "file": lambda i, f: np.full(f.num_samples, i, dtype=np.int64),
-            "record": lambda i, f: f.rows.astype(str),
-            "length": lambda i, f: f.lengths,
-            "modality": lambda i, f: np.asarray(MODALITIES)[f.modality],
-            "tiles": lambda i, f: f.tiles,
-            "frames": lambda i, f: f.frames,
-            "offset": lambda i, f: f.offsets,
-            "requested_frames": lambda i, f: f.requested_frames,
-        }
-        for number, (name, values) in enumerate(columns.items()):
+        for number, name in enumerate(["file", *SAMPLE_COLUMNS]):
             yield ("," if number else "") + f'"{name}":['
             first = True
             for index, plan in enumerate(files):
+                values = _column_values(name, index, plan)
                 for start in range(0, plan.num_samples, JSON_CHUNK):
-                    part = values(index, plan)[start : start + JSON_CHUNK].tolist()
+                    part = values[start : start + JSON_CHUNK].tolist()
                     if part:
                         yield ("" if first else ",") + _dumps(part)[1:-1]
                         first = False
@@ -265,6 +256,18 @@ SAMPLE_COLUMNS: dict[str, tuple[str, type]] = {
 the samples per file. ``modality`` is written as names (`MODALITIES`), ``record`` as strings."""
 JSON_CHUNK = 65536
 """Values per piece of a column in `StagePlan.iter_json`."""
+
+
+def _column_values(name: str, index: int, plan: FilePlan) -> np.ndarray:
+    """Plan-file column `name` of the `index`-th readable file, as the JSON holds it."""
+    if name == "file":
+        return np.full(plan.num_samples, index, dtype=np.int64)
+    values = getattr(plan, SAMPLE_COLUMNS[name][0])
+    if name == "record":
+        return values.astype(str)
+    if name == "modality":
+        return np.asarray(MODALITIES)[values]
+    return values
 
 
 def _dumps(value: object) -> str:
