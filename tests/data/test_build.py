@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from build_tree import temporaries, tree
 
 from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
 from lvita_data.errors import BuildError, MissingInputs
@@ -101,19 +102,6 @@ def write_manifest(root: Path, work: Path, *, seed: int = 11, name: str = "build
     text = MANIFEST.format(seed=seed, max_seq_len=MAX_SEQ_LEN, root=root, work=work)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def tree(out: Path) -> dict[str, str]:
-    """sha256 of every file under `out` (the build state included), by relative path."""
-    return {
-        str(Path(d, n).relative_to(out)): sha256_file(str(Path(d, n)))
-        for d, _, names in os.walk(out)
-        for n in names
-    }
-
-
-def temporaries(out: Path) -> list[Path]:
-    return [p for p in out.rglob(f"*{TEMP_MARKER}*")]
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

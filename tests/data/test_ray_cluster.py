@@ -26,9 +26,10 @@ import pytest
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'lvita[ray]'")
 psutil = pytest.importorskip("psutil")
 
+from build_tree import temporaries, tree  # noqa: E402
 from ray_cluster import RayCluster  # noqa: E402 (after the skip: it needs psutil)
 
-from lvita_data.fileio import TEMP_MARKER, sha256_file  # noqa: E402
+from lvita_data.fileio import TEMP_MARKER  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -70,19 +71,6 @@ datasets:
     media_root: {root}/longvita
     max_samples: 3
 """
-
-
-def tree(out: Path) -> dict[str, str]:
-    """sha256 of every file under `out` (the build state included), by relative path."""
-    return {
-        str(Path(d, n).relative_to(out)): sha256_file(str(Path(d, n)))
-        for d, _, names in os.walk(out)
-        for n in names
-    }
-
-
-def temporaries(out: Path) -> list[Path]:
-    return list(out.rglob(f"*{TEMP_MARKER}*"))
 
 
 def build_args(manifest: Path, out: Path, executor: str) -> list[str]:

@@ -7,13 +7,13 @@ import base64
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from headless import CHROMIUM, screenshot
 from PIL import Image
 
 from lvita_data.build.run import build_stage
@@ -310,9 +310,6 @@ def test_html_inlines_every_tile_at_its_placeholders(build, tmp_path):
     assert blocks >= 2
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(
     CHROMIUM is None,
     reason="needs Debian's chromium for the headless render (apt-get install -y chromium)",
@@ -326,27 +323,7 @@ def test_html_renders_in_headless_chromium(build, tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    shot = tmp_path / "shot.png"
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1200,2000",
-        html.as_uri(),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert shot.is_file(), f"no screenshot (rc {result.returncode}): {result.stderr[-2000:]}"
-    image = np.asarray(Image.open(shot).convert("RGB")).astype(np.int32)
+    image = screenshot(html, tmp_path)
     assert image.shape[:2] == (2000, 1200)
     assert image.std() > 20
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 200  # tiles were decoded and drawn

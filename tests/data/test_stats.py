@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
 import tarfile
 from collections import Counter
 from html import escape
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from headless import CHROMIUM, screenshot
 
 from lvita_data.build.plan import plan_stage
 from lvita_data.build.run import build_stage
@@ -299,40 +299,15 @@ def test_html_is_self_contained(variant_build, tmp_path):
     assert render_html(compute_stats(out)) == html  # deterministic, PNGs included
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(
     CHROMIUM is None,
     reason="needs Debian's chromium for the headless render (apt-get install -y chromium)",
 )
 def test_html_renders_in_headless_chromium(variant_build, tmp_path):
-    from PIL import Image
-
     _, out = variant_build
     html = tmp_path / "report.html"
     write_html(compute_stats(out), html)
-    shot = tmp_path / "shot.png"
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1200,2000",
-        html.as_uri(),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert shot.is_file(), f"no screenshot (rc {result.returncode}): {result.stderr[-2000:]}"
-    image = np.asarray(Image.open(shot).convert("RGB")).astype(np.int32)
+    image = screenshot(html, tmp_path)
     assert image.shape[:2] == (2000, 1200)
     # Not blank: varied pixels and many colours (text, plots, tables) ...
     assert image.std() > 20
