@@ -41,7 +41,7 @@ import numpy as np
 
 from lvita_data.errors import LoaderError
 from lvita_data.loader import PackedBatch, PackSettings, assemble_batch
-from lvita_data.loader.reader import Pack
+from lvita_data.loader.pack import Pack
 
 try:
     from megatron.energon import DefaultTaskEncoder, Sample
@@ -135,8 +135,9 @@ class PackLoader:
 
 
 class AllParts:
-    """Energon's ``part_filter`` for lvita builds: every member of a pack is read (the arrays,
-    meta.json, ``image*`` and ``tile*``), as `ShardLoader` reads them."""
+    """Energon's ``part_filter`` for lvita builds: every member of a pack is read (format 3:
+    ``arrays.npz``, ``media.tar``, ``meta.json``; older formats: the arrays, meta.json, ``image*``
+    and ``tile*``), as `ShardLoader` reads them."""
 
     def __call__(self, part: str) -> bool:
         return True

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from lvita_data.errors import MissingInputs
 from lvita_data.fileio import sha256_file
 from lvita_data.manifest import StageManifest, expand_dataset_files
-from lvita_data.shards.format import shard_format
+from lvita_data.shards.format import WRITTEN_FORMAT
 
 
 def build_identity(manifest: StageManifest) -> dict:
@@ -31,7 +31,7 @@ def build_identity(manifest: StageManifest) -> dict:
 
 def manifest_digest(manifest: StageManifest) -> str:
     """Hash of the build identity and the shard format it writes."""
-    content = [build_identity(manifest), shard_format(manifest.shards.image_storage)]
+    content = [build_identity(manifest), WRITTEN_FORMAT]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,7 +23,7 @@ from lvita_data.build.identity import build_identity, manifest_digest
 from lvita_data.build.plan import StagePlan
 from lvita_data.packing.plan import plan_packs
 from lvita_data.schema import Reject, RejectReason
-from lvita_data.shards.format import shard_format
+from lvita_data.shards.format import WRITTEN_FORMAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ def make_build_plan(plan: StagePlan) -> BuildPlan:
         manifest_sha256=manifest_digest(manifest),
         manifest=build_identity(manifest),
         stage=manifest.stage,
-        shard_format=shard_format(manifest.shards.image_storage),
+        shard_format=WRITTEN_FORMAT,
         files=files,
         sample_file=file_of[order],
         sample_row=rows[order],

@@ -38,7 +38,7 @@ from lvita_data.records.mixture import select_rows
 from lvita_data.samples.read import Row, read_and_tokenize, tokenizer_and_template
 from lvita_data.samples.tokenize import SampleRules, plan_counts
 from lvita_data.schema import RawRecord, Reject, media_modality
-from lvita_data.shards.format import shard_format
+from lvita_data.shards.format import WRITTEN_FORMAT
 
 MODALITIES = ("text", "image", "multi_image", "video")
 """Modality names by the code `FilePlan.modality` stores (`schema.media_modality`)."""
@@ -203,7 +203,7 @@ class StagePlan:
             "num_samples": self.num_samples,
             "num_tokens": self.num_tokens,
             "tool": f"lvita {__version__}",
-            "format": shard_format(self.manifest.shards.image_storage),
+            "format": WRITTEN_FORMAT,
             "manifest_sha256": manifest_digest(self.manifest),
             "build_identity": build_identity(self.manifest),
             "verify_media": self.verify_media,

@@ -38,14 +38,14 @@ from lvita_data.schema import Reject, TokenizedSample
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     ARRAYS_NPZ,
-    FORMAT_SOURCE,
+    MEDIA_TAR,
+    WRITTEN_FORMAT,
     image_member,
+    media_tar_bytes,
     meta_bytes,
-    npy_bytes,
     npz_bytes,
     sample_digest,
     sample_key,
-    shard_format,
     tile_member,
 )
 from lvita_data.shards.writer import write_shard
@@ -138,7 +138,7 @@ def _sample_meta(
         "length": sample.plan.length,
         "offset": offset,
         "num_tiles": sample.plan.num_tiles,
-        "media_order": [list(item) for item in sample.media_order],
+        "media_order": [{"kind": kind, "index": index} for kind, index in sample.media_order],
         "images": images,
         "videos": [
             {
@@ -167,13 +167,9 @@ def _pack_sample(
         align=config.align,
     )
     tile_format = manifest.shards.tile_format
-    version = shard_format(manifest.shards.image_storage)
     out: dict[str, bytes] = {"__key__": key}  # type: ignore[dict-item]
-    if version == FORMAT_SOURCE:
-        out[ARRAYS_NPZ] = npz_bytes({name: getattr(arrays, name) for name in ARRAY_MEMBERS})
-    else:
-        for name in ARRAY_MEMBERS:
-            out[f"{name}.npy"] = npy_bytes(getattr(arrays, name))
+    out[ARRAYS_NPZ] = npz_bytes({name: getattr(arrays, name) for name in ARRAY_MEMBERS})
+    media: dict[str, bytes] = {}
     metas, tile_index = [], 0
     image_names: dict[bytes, str] = {}  # sha256 of the bytes -> member: each image stored once
     for (sample, ref, pixels), offset in zip(members, arrays.cu_seqlens[:-1].tolist(), strict=True):
@@ -182,21 +178,21 @@ def _pack_sample(
             digest = hashlib.sha256(data).digest()
             if digest not in image_names:
                 image_names[digest] = image_member(len(image_names), extension)
-                out[image_names[digest]] = data
+                media[image_names[digest]] = data
             names.append(image_names[digest])
         metas.append(_sample_meta(sample, ref, offset, names))
         for blob in pixels.tiles:
-            out[tile_member(tile_index, tile_format)] = blob
+            media[tile_member(tile_index, tile_format)] = blob
             tile_index += 1
     meta = {
         "stage": manifest.stage,
-        "format": version,
+        "format": WRITTEN_FORMAT,
         "tile_format": tile_format,
         "num_tiles": sum(s.plan.num_tiles for s, _, _ in members),
+        "stored_tiles": tile_index,
         "samples": metas,
     }
-    if version == FORMAT_SOURCE:
-        meta["stored_tiles"] = tile_index
+    out[MEDIA_TAR] = media_tar_bytes(media)
     out["meta.json"] = meta_bytes(meta)
     return out, sum(s.plan.length for s, _, _ in members)
 

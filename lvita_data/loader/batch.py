@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from lvita_data.errors import LoaderError, SkipSample
-from lvita_data.loader.reader import Pack
+from lvita_data.loader.pack import Pack
 from lvita_data.media.source import source_image_tiles
 from lvita_data.media.tiles import decode_tile, normalize_tile_into, normalize_tiles_torch
 from lvita_data.samples.tiling import TOKENS_PER_TILE

@@ -1,6 +1,6 @@
 """Training loader of packed shards: `ShardLoader` yields `PackedBatch`es of numpy arrays.
 
-Reads a build directory of `lvita build` (shard format 1, see `lvita_data.shards.format`), decodes
+Reads a build directory of `lvita build` (shard formats 1-3: `lvita_data.shards.format`), decodes
 the packs and their pixels, and yields batches split by data-parallel (DP) rank and loader worker
 without overlap, with an exact-resume `state_dict()` / `load_state_dict()`.
 
@@ -9,8 +9,8 @@ The package, one job per module:
 - `lvita_data.loader.batch`: `PackedBatch` (the layout of a batch, ``to_torch``) and stacking
   checked packs into one.
 - `lvita_data.loader.order`: the order of an epoch and the DP split (drop policy), pure.
-- `lvita_data.loader.reader`: reading one pack from its shard (tar scan, one ``pread``) and the
-  per-pack checks (arrays, tile members, placeholder count).
+- `lvita_data.loader.reader`: reading one pack from its shard (tar scan, one ``pread``).
+- `lvita_data.loader.pack`: the per-pack checks (arrays, media members, placeholder count).
 - `lvita_data.loader.workers`: decoding in torch DataLoader workers into shared memory.
 - `lvita_data.loader.settings`: `PackSettings`, the same checks and decoding for a pack whose
   members another reader read (Megatron-Energon, `lvita_data.energon`).
@@ -57,7 +57,8 @@ import numpy as np
 from lvita_data.errors import LoaderError, LvitaError, ShardFormatError
 from lvita_data.loader.batch import Allocate, PackedBatch, assemble_batch
 from lvita_data.loader.order import epoch_order, num_batches, rank_slice, seed_words
-from lvita_data.loader.reader import Pack, ShardReader
+from lvita_data.loader.pack import Pack
+from lvita_data.loader.reader import ShardReader
 from lvita_data.loader.workers import worker_batches
 from lvita_data.shards.format import (
     BUNDLED_TOKENIZER,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvita_data.loader.loader import build_settings, read_index
-from lvita_data.loader.reader import Pack, parse_pack
+from lvita_data.loader.pack import Pack, parse_pack
 
 
 @dataclass(frozen=True, slots=True)

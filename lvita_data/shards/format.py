@@ -1,35 +1,52 @@
-"""WebDataset shard formats of lvita (versions 1 and 2): member names, arrays, build files.
+"""WebDataset shard formats of lvita (versions 1, 2 and 3): member names, arrays, build files.
 
 A build directory holds `{stage}-{NNNNNN}.tar` shards; one WebDataset sample per packed sequence,
-key `{NNNNNNNNN}` (the global pack index), members (all `.npy` load with allow_pickle=False):
-- `input_ids.npy`    int32 [T]  (T = pack.max_seq_len; padding = pad token `<|endoftext|>`)
-- `labels.npy`       int32 [T]  unshifted, -100 where not supervised (padding included)
-- `position_ids.npy` int32 [T]  restarting per sample when pack.reset_attention, else 0..T-1
-- `cu_seqlens.npy`   int32 [n+1] boundaries of the n packed samples, the tail padding accounted to
+key `{NNNNNNNNN}` (the global pack index). **Format 3**, what `lvita build` writes, has the same
+three members in every pack, so that tools which type a sample by its member names (HF
+``datasets``' webdataset builder infers one schema from the first samples and needs the same
+names in each) read every pack:
+- `arrays.npz`  the four int32 arrays as ``{name}.npy`` inside one zip, DEFLATE level 1
+                (`npz_bytes`; 12 bytes per token became ~1.6), all `.npy` load with
+                allow_pickle=False:
+    ``input_ids``    [T] (T = pack.max_seq_len; padding = pad token `<|endoftext|>`)
+    ``labels``       [T] unshifted, -100 where not supervised (padding included)
+    ``position_ids`` [T] restarting per sample when pack.reset_attention, else 0..T-1
+    ``cu_seqlens``   [n+1] boundaries of the n packed samples, the tail padding accounted to
                      the last one (as the original), so cu_seqlens[-1] == T
-- `arrays.npz`       (format 2, instead of the four `.npy` members) the same four arrays as
-                     ``{name}.npy`` inside one zip, DEFLATE level 1 (`npz_bytes`): 12 bytes per
-                     token became ~1.6, which matters next to a few hundred kB of JPEG per pack
-- `meta.json`        format, stage, tile format, ``num_tiles`` (every vision tile the pack's
-                     placeholders stand for), and per packed sample: dataset, file, record,
-                     length, offset, media_order, images (size, grid, tiles; in format 2 also the
-                     ``member`` holding the image), videos (frames chosen / requested, fps)
-- `tile000000.png`.. stored 448x448 RGB tiles, lossless, in order of their placeholders in
-                     `input_ids`: the loader's normalization reproduces the original's float32
-                     tensors exactly (`lvita_data.media.tiles.normalize_tiles`).
-- `image000000.jpg`.. (format 2) each distinct source image of the pack once (same bytes = same
-                     member), as the exact bytes of its file or parquet cell, numbered in order of
-                     first reference (packed samples in order, each sample's ``images`` in
-                     order); the extension names its format (jpg, png, webp, gif, bmp, tiff, ...).
+- `meta.json`   format, stage, tile format, ``num_tiles`` (every vision tile the pack's
+                placeholders stand for), ``stored_tiles`` (the tiles in `media.tar`), and per
+                packed sample: dataset, file, record, length, offset, ``media_order``
+                (``{"kind": "image" | "video", "index": i}`` in placeholder order), images
+                (size, grid, tiles, and ``member`` when the image is stored as its source
+                bytes), videos (frames chosen / requested, source frames, fps). Every field
+                has one JSON type in every pack (Arrow types it).
+- `media.tar`   the pack's media as one uncompressed tar (`media_tar_bytes`; 1 KiB, empty, for
+                a pack without media), members named as formats 1 and 2 named them:
+    ``image000000.jpg``.. (``image_storage: source``, the default) each distinct source image
+                     of the pack once (same bytes = same member), as the exact bytes of its file
+                     or parquet cell, numbered in order of first reference (packed samples in
+                     order, each sample's ``images`` in order); the extension names its format
+                     (jpg, png, webp, gif, bmp, tiff, ...). The loader cuts it into tiles with
+                     the original's Pillow operations (`lvita_data.media.source`), bit-identical
+                     to pre-cut tiles.
+    ``tile000000.png``.. stored 448x448 RGB tiles, lossless, in order of their placeholders:
+                     video frames, and with ``image_storage: tiles`` every image's tiles too
+                     (thumbnail first when tiled, then row-major). The loader's normalization
+                     reproduces the original's float32 tensors exactly
+                     (`lvita_data.media.tiles.normalize_tiles`).
 
-**Format 1** (``shards.image_storage: tiles``): every tile is stored, per image the thumbnail first
-when tiled, then row-major tiles; per video one tile per frame. **Format 2** (``image_storage:
-source``, the default): images are stored once as their source bytes and cut into tiles by the
-loader with the original's Pillow operations (`lvita_data.media.source`), bit-identical to format
-1's tiles; only video frames are stored as tiles (meta ``stored_tiles`` counts them). Pre-cut
-image tiles cost 6.6-33x the source JPEG's bytes (a 640x480 photo: 82 kB -> 13 PNG tiles of
-2.7 MB); video frames stay tiles because decoding a long video at load time would be far too
-slow (~200 ms per frame sought in a 60 s 720p clip against ~7 ms to decode a stored PNG tile).
+A vision tile's source, walking each sample's ``media_order``: an image with a ``member`` is cut
+from it, an image without one takes its ``tiles`` next stored tiles, a video its frames' next
+stored tiles. Source images cost what their files cost: pre-cut image tiles are 6.6-33x the
+source JPEG's bytes (a 640x480 photo: 82 kB -> 13 PNG tiles of 2.7 MB); video frames stay tiles
+because decoding a long video at load time would be far too slow (~200 ms per frame sought in a
+60 s 720p clip against ~7 ms to decode a stored PNG tile).
+
+Older formats, still read (loader, verify, stats, show, Energon): **format 1** (``image_storage:
+tiles`` before format 3) held one `.npy` member per array and one ``tile*`` member per tile;
+**format 2** (``image_storage: source``) held `arrays.npz` and the ``image*`` / ``tile*``
+members next to it. Both wrote ``media_order`` entries as ``["image", 0]`` and had a member set
+that varied from pack to pack.
 
 Tars are byte-reproducible: members sorted per sample, mtime 0 (PAX record ``mtime=0.0``),
 uid/gid 0, empty user/group names, mode 0444, samples in pack order (`lvita_data.shards.tar`,
@@ -48,6 +65,7 @@ import io
 import json
 import os
 import re
+import tarfile
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -59,17 +77,29 @@ import numpy as np
 import yaml
 
 from lvita_data.errors import ShardFormatError
+from lvita_data.shards.tar import REGULAR_TYPES, scan_tar
 from lvita_data.strict_yaml import expand_env
 
 FORMAT_TILES = 1
 """Shard format whose images are stored as pre-cut tiles (``shards.image_storage: tiles``)."""
 FORMAT_SOURCE = 2
 """Shard format whose images are stored as their source bytes (``image_storage: source``)."""
-SHARD_FORMATS = (FORMAT_TILES, FORMAT_SOURCE)
+FORMAT_MEDIA = 3
+"""Shard format with the same three members in every pack, all media in `MEDIA_TAR`: what
+`lvita build` writes, with either ``image_storage``."""
+SHARD_FORMATS = (FORMAT_TILES, FORMAT_SOURCE, FORMAT_MEDIA)
 """The formats the loader, verify and stats read."""
+WRITTEN_FORMAT = FORMAT_MEDIA
 ARRAY_MEMBERS = ("input_ids", "labels", "position_ids", "cu_seqlens")
 ARRAYS_NPZ = "arrays.npz"
-"""Format 2: the four arrays in one compressed member (format 1: one ``.npy`` member each)."""
+"""Formats 2 and 3: the four arrays in one compressed member (format 1: one ``.npy`` each)."""
+MEDIA_TAR = "media.tar"
+"""Format 3: the pack's image and tile members, as one uncompressed tar (`media_tar_bytes`)."""
+PACK_MEMBERS = (ARRAYS_NPZ, MEDIA_TAR, "meta.json")
+"""The members of every format-3 pack, and only these."""
+MEDIA_NAME = re.compile(r"^(?:image|tile)\d{6}\.[a-z0-9]+\Z")
+"""An image or tile member (`image_member`, `tile_member`)."""
+MEDIA_KINDS = ("image", "video")
 NPZ_LEVEL = 1
 """zlib level of `arrays.npz`: a pack of 4096 tokens takes ~6.6 kB instead of 49.7 kB."""
 STATE_DIR = ".lvita-build"
@@ -100,9 +130,61 @@ def image_member(index: int, extension: str) -> str:
     return f"image{index:06d}.{extension}"
 
 
-def shard_format(image_storage: str) -> int:
-    """The format a build with this ``shards.image_storage`` writes."""
-    return FORMAT_SOURCE if image_storage == "source" else FORMAT_TILES
+def media_tar_bytes(media: Mapping[str, bytes]) -> bytes:
+    """A pack's `MEDIA_TAR`: one ustar member per image or tile in sorted name order (mode
+    0444, mtime 0, uid/gid 0, no user or group names, no PAX records), the two zero blocks of
+    the end of the archive and no record padding: 512 bytes of header and < 512 of padding per
+    member, 1 KiB for a pack without media. `tarfile`, webdataset and lvita's `scan_tar` read
+    it."""
+    out = bytearray()
+    for name in sorted(media):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(media[name]), 0o444, 0
+        out += info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        out += media[name]
+        out += bytes(-len(media[name]) % tarfile.BLOCKSIZE)
+    out += bytes(2 * tarfile.BLOCKSIZE)
+    return bytes(out)
+
+
+def read_media_tar(data: bytes | memoryview) -> dict[str, memoryview]:
+    """The members of a `MEDIA_TAR` someone handed over, by name, sliced without copies: the
+    strict tar scan (`lvita_data.shards.tar.scan_tar`: every header checked, O(n / 512) steps),
+    regular files only, each named as an image or tile member (`MEDIA_NAME`) at most once.
+    `ShardFormatError` otherwise."""
+    view = memoryview(data).cast("B")
+    scan = scan_tar(view, strict=True, canonical=False, where=MEDIA_TAR)
+    media: dict[str, memoryview] = {}
+    for member in scan.members:
+        if member.kind not in REGULAR_TYPES or not MEDIA_NAME.match(member.name):
+            raise ShardFormatError(
+                f"{MEDIA_TAR}: member {member.name[:80]!r} is not an image or tile"
+            )
+        if member.name in media:
+            raise ShardFormatError(f"{MEDIA_TAR}: member {member.name!r} twice")
+        media[member.name] = view[member.data_offset : member.data_offset + member.size]
+    return media
+
+
+def media_order(sample: Mapping[str, Any], version: int) -> list[tuple[str, int]]:
+    """A packed sample's media in placeholder order as (kind, index) pairs: format 3 writes
+    ``{"kind": "image", "index": 0}`` objects (one type per JSON field, which Arrow and HF
+    ``datasets`` need), formats 1 and 2 wrote ``["image", 0]``. `ValueError` when malformed."""
+    order = sample["media_order"]
+    if not isinstance(order, list):
+        raise ValueError(f"media_order {order!r} is not a list")
+    pairs = []
+    for entry in order:
+        if version == FORMAT_MEDIA:
+            ok = isinstance(entry, dict) and sorted(entry) == ["index", "kind"]
+            kind, index = (entry["kind"], entry["index"]) if ok else (None, None)
+        else:
+            ok = isinstance(entry, list) and len(entry) == 2
+            kind, index = entry if ok else (None, None)
+        if kind not in MEDIA_KINDS or type(index) is not int or index < 0:
+            raise ValueError(f"media_order entry {entry!r}")
+        pairs.append((kind, index))
+    return pairs
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

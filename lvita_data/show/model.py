@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lvita_data.schema import IGNORE_INDEX
+from lvita_data.shards.format import FORMAT_TILES, media_order
 
 Decode = Callable[[Sequence[int]], str]
 """Text of token ids, special tokens kept (``LongVitaTokenizer.decode``)."""
@@ -147,7 +148,7 @@ def describe_pack(
     decode: Decode,
     ids: VisionIds,
 ) -> tuple[Document, ...]:
-    """Cut a checked pack (`lvita_data.loader.reader.Pack`) into documents and segments.
+    """Cut a checked pack (`lvita_data.loader.pack.Pack`) into documents and segments.
 
     Args:
         input_ids, labels: int32 [T] of the pack.
@@ -169,7 +170,8 @@ def describe_pack(
     for number, sample in enumerate(meta["samples"]):
         start, stop = int(cu_seqlens[number]), int(cu_seqlens[number + 1])
         end = start + int(sample["length"])
-        blocks, next_tile = _media_blocks(sample, placeholders, next_tile, input_ids, ids)
+        order = media_order(sample, meta.get("format", FORMAT_TILES))
+        blocks, next_tile = _media_blocks(sample, order, placeholders, next_tile, input_ids, ids)
         documents.append(
             Document(
                 number=number,
@@ -240,18 +242,17 @@ _Block = tuple[int, int, str, str, tuple[int, ...], "tuple[int, int] | None"]
 
 def _media_blocks(
     sample: dict,
+    order: list[tuple[str, int]],
     placeholders: np.ndarray,
     first_tile: int,
     input_ids: np.ndarray,
     ids: VisionIds,
 ) -> tuple[list[_Block], int]:
-    """(start, stop, kind, label, tiles, grid) of each media item of `sample` in
-    ``media_order``, and the pack's next tile number."""
+    """(start, stop, kind, label, tiles, grid) of each media item of `sample` in its media
+    `order`, and the pack's next tile number."""
     blocks = []
     tile = first_tile
-    for kind, index in sample.get("media_order", ()):
-        if kind not in ("image", "video") or type(index) is not int or index < 0:
-            raise ValueError(f"media_order entry {[kind, index]!r}")
+    for kind, index in order:
         grid = None
         if kind == "image":
             image = sample["images"][index]

@@ -21,7 +21,7 @@ import numpy as np
 
 from lvita_data.errors import LoaderError, LvitaError, ShardFormatError, ShowError
 from lvita_data.loader import ShardLoader
-from lvita_data.loader.reader import Pack
+from lvita_data.loader.pack import Pack
 from lvita_data.shards.format import read_build_manifest
 from lvita_data.shards.tar import group_samples, scan_tar_file
 from lvita_data.show.model import PackView, VisionIds, describe_pack

@@ -1,6 +1,8 @@
-"""The source images of a format-2 pack (`check_images`), see `lvita_data.shards.format`.
+"""The source images of a format-2 or format-3 pack (`check_images`), see
+`lvita_data.shards.format`.
 
-- Names: every image entry of the meta names an ``image{NNNNNN}.{ext}`` member; the distinct
+- Names: every image entry of the meta names an ``image{NNNNNN}.{ext}`` member (none does in a
+  format-3 pack with ``image_storage: tiles``, whose images are stored tiles); the distinct
   members are numbered 0, 1, ... in order of first reference (packed samples in order, each
   sample's images in order), as the build writes them; every referenced member exists and no
   image member goes unreferenced.
@@ -49,8 +51,9 @@ def _pair(value: object) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _references(samples: Sequence[dict], out: SampleProblems) -> list[_Reference]:
-    """Every image entry of the meta with a well-formed member name, in order."""
+def _references(samples: Sequence[dict], source: bool, out: SampleProblems) -> list[_Reference]:
+    """Every image entry of the meta with a well-formed member name, in order; `source`: every
+    image must name one (else none may)."""
     references = []
     for number, sample in enumerate(samples):
         try:
@@ -60,6 +63,12 @@ def _references(samples: Sequence[dict], out: SampleProblems) -> list[_Reference
             continue
         for index, image in enumerate(images):
             where = f"packed sample {number} image {index}"
+            if not source:
+                if isinstance(image, dict) and "member" in image:
+                    out.add(
+                        f"{where} names a member, the build stores images as tiles", "meta.json"
+                    )
+                continue
             try:
                 member = image["member"]
                 size, grid = _pair(image["size"]), _pair(image["grid"])
@@ -83,13 +92,15 @@ def _identify(data: bytes) -> tuple[str, tuple[int, int]]:
 
 def check_images(
     samples: Sequence[dict],
-    parts: Mapping[str, bytes],
+    media: Mapping[str, bytes | memoryview],
     image_names: Sequence[str],
+    source: bool,
     settings: Settings,
     out: SampleProblems,
 ) -> None:
-    """The image members of a format-2 pack against its meta (see the module docstring)."""
-    references = _references(samples, out)
+    """The image members of a pack against its meta (see the module docstring); `source`: the
+    images are stored as their source bytes."""
+    references = _references(samples, source, out)
     first: dict[str, _Reference] = {}
     for reference in references:
         first.setdefault(reference.member, reference)
@@ -104,10 +115,10 @@ def check_images(
     for member in sorted(set(image_names) - set(first)):
         out.add("image member no image entry of meta.json refers to", member)
     for member, reference in first.items():
-        if member not in parts:
+        if member not in media:
             out.add(f"image member is missing ({reference.where} refers to it)", member)
             continue
-        data = parts[member]
+        data = bytes(media[member])
         try:
             fmt, size = _identify(data)
         except Exception as error:  # any failure to identify damaged bytes

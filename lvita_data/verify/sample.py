@@ -1,24 +1,27 @@
-"""The per-sample checks of shard formats 1 and 2 (`check_sample`): one sample's members in
+"""The per-sample checks of shard formats 1, 2 and 3 (`check_sample`): one sample's members in
 memory. A pack is checked as the format `index.json` names (its meta.json must name the same).
 
-- Members: the four arrays (format 1: one `.npy` member each; format 2: exactly `arrays.npz`, no
-  `.npy` member) and `meta.json`, tiles `tile000000..` in the build's tile format, in format 2
-  image members `image000000.{ext}..`, no unknown member.
+- Members: format 3 exactly `arrays.npz`, `media.tar` and `meta.json`, `media.tar` the
+  canonical tar lvita writes (`media_tar_bytes`) of image and tile members only; formats 1 and 2
+  the four arrays (format 1: one `.npy` member each; format 2: exactly `arrays.npz`) and
+  `meta.json` next to the media members. Media members: tiles `tile000000..` in the build's
+  tile format, in formats 2 and 3 image members `image000000.{ext}..`, nothing else.
 - Arrays load with allow_pickle=False, are int32 and 1-D, and are the canonical bytes lvita
-  writes (each `.npy`; format 2: `arrays.npz` is `npz_bytes` of its arrays, read by `load_npz`
-  with each array's inflated size bounded by `npz_limit`); shapes [T] and [n + 1]; `cu_seqlens`
-  starts at 0, strictly increases and ends at T. Format 2 reports an array's problems in member
-  `arrays.npz`, the message naming the array (`SampleProblems`).
+  writes (each `.npy`; formats 2 and 3: `arrays.npz` is `npz_bytes` of its arrays, read by
+  `load_npz` with each array's inflated size bounded by `npz_limit`); shapes [T] and [n + 1];
+  `cu_seqlens` starts at 0, strictly increases and ends at T. Formats 2 and 3 report an array's
+  problems in member `arrays.npz`, the message naming the array (`SampleProblems`).
 - `meta.json` is the canonical JSON lvita writes, of this format, stage and tile format.
 - Packed sample i starts at cu_seqlens[i] (a multiple of `pack.align`) and fills its aligned
   length; padding is the pad token with label -100; positions restart per segment when
   `pack.reset_attention`, else run 0..T-1; ids are inside the vocabulary; every label is -100 or
   its input id. Vision blocks, ChatML turns and labels: `lvita_data.verify.text`.
-- Tiles, format 1: meta `num_tiles` == tile members == the tiles the samples stand for.
-  Format 2: meta `num_tiles` == the tiles the samples stand for (image grids and video frames)
-  == the pack's vision placeholders / 256; meta `stored_tiles` == tile members == the frames of
-  the pack's videos; the image members: `lvita_data.verify.images`. Either format: PNG tiles
-  pass every chunk CRC and are 448x448 RGB (and decode, unless `decode_tiles=False`).
+- Tiles: meta `num_tiles` == the tiles the samples stand for (image grids and video frames) ==
+  the pack's vision placeholders / 256; the stored tiles (meta `stored_tiles`, `num_tiles` in
+  format 1) == tile members == the frames of the pack's videos plus the tiles of its images
+  stored as tiles (format 1, and format 3 with ``image_storage: tiles``); the image members:
+  `lvita_data.verify.images`. PNG tiles pass every chunk CRC and are 448x448 RGB (and decode,
+  unless `decode_tiles=False`).
 """
 
 from __future__ import annotations
@@ -37,16 +40,20 @@ from lvita_data.schema import IGNORE_INDEX
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     ARRAYS_NPZ,
-    FORMAT_SOURCE,
+    FORMAT_MEDIA,
     FORMAT_TILES,
+    MEDIA_TAR,
+    PACK_MEMBERS,
     SHARD_FORMATS,
     load_npy,
     load_npz,
+    media_tar_bytes,
     meta_bytes,
     npy_bytes,
     npz_bytes,
     npz_limit,
     parse_json,
+    read_media_tar,
     tile_member,
 )
 from lvita_data.verify.images import IMAGE_PATTERN, check_images
@@ -120,8 +127,9 @@ def _load_arrays(
     parts: Mapping[str, bytes], version: int, settings: Settings, out: SampleProblems
 ) -> dict[str, np.ndarray | None]:
     """The four arrays that load as int32 1-D (None for one that does not): the `.npy` members
-    of format 1, or format 2's `arrays.npz` (bounded inflation, CRCs checked, canonical)."""
-    if version != FORMAT_SOURCE:
+    of format 1, or the `arrays.npz` of formats 2 and 3 (bounded inflation, CRCs checked,
+    canonical)."""
+    if version == FORMAT_TILES:
         return {
             name: _load_array(f"{name}.npy", parts[f"{name}.npy"], out)
             for name in ARRAY_MEMBERS
@@ -152,31 +160,55 @@ def _meta_format(parts: Mapping[str, bytes], settings: Settings) -> int:
     return version if version in SHARD_FORMATS else FORMAT_TILES
 
 
+def _media_parts(
+    parts: Mapping[str, bytes], version: int, array_parts: tuple[str, ...], out: SampleProblems
+) -> Mapping[str, bytes | memoryview]:
+    """The pack's image and tile members: those of format 3's `media.tar` (strictly scanned, and
+    its bytes the canonical tar lvita writes of them), else the members next to the arrays."""
+    if version != FORMAT_MEDIA:
+        return {p: data for p, data in parts.items() if p != "meta.json" and p not in array_parts}
+    for part in parts:
+        if part not in PACK_MEMBERS:
+            out.add("unknown member", part, exact=True)
+    if MEDIA_TAR not in parts:
+        out.add(f"member {MEDIA_TAR} missing")
+        return {}
+    try:
+        media = read_media_tar(parts[MEDIA_TAR])
+    except ShardFormatError as error:
+        out.add(f"does not read as a tar of image and tile members: {error}", MEDIA_TAR)
+        return {}
+    if media_tar_bytes({name: bytes(data) for name, data in media.items()}) != parts[MEDIA_TAR]:
+        out.add("not the canonical media.tar lvita writes (damaged header or padding?)", MEDIA_TAR)
+    return media
+
+
 def check_sample(
     shard: str, key: str, parts: Mapping[str, bytes], settings: Settings
 ) -> tuple[list[Problem], SampleSummary]:
-    """Every per-sample invariant of shard formats 1 and 2 (see the module docstring)."""
+    """Every per-sample invariant of shard formats 1, 2 and 3 (see the module docstring)."""
     version = _meta_format(parts, settings)
-    out = SampleProblems(shard, key, ARRAYS_NPZ if version == FORMAT_SOURCE else None)
+    out = SampleProblems(shard, key, None if version == FORMAT_TILES else ARRAYS_NPZ)
     summary = SampleSummary()
     array_parts = (
-        (ARRAYS_NPZ,) if version == FORMAT_SOURCE else tuple(f"{n}.npy" for n in ARRAY_MEMBERS)
+        tuple(f"{n}.npy" for n in ARRAY_MEMBERS) if version == FORMAT_TILES else (ARRAYS_NPZ,)
     )
     for part in array_parts:
         if part not in parts:
             out.add(f"member {part} missing")
     if "meta.json" not in parts:
         out.add("member meta.json missing")
+    media = _media_parts(parts, version, array_parts, out)
     tile_names, image_names = [], []
-    for part in parts:
+    for part in media:
         match = TILE_PATTERN.match(part)
         if match:
             tile_names.append(part)
             if match.group(2) != settings.tile_format:
                 out.add(f"tile format {match.group(2)!r}, the build uses {settings.tile_format}")
-        elif version == FORMAT_SOURCE and IMAGE_PATTERN.match(part):
+        elif version != FORMAT_TILES and IMAGE_PATTERN.match(part):
             image_names.append(part)
-        elif part != "meta.json" and part not in array_parts:
+        else:
             out.add("unknown member", part, exact=True)
     arrays = _load_arrays(parts, version, settings, out)
     meta = None
@@ -189,7 +221,7 @@ def check_sample(
             canonical = meta_bytes(meta)
             if canonical != parts["meta.json"]:
                 out.add("not the canonical JSON lvita writes (damaged?)", "meta.json")
-    stored_field = "stored_tiles" if version == FORMAT_SOURCE else "num_tiles"
+    stored_field = "num_tiles" if version == FORMAT_TILES else "stored_tiles"
     if meta is not None:
         try:
             samples = list(meta["samples"])
@@ -215,7 +247,7 @@ def check_sample(
             said = "says" if version == FORMAT_TILES else "stored_tiles"
             out.add(f"{len(tile_names)} tile member(s), meta.json {said} {meta_stored}")
     for part in sorted(tile_names):
-        data = parts[part]
+        data = bytes(media[part])
         problem = _png_problem(data) if part.endswith(".png") else None
         if problem is None and (settings.decode_tiles or not part.endswith(".png")):
             from lvita_data.media.tiles import decode_tile
@@ -228,8 +260,9 @@ def check_sample(
             out.add(problem, part)
     summary.tiles = len(tile_names)
     summary.images = len(image_names)
-    if meta is not None and version == FORMAT_SOURCE:
-        check_images(samples, parts, image_names, settings, out)
+    if meta is not None and version != FORMAT_TILES:
+        source = version != FORMAT_MEDIA or settings.image_storage == "source"
+        check_images(samples, media, image_names, source, settings, out)
 
     capacity = settings.max_seq_len
     if meta is None or any(arrays.get(n) is None for n in ARRAY_MEMBERS):
@@ -307,15 +340,9 @@ def check_sample(
                 f"packed sample {number}: padding [{end}, {stop}) is not pad id / label -100",
                 "input_ids.npy",
             )
-        tiles += check_text(number, start, ids[start:end], labels[start:end], sample, settings, out)
-    if version == FORMAT_TILES:
-        if tiles != meta_tiles or tiles != len(tile_names):
-            out.add(
-                f"its samples stand for {tiles} tile(s), meta num_tiles {meta_tiles}, "
-                f"{len(tile_names)} tile member(s)",
-                "meta.json",
-            )
-        return out.problems, summary
+        tiles += check_text(
+            number, start, ids[start:end], labels[start:end], sample, version, settings, out
+        )
     placeholders = int(np.isin(ids, settings.special.vision_context_ids).sum())
     if tiles != meta_tiles or placeholders != TOKENS_PER_TILE * meta_tiles:
         out.add(
@@ -323,20 +350,26 @@ def check_sample(
             f"{placeholders} vision placeholders ({TOKENS_PER_TILE} per tile)",
             "meta.json",
         )
-    frames = _video_frames(samples)
-    if frames is not None and (frames != meta_stored or frames != len(tile_names)):
+    stored = _stored_tiles(samples)
+    if stored is not None and (stored != meta_stored or stored != len(tile_names)):
         out.add(
-            f"its videos have {frames} frame(s), meta stored_tiles {meta_stored}, "
-            f"{len(tile_names)} tile member(s)",
+            f"its videos' frames and the tiles of its images stored as tiles are {stored}, meta "
+            f"{stored_field} {meta_stored}, {len(tile_names)} tile member(s)",
             "meta.json",
         )
     return out.problems, summary
 
 
-def _video_frames(samples: list) -> int | None:
-    """Frames of all videos of a pack (format 2's stored tiles); None when the meta is malformed
-    (reported by `check_text`)."""
+def _stored_tiles(samples: list) -> int | None:
+    """The tiles a pack stores: every video frame, and the tiles of every image without a
+    ``member`` (stored as tiles); None when the meta is malformed (reported by `check_text`)."""
     try:
-        return sum(len(video["frames"]) for sample in samples for video in sample["videos"])
-    except (KeyError, TypeError):
+        frames = sum(len(video["frames"]) for sample in samples for video in sample["videos"])
+        return frames + sum(
+            int(image["tiles"])
+            for sample in samples
+            for image in sample["images"]
+            if "member" not in image
+        )
+    except (KeyError, TypeError, ValueError):
         return None

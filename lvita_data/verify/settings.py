@@ -1,7 +1,7 @@
 """The build settings verify checks against: shard format, stage, capacity,
-`pack.reset_attention`, `pack.align`, tile format, and from the build's tokenizer its special
-ids, vocabulary size and the ChatML role prefixes. From `index.json` where it records them,
-else the build's copy of its stage manifest (`manifest.yaml`).
+`pack.reset_attention`, `pack.align`, tile format, image storage, and from the build's
+tokenizer its special ids, vocabulary size and the ChatML role prefixes. From `index.json`
+where it records them, else the build's copy of its stage manifest (`manifest.yaml`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ class Settings:
     vision_ids: np.ndarray
     """The 9 vision placeholder ids (`ChatTemplate.reserved_set`), sorted, int32."""
     decode_tiles: bool = True
+    image_storage: str = "source"
+    """``shards.image_storage`` of the build: in format 3 an image names its ``member`` exactly
+    when it is ``source``."""
     shard_format: int | None = None
     """The format `index.json` names; None when it names none lvita reads (reported by
     `verify_build`; each pack is then checked as the format its meta.json names)."""
@@ -70,5 +73,6 @@ def load_settings(out: Path, index: dict, *, decode_tiles: bool = True) -> Setti
         role_prefix=dict(template.role_prefix),
         vision_ids=np.array(sorted(template.reserved_set), dtype=np.int32),
         decode_tiles=decode_tiles,
+        image_storage=str(shards.get("image_storage", "source")),
         shard_format=index.get("format") if index.get("format") in SHARD_FORMATS else None,
     )

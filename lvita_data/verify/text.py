@@ -20,6 +20,7 @@ import numpy as np
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.samples.vision_tokens import image_token_ids, video_token_ids
 from lvita_data.schema import IGNORE_INDEX
+from lvita_data.shards.format import media_order
 from lvita_data.tokenizer.special_tokens import SpecialIds
 from lvita_data.verify.report import SampleProblems
 from lvita_data.verify.settings import Settings
@@ -29,27 +30,26 @@ MAX_GRID = 64
 
 
 def _expected_vision(
-    sample: dict, special: SpecialIds, max_tiles: int
+    sample: dict, version: int, special: SpecialIds, max_tiles: int
 ) -> list[tuple[np.ndarray, int]]:
     """(ids, tiles) of each vision block of a packed sample, in order of appearance; at most
     `max_tiles` in all (T / 256: every tile takes 256 placeholders), so a meta that claims a
     grid or a frame count of 10^18 is reported, not expanded."""
     blocks = []
     total = 0
-    for kind, index in sample["media_order"]:
+    order = media_order(sample, version)
+    for kind, index in order:
         if kind == "image":
             image = sample["images"][index]
             grid = (int(image["grid"][0]), int(image["grid"][1]))
             if min(grid) < 1 or grid[0] * grid[1] > MAX_GRID or image["tiles"] != num_tiles(grid):
                 raise ValueError(f"image {index}: grid {grid} with {image['tiles']} tiles")
             tiles = num_tiles(grid)
-        elif kind == "video":
+        else:  # a video (`media_order` checked the kind)
             frames = sample["videos"][index]["frames"]
             if not frames:
                 raise ValueError(f"video {index} has no frames")
             tiles = len(frames)
-        else:
-            raise ValueError(f"unknown media kind {kind!r}")
         total += tiles
         if total > max_tiles:
             raise ValueError(f"its media stand for more than {max_tiles} tiles (T / 256)")
@@ -58,7 +58,7 @@ def _expected_vision(
         else:
             blocks.append((video_token_ids(tiles, special), tiles))
     for kind, media in (("image", sample["images"]), ("video", sample["videos"])):
-        listed = sorted(index for k, index in sample["media_order"] if k == kind)
+        listed = sorted(index for k, index in order if k == kind)
         if listed != list(range(len(media))):
             raise ValueError(f"media_order does not list each of the {len(media)} {kind}s once")
     return blocks
@@ -70,14 +70,16 @@ def check_text(
     ids: np.ndarray,
     labels: np.ndarray,
     sample: dict,
+    version: int,
     settings: Settings,
     out: SampleProblems,
 ) -> int:
-    """Vision blocks, ChatML turns and labels of packed sample `number`; returns its tiles."""
+    """Vision blocks, ChatML turns and labels of packed sample `number` of a pack in shard
+    format `version`; returns its tiles."""
     special = settings.special
     what = f"packed sample {number} ({sample.get('dataset')}, record {sample.get('record')})"
     try:
-        blocks = _expected_vision(sample, special, settings.max_seq_len // TOKENS_PER_TILE)
+        blocks = _expected_vision(sample, version, special, settings.max_seq_len // TOKENS_PER_TILE)
     except (KeyError, TypeError, ValueError, IndexError) as error:
         out.add(f"{what}: media metadata malformed: {error}", "meta.json")
         return 0

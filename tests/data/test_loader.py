@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from legacy_shards import write_legacy_build
 
 from lvita_data.build.run import build_stage
 from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.loader import PackedBatch, ShardLoader, epoch_order
 from lvita_data.loader.batch import assemble_batch
 from lvita_data.loader.loader import bundled_vision_ids
-from lvita_data.loader.reader import ARRAY_NAMES, parse_pack
+from lvita_data.loader.pack import ARRAY_NAMES, parse_pack
 from lvita_data.media.tiles import decode_tiles, image_tiles, normalize_tiles, tiles_array
+from lvita_data.shards.format import read_media_tar
 from lvita_data.shards.tar import group_samples, scan_tar_file
 from lvita_data.tokenizer.special_tokens import SpecialIds
 from lvita_data.tokenizer.tokenizer import load_tokenizer
@@ -228,6 +230,73 @@ def test_samples_match_webdataset(build):
         assert key == sample["__key__"]
         got = {name: bytes(data) for name, data in members.items()}
         assert got == {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+def _readme_snippet(first_line: str) -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index(f"```python\n{first_line}")
+    return readme[start + len("```python\n") : readme.index("```", start + 9)]
+
+
+def test_hf_datasets_reads_every_pack(build, tmp_path, monkeypatch):
+    """The README's snippet, run as written on this build: HF `datasets`' webdataset builder
+    streams every pack of every shard, and its arrays, meta and media are the loader's; loaded
+    without streaming, every field gets one Arrow type (the same members in every pack, one
+    JSON type per meta field)."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {}
+    snippet = _readme_snippet("import glob")
+    exec(snippet.replace('"shards/stage3/*.tar"', repr(str(build / "*.tar"))), namespace)  # noqa: S102
+    assert all(name.startswith(("image", "tile")) for name in namespace["files"])
+    loader = ShardLoader(build, shuffle=False)
+    packs = list(namespace["packs"])
+    assert len(packs) == loader.num_packs
+    for number, pack in enumerate(packs):
+        key, members = loader.read_raw(number)
+        checked = loader.read_pack(number)
+        assert pack["__key__"] == key
+        assert set(pack) - {"__key__", "__url__"} == {"arrays.npz", "media.tar", "meta.json"}
+        for name in ARRAY_NAMES:
+            np.testing.assert_array_equal(pack["arrays.npz"][name], getattr(checked, name))
+        assert pack["meta.json"] == checked.meta
+        with tarfile.open(fileobj=io.BytesIO(pack["media.tar"])) as media:
+            files = {m.name: media.extractfile(m).read() for m in media}
+        ours = read_media_tar(members["media.tar"])
+        assert files == {name: bytes(data) for name, data in ours.items()}
+    kinds = {s["modality"] for p in packs for s in _modalities(p["meta.json"])}
+    assert kinds == {"image", "video", "text"}  # every kind of pack went through
+    table = datasets.load_dataset(
+        "webdataset",
+        data_files={"train": sorted(str(p) for p in build.glob("*.tar"))},
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert table.num_rows == loader.num_packs
+    assert table[loader.num_packs - 1]["__key__"] == loader.read_raw(loader.num_packs - 1)[0]
+
+
+def _modalities(meta: dict) -> list[dict]:
+    return [
+        {"modality": "video" if s["videos"] else "image" if s["images"] else "text"}
+        for s in meta["samples"]
+    ]
+
+
+def test_older_shard_formats_load_the_same(builds, tmp_path):
+    """Builds in formats 1 (``.npy`` members, every tile a member) and 2 (``arrays.npz``, one
+    member per image and tile, ``media_order`` pairs) give the batches of the format-3 build
+    they were made from."""
+    for storage, version in (("tiles", 1), ("source", 2)):
+        legacy = write_legacy_build(builds[storage], tmp_path / storage, version)
+        assert json.loads((legacy / "index.json").read_text())["format"] == version
+        key, members = ShardLoader(legacy, shuffle=False).read_raw(0)
+        assert "media.tar" not in members and ("arrays.npz" in members) == (version == 2)
+        assert_batches_equal(
+            all_batches(ShardLoader(legacy, shuffle=False, batch_size=2)),
+            all_batches(ShardLoader(builds[storage], shuffle=False, batch_size=2)),
+        )
 
 
 def test_import_and_numpy_iteration_do_not_import_torch(build):
