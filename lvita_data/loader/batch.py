@@ -12,7 +12,7 @@ A batch is `batch_size` packs (default 1: packs are already full sequences) of t
   ``cu_seqlens_per_pack`` keeps each pack's own int32 [n_b + 1] array; ``max_seqlen``.
 - ``pixel_values``: float32 [N, 3, 448, 448], the N tiles of the batch in placeholder order,
   bit-identical to the original's normalised tensors: stored tiles decoded with
-  `lvita_data.media.tiles.decode_tile`, format-2 source images decoded and cut with the
+  `lvita_data.media.tiles.decode_tile`, source images decoded and cut with the
   original's Pillow operations (`lvita_data.media.source.source_image_tiles`, once per image and
   pack however many tiles come from it), all normalised with `lvita_data.media.tiles`' one table
   by `normalize_tile_into`. An image that no longer decodes, or decodes to another size than
@@ -74,7 +74,7 @@ class PackedBatch:
     tile_data: list[bytes] | None = None
     """The encoded stored tiles (only with decode_pixels=False)."""
     image_data: list[dict[str, bytes]] | None = None
-    """Per pack, its format-2 source images by member (only with decode_pixels=False)."""
+    """Per pack, its source images by member (only with decode_pixels=False)."""
     tile_format: str = "png"
 
     @property

@@ -32,7 +32,13 @@ from lvita_data.media.tiles import decode_tile
 from lvita_data.samples.read import tokenizer_and_template
 from lvita_data.samples.tiling import TOKENS_PER_TILE, num_tiles
 from lvita_data.schema import IGNORE_INDEX
-from lvita_data.shards.format import ARRAY_MEMBERS, load_npy, load_npz, npz_bytes, npz_limit
+from lvita_data.shards.format import (
+    ARRAY_MEMBERS,
+    load_npz,
+    media_tar_bytes,
+    npz_bytes,
+    npz_limit,
+)
 from lvita_data.shards.writer import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,9 +238,13 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
         samples = read_samples(reference / shard["name"])
         assert len(samples) == shard["samples"]
         tokens = 0
-        for key, members in samples:
+        for key, outer in samples:
             keys.append(key)
-            assert members["arrays.npz"] == npz_bytes(  # format 2: one reproducible .npz
+            assert set(outer) == {"arrays.npz", "media.tar", "meta.json"}  # format 3, every pack
+            media = media_members(outer["media.tar"])
+            assert outer["media.tar"] == media_tar_bytes(media)  # reproducible
+            members = {**outer, **media}
+            assert members["arrays.npz"] == npz_bytes(  # one reproducible .npz
                 arrays := load_npz(members["arrays.npz"], ARRAY_MEMBERS, npz_limit(MAX_SEQ_LEN))
             )
             assert all(a.dtype == np.int32 for a in arrays.values())
@@ -243,14 +253,14 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
             ids, labels, positions, cu = (arrays[name] for name in ARRAY_MEMBERS)
             assert cu[0] == 0 and cu[-1] == MAX_SEQ_LEN and (np.diff(cu) > 0).all()
             meta = json.loads(members["meta.json"])
-            assert meta["stage"] == "buildtest" and meta["format"] == 2
+            assert meta["stage"] == "buildtest" and meta["format"] == 3
             assert meta["tile_format"] == "png"
             tiles = sorted(m for m in members if m.startswith("tile"))
             assert tiles == [f"tile{i:06d}.png" for i in range(len(tiles))]
             images = sorted(m for m in members if m.startswith("image"))
             assert images == [f"image{i:06d}.{m.split('.')[1]}" for i, m in enumerate(images)]
-            assert set(members) == {"arrays.npz", "meta.json", *tiles, *images}
-            assert meta["stored_tiles"] == len(tiles)  # format 2: the video frames
+            assert set(media) == {*tiles, *images}
+            assert meta["stored_tiles"] == len(tiles)  # the video frames
             assert np.isin(ids, vision).sum() == TOKENS_PER_TILE * meta["num_tiles"]
             assert meta["num_tiles"] == sum(s["num_tiles"] for s in meta["samples"])
             frames = sum(len(v["frames"]) for s in meta["samples"] for v in s["videos"])
@@ -263,6 +273,10 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
             end = 0
             for sample, start, stop in zip(meta["samples"], cu[:-1], cu[1:], strict=True):
                 assert sample["offset"] == start and start % 2 == 0  # pack.align = 2
+                order = [(item["kind"], item["index"]) for item in sample["media_order"]]
+                assert sorted(order) == [("image", i) for i in range(len(sample["images"]))] + [
+                    ("video", i) for i in range(len(sample["videos"]))
+                ]
                 assert sample["length"] <= stop - start
                 assert positions[start] == 0  # pack.reset_attention
                 assert (labels[start + sample["length"] : stop] == IGNORE_INDEX).all()
@@ -292,18 +306,18 @@ def test_shard_invariants(reference: Path, demo_corpus) -> None:
     assert json.loads((reference / "stats.json").read_text(encoding="utf-8"))
 
 
-def test_tiles_storage_writes_format_1(manifest: Path, reference: Path, tmp_path: Path) -> None:
-    """``shards.image_storage: tiles`` keeps shard format 1: every tile pre-cut, no image member;
-    the same packs and ids as the format-2 reference, several times the bytes."""
+def test_tiles_storage_stores_every_tile(manifest: Path, reference: Path, tmp_path: Path) -> None:
+    """``shards.image_storage: tiles`` writes format 3 too, with every tile pre-cut in media.tar
+    and no image member (no image names a ``member``); the same packs and ids as the reference
+    (images as their bytes), several times the bytes."""
     tiles_manifest = tmp_path / "tiles.yaml"
     text = manifest.read_text(encoding="utf-8")
     tiles_manifest.write_text(text.replace("shards:\n", "shards:\n  image_storage: tiles\n"))
     out = tmp_path / "out"
     build_stage(str(tiles_manifest), str(out), workers=1, progress=False)
     index = json.loads((out / "index.json").read_text(encoding="utf-8"))
-    assert index["format"] == 1
-    assert (out / "manifest.yaml").read_text().startswith("# lvita ")
-    assert ", shard format 1, from " in (out / "manifest.yaml").read_text().splitlines()[0]
+    assert index["format"] == 3
+    assert ", shard format 3, from " in (out / "manifest.yaml").read_text().splitlines()[0]
     reference_index = json.loads((reference / "index.json").read_text(encoding="utf-8"))
     assert [s["samples"] for s in index["shards"]] == [
         s["samples"] for s in reference_index["shards"]
@@ -315,15 +329,22 @@ def test_tiles_storage_writes_format_1(manifest: Path, reference: Path, tmp_path
             samples, read_samples(reference / ref_shard["name"]), strict=True
         ):
             meta = json.loads(members["meta.json"])
-            assert key == ref_key and meta["format"] == 1 and "stored_tiles" not in meta
-            assert not any(m.startswith("image") for m in members)
-            assert meta["num_tiles"] == sum(m.startswith("tile") for m in members)
+            assert key == ref_key and meta["format"] == 3 and set(members) == set(ref_members)
+            media = media_members(members["media.tar"])
+            assert not any(m.startswith("image") for m in media)
+            assert not any("member" in i for s in meta["samples"] for i in s["images"])
+            assert meta["num_tiles"] == meta["stored_tiles"] == len(media)
             assert meta["num_tiles"] == json.loads(ref_members["meta.json"])["num_tiles"]
-            ids = load_npz(ref_members["arrays.npz"], ARRAY_MEMBERS, npz_limit(MAX_SEQ_LEN))
-            assert load_npy(members["input_ids.npy"]).tolist() == ids["input_ids"].tolist()
+            assert members["arrays.npz"] == ref_members["arrays.npz"]
         total["tiles"] += shard["bytes"]
         total["source"] += ref_shard["bytes"]
     assert total["tiles"] > 2 * total["source"]
+
+
+def media_members(data: bytes) -> dict[str, bytes]:
+    """The members of a pack's media.tar, read with `tarfile`."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as media:
+        return {member.name: media.extractfile(member).read() for member in media}
 
 
 def test_rejects_record_where_they_were_found(reference: Path) -> None:

@@ -32,7 +32,7 @@ from lvita_data.shards.energon import (
     read_layout,
     write_energon_metadata,
 )
-from lvita_data.shards.format import ARRAY_MEMBERS, ARRAYS_NPZ, FORMAT_SOURCE, ShardInfo
+from lvita_data.shards.format import ARRAY_MEMBERS, ARRAYS_NPZ, FORMAT_MEDIA, MEDIA_TAR, ShardInfo
 from lvita_data.verify import verify_build
 
 energon = pytest.importorskip("megatron.energon")
@@ -206,20 +206,19 @@ def test_energon_loads_every_sample_byte_for_byte(built, energon_parts):
 
 
 def test_energon_hands_out_the_source_image_bytes(built, energon_parts):
-    """Format 2 (the default): the parts are ``arrays.npz`` (what ``np.load`` reads: the four
-    int32 arrays), ``meta.json``, ``image*`` and ``tile*``; every ``image*`` part Energon yields
+    """Format 3: the parts are ``arrays.npz`` (what ``np.load`` reads: the four int32 arrays),
+    ``media.tar`` and ``meta.json``; every ``image*`` member of the ``media.tar`` Energon yields
     is the exact bytes of the source file its meta.json entry stands for; the video frames are
     the stored tiles."""
     index = json.loads((built / "index.json").read_text(encoding="utf-8"))
-    assert index["format"] == FORMAT_SOURCE
+    assert index["format"] == FORMAT_MEDIA
     extensions = set()
-    for key, parts in energon_parts.items():
-        assert {p for p in parts if not p.startswith(("image", "tile"))} == {
-            ARRAYS_NPZ,
-            "meta.json",
-        }, key
+    for key, outer in energon_parts.items():
+        assert set(outer) == {ARRAYS_NPZ, MEDIA_TAR, "meta.json"}, key
+        with tarfile.open(fileobj=io.BytesIO(outer[MEDIA_TAR])) as media:
+            parts = {**outer, **{m.name: media.extractfile(m).read() for m in media}}
         meta = json.loads(parts["meta.json"])
-        assert meta["format"] == FORMAT_SOURCE
+        assert meta["format"] == FORMAT_MEDIA
         with np.load(io.BytesIO(parts[ARRAYS_NPZ]), allow_pickle=False) as arrays:
             assert sorted(arrays.files) == sorted(ARRAY_MEMBERS), key
             assert {arrays[name].dtype for name in ARRAY_MEMBERS} == {np.dtype(np.int32)}

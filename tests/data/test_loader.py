@@ -22,7 +22,7 @@ from lvita_data.loader.batch import assemble_batch
 from lvita_data.loader.loader import bundled_vision_ids
 from lvita_data.loader.pack import ARRAY_NAMES, parse_pack
 from lvita_data.media.tiles import decode_tiles, image_tiles, normalize_tiles, tiles_array
-from lvita_data.shards.format import read_media_tar
+from lvita_data.shards.format import media_tar_bytes, read_media_tar
 from lvita_data.shards.tar import group_samples, scan_tar_file
 from lvita_data.tokenizer.special_tokens import SpecialIds
 from lvita_data.tokenizer.tokenizer import load_tokenizer
@@ -147,9 +147,9 @@ def assert_batches_equal(a: list[PackedBatch], b: list[PackedBatch]) -> None:
 def test_constants_match_the_shard_writer(build):
     from lvita_data.shards import format as shards
 
-    assert shards.SHARD_FORMATS == (1, 2)
+    assert shards.SHARD_FORMATS == (1, 2, 3)
     index = json.loads((build / "index.json").read_text())
-    assert index["format"] == (2 if build.name == "source" else 1)
+    assert index["format"] == shards.WRITTEN_FORMAT == 3  # with either image storage
     assert tuple(shards.ARRAY_MEMBERS) == ARRAY_NAMES
 
 
@@ -338,28 +338,37 @@ def test_round_trip_arrays_equal_the_tar(build, tar_packs):
         assert batch.max_seqlen == int(np.diff(batch.cu_seqlens).max())
 
 
+def media_of(members: dict[str, bytes]) -> dict[str, bytes]:
+    """The image and tile members of a format-3 pack, read from its media.tar with `tarfile`."""
+    with tarfile.open(fileobj=io.BytesIO(members["media.tar"])) as media:
+        return {member.name: media.extractfile(member).read() for member in media}
+
+
 def expected_tiles(members: dict[str, bytes]) -> tuple[np.ndarray, list[bytes]]:
     """(uint8 tiles of a pack in placeholder order, its stored tile members), computed from the
-    members with the original's operations: stored tiles decoded; a format-2 image opened with
-    Pillow, ``convert("RGB")`` and cut for its grid, independently of the loader's code path."""
+    members with the original's operations: stored tiles decoded; an image stored as its bytes
+    opened with Pillow, ``convert("RGB")`` and cut for its grid, independently of the loader's
+    code path."""
     from PIL import Image
 
     meta = json.loads(members["meta.json"])
-    stored = [
-        members[f"tile{i:06d}.png"] for i in range(meta.get("stored_tiles", meta["num_tiles"]))
-    ]
-    if meta["format"] == 1:
-        return decode_tiles(stored, "png"), stored
+    media = media_of(members)
+    stored = [media[f"tile{i:06d}.png"] for i in range(meta["stored_tiles"])]
     tiles, next_stored = [], 0
     for sample in meta["samples"]:
-        for kind, index in sample["media_order"]:
-            if kind == "video":
-                frames = len(sample["videos"][index]["frames"])
-                tiles.extend(decode_tiles(stored[next_stored : next_stored + frames], "png"))
-                next_stored += frames
+        for item in sample["media_order"]:
+            kind, index = item["kind"], item["index"]
+            count = (
+                len(sample["videos"][index]["frames"])
+                if kind == "video"
+                else sample["images"][index]["tiles"]
+            )
+            if kind == "video" or "member" not in sample["images"][index]:
+                tiles.extend(decode_tiles(stored[next_stored : next_stored + count], "png"))
+                next_stored += count
             else:
                 image = sample["images"][index]
-                rgb = Image.open(io.BytesIO(members[image["member"]])).convert("RGB")
+                rgb = Image.open(io.BytesIO(media[image["member"]])).convert("RGB")
                 assert list(rgb.size) == image["size"]
                 tiles.extend(tiles_array(image_tiles(rgb, tuple(image["grid"]))))
     return np.stack(tiles) if tiles else np.empty((0, 448, 448, 3), np.uint8), stored
@@ -385,14 +394,16 @@ def test_pixels_equal_normalize_tiles_of_decode(build, tar_packs):
         assert np.array_equal(uint8.pixel_values, expected_uint8)
         assert encoded.pixel_values is None and encoded.tile_data == blobs
         for key, sources in zip(batch.keys, encoded.image_data, strict=True):
-            assert sources == {k: v for k, v in tar_packs[key].items() if k.startswith("image")}
+            assert sources == {
+                k: v for k, v in media_of(tar_packs[key]).items() if k[:5] == "image"
+            }
             images += len(sources)
         # one tile per placeholder group, per pack and in all
         assert batch.num_tiles == count == int(batch.tiles_per_pack.sum())
         assert batch.image_token_positions.shape == (count, 256)
         total += count
     assert total > 50
-    assert (images > 10) == (build.name == "source")  # format 2 stores the images as such
+    assert (images > 10) == (build.name == "source")  # images stored as their bytes
 
 
 def test_both_storages_give_bit_identical_batches(builds):
@@ -474,17 +485,20 @@ def test_a_damaged_arrays_npz_is_a_loader_error_never_another_exception(builds):
     assert outcomes["error"] > len(data) // 2  # did it run: most flips are caught
 
 
-def _first_image_pack(build: Path) -> tuple[str, dict[str, memoryview], str]:
+def _first_image_pack(build: Path) -> tuple[str, dict[str, memoryview], dict[str, bytes], str]:
+    """(key, members, media members, first image member) of the first pack with an image."""
     loader = ShardLoader(build, shuffle=False)
     for number in range(loader.num_packs):
         key, members = loader.read_raw(number)
-        images = [name for name in members if name.startswith("image")]
+        media = media_of({name: bytes(data) for name, data in members.items()})
+        images = [name for name in media if name.startswith("image")]
         if images:
-            return key, dict(members), images[0]
+            return key, dict(members), media, images[0]
     raise AssertionError("no pack with a source image")
 
 
-def _load(members: dict[str, memoryview], key: str) -> None:
+def _load(members: dict[str, memoryview], key: str, media: dict[str, bytes]) -> None:
+    members = {**members, "media.tar": memoryview(media_tar_bytes(media))}
     pack = parse_pack(
         key, members, where=f"shard sample {key}", seq_len=2048, vision_ids=bundled_vision_ids()
     )
@@ -496,26 +510,27 @@ def test_a_changed_or_damaged_source_image_raises(builds):
     LoaderError naming the shard, the key and the member: never a changed token count."""
     from PIL import Image
 
-    key, members, name = _first_image_pack(builds["source"])
-    _load(members, key)  # intact
-    image = Image.open(io.BytesIO(bytes(members[name])))
+    key, members, media, name = _first_image_pack(builds["source"])
+    _load(members, key, media)  # intact
+    image = Image.open(io.BytesIO(media[name]))
     smaller = io.BytesIO()
     image.resize((image.width - 1, image.height)).save(smaller, image.format)
     with pytest.raises(LoaderError, match=rf"shard sample {key}: image {name}: size"):
-        _load({**members, name: memoryview(smaller.getvalue())}, key)
-    data = bytes(members[name])
+        _load(members, key, {**media, name: smaller.getvalue()})
+    data = media[name]
     with pytest.raises(LoaderError, match=rf"shard sample {key}: image {name}"):
-        _load({**members, name: memoryview(data[: len(data) // 2])}, key)
-    del members[name]
+        _load(members, key, {**media, name: data[: len(data) // 2]})
+    del media[name]
     with pytest.raises(LoaderError, match=rf"image member {name} is missing"):
-        _load(members, key)
+        _load(members, key, media)
 
 
 def expected_contexts(meta: dict, ids: SpecialIds) -> list[int]:
     """The context id of each tile of a pack, from its meta (thumbnail first, then patches)."""
     out = []
     for sample in meta["samples"]:
-        for kind, index in sample["media_order"]:
+        for item in sample["media_order"]:
+            kind, index = item["kind"], item["index"]
             if kind == "video":
                 out.extend([ids.vid_context] * len(sample["videos"][index]["frames"]))
             else:

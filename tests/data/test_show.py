@@ -112,7 +112,7 @@ def _packs_with(build: Path, predicate) -> list[int]:
 
 
 def _kinds(meta: dict) -> set[str]:
-    return {kind for s in meta["samples"] for kind, _ in s["media_order"]}
+    return {item["kind"] for s in meta["samples"] for item in s["media_order"]}
 
 
 @pytest.mark.parametrize("storage", ["source", "tiles"])
@@ -160,7 +160,7 @@ def test_every_pack_cut_exactly_as_the_loader_reads_it(builds, storage):
                         media.append(segment)
                 shown_masked[segment.start : segment.stop] = segment.masked
             assert "".join(pieces) == tokenizer.decode(real)  # the round trip
-            orders = [kind for kind, _ in sample["media_order"]]
+            orders = [item["kind"] for item in sample["media_order"]]
             assert [s.kind for s in document.segments if s.kind in ("image", "video")] == orders
         assert total == view.seq_len
         assert (shown_masked == (labels == IGNORE_INDEX)).all()
