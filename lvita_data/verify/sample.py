@@ -162,9 +162,11 @@ def _meta_format(parts: Mapping[str, bytes], settings: Settings) -> int:
 
 def _media_parts(
     parts: Mapping[str, bytes], version: int, array_parts: tuple[str, ...], out: SampleProblems
-) -> Mapping[str, bytes | memoryview]:
+) -> Mapping[str, bytes | memoryview] | None:
     """The pack's image and tile members: those of format 3's `media.tar` (strictly scanned, and
-    its bytes the canonical tar lvita writes of them), else the members next to the arrays."""
+    its bytes the canonical tar lvita writes of them), else the members next to the arrays;
+    None when `media.tar` is missing or unreadable (reported once: the checks of its members
+    are skipped)."""
     if version != FORMAT_MEDIA:
         return {p: data for p, data in parts.items() if p != "meta.json" and p not in array_parts}
     for part in parts:
@@ -172,12 +174,12 @@ def _media_parts(
             out.add("unknown member", part, exact=True)
     if MEDIA_TAR not in parts:
         out.add(f"member {MEDIA_TAR} missing")
-        return {}
+        return None
     try:
         media = read_media_tar(parts[MEDIA_TAR])
     except ShardFormatError as error:
         out.add(f"does not read as a tar of image and tile members: {error}", MEDIA_TAR)
-        return {}
+        return None
     if media_tar_bytes({name: bytes(data) for name, data in media.items()}) != parts[MEDIA_TAR]:
         out.add("not the canonical media.tar lvita writes (damaged header or padding?)", MEDIA_TAR)
     return media
@@ -200,7 +202,7 @@ def check_sample(
         out.add("member meta.json missing")
     media = _media_parts(parts, version, array_parts, out)
     tile_names, image_names = [], []
-    for part in media:
+    for part in media or ():
         match = TILE_PATTERN.match(part)
         if match:
             tile_names.append(part)
@@ -241,7 +243,7 @@ def check_sample(
             out.add(f"malformed: missing or bad field {error}", "meta.json")
             meta = None
     # tiles: names, count, bytes
-    if meta is not None:
+    if meta is not None and media is not None:
         expected_names = [tile_member(i, settings.tile_format) for i in range(meta_stored)]
         if sorted(tile_names) != expected_names:
             said = "says" if version == FORMAT_TILES else "stored_tiles"
@@ -260,7 +262,7 @@ def check_sample(
             out.add(problem, part)
     summary.tiles = len(tile_names)
     summary.images = len(image_names)
-    if meta is not None and version != FORMAT_TILES:
+    if meta is not None and media is not None and version != FORMAT_TILES:
         source = version != FORMAT_MEDIA or settings.image_storage == "source"
         check_images(samples, media, image_names, source, settings, out)
 
@@ -350,7 +352,7 @@ def check_sample(
             f"{placeholders} vision placeholders ({TOKENS_PER_TILE} per tile)",
             "meta.json",
         )
-    stored = _stored_tiles(samples)
+    stored = _stored_tiles(samples) if media is not None else None
     if stored is not None and (stored != meta_stored or stored != len(tile_names)):
         out.add(
             f"its videos' frames and the tiles of its images stored as tiles are {stored}, meta "

@@ -36,7 +36,7 @@ MAX_PROBLEMS_PER_SHARD = 200
 KEY_PATTERN = re.compile(r"^\d{9}$")
 FIRST_MEMBERS = (min(f"{name}.npy" for name in ARRAY_MEMBERS), ARRAYS_NPZ)
 """Members are written in sorted name order: every sample starts with cu_seqlens.npy (format 1)
-or arrays.npz (format 2)."""
+or arrays.npz (formats 2 and 3)."""
 
 
 @dataclass(slots=True)
@@ -88,6 +88,13 @@ def _attribute(scan: TarScan, problem: TarProblem) -> tuple[str | None, str | No
             return after_key, after.name  # a PAX header belongs to the member after it
         if part in FIRST_MEMBERS and after_key:
             return after_key, None  # the first member of every sample
+        if before is not None and after is not None and before_key != after_key:
+            # members are sorted per sample: a part after `before`'s continues its sample, one
+            # before `after`'s starts `after`'s (e.g. meta.json, the last member of format 3)
+            joins_before = part > split_member_name(before.name)[1]
+            joins_after = part < split_member_name(after.name)[1]
+            if joins_before != joins_after:
+                return (before_key if joins_before else after_key), None
     if before_key is None or before_key == after_key:
         return after_key, None
     if after_key is None:

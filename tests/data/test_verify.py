@@ -3,12 +3,13 @@ is reported with the shard and the sample key; invariant and accounting breaks a
 
 One small mixed build over the session demo corpus (captions, multi-image, parquet with embedded
 images, text only, videos, bad records incl. a JPEG truncated after a valid header), `pack.align`
-8 and 4 packs per shard, in shard format 2 (the default: images as source bytes, video frames as
-tiles) and the same manifest with `shards.image_storage: tiles` (format 1: every tile stored).
-Per-sample digests are recorded the way the build is meant to record them (`sample_digest` of
-each sample dict handed to `write_shard`, into the completion records), by wrapping
-`write_shard`. Format 2 holds the four arrays in one `arrays.npz` (format 1: one `.npy` each):
-the checks that hold for both formats reach them through `arrays_of` / `with_arrays`.
+8 and 4 packs per shard, in shard format 3 with the default `shards.image_storage: source`
+(images as source bytes, video frames as tiles) and with `tiles` (every tile stored); formats 1
+and 2 are made from them (`legacy_shards`). Per-sample digests are recorded the way the build is
+meant to record them (`sample_digest` of each sample dict handed to `write_shard`, into the
+completion records), by wrapping `write_shard`. Tests handle a pack as one flat dict of its
+members and the members of its `media.tar` (`samples_of`, `read_parts`); `packed` puts the
+media back into a canonical `media.tar` for `check_sample` and `write_shard`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import json
 import os
 import shutil
 import struct
+import tarfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from legacy_shards import legacy_pack, write_legacy_build
 
 import lvita_data.build.shard as build_module
 from lvita_data.build.run import STATE_DIR, build_stage
@@ -31,10 +34,13 @@ from lvita_data.fileio import sha256_file
 from lvita_data.shards.format import (
     ARRAY_MEMBERS,
     ARRAYS_NPZ,
+    FORMAT_MEDIA,
     FORMAT_SOURCE,
     FORMAT_TILES,
-    load_npy,
+    MEDIA_NAME,
+    MEDIA_TAR,
     load_npz,
+    media_tar_bytes,
     meta_bytes,
     npy_bytes,
     npz_bytes,
@@ -124,19 +130,19 @@ def _build(demo_corpus, tmp_path_factory, storage: str):
 
 @pytest.fixture(scope="module")
 def built(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
-    """The build in shard format 2 (`shards.image_storage: source`, the default)."""
+    """The build in shard format 3, `shards.image_storage: source` (the default)."""
     return _build(demo_corpus, tmp_path_factory, "source")
 
 
 @pytest.fixture(scope="module")
 def built_tiles(demo_corpus, tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
-    """The same build in shard format 1 (`shards.image_storage: tiles`)."""
+    """The same build with `shards.image_storage: tiles` (format 3, every tile stored)."""
     return _build(demo_corpus, tmp_path_factory, "tiles")
 
 
 @pytest.fixture(params=["source", "tiles"])
 def either(request) -> tuple[Path, dict[str, dict[str, str]]]:
-    """Each of the two builds, for the checks that hold for both formats."""
+    """Each of the two builds, for the checks that hold for both image storages."""
     return request.getfixturevalue("built" if request.param == "source" else "built_tiles")
 
 
@@ -156,8 +162,11 @@ def index_of(out: Path) -> dict:
 
 
 def samples_of(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {part: (data offset, size)}) per sample of a shard, in tar order."""
-    scan = scan_tar(path.read_bytes())
+    """(key, {part: (data offset, size)}) per sample of a shard, in tar order; the members of a
+    sample's media.tar (``tile000000.png``, ``image000000.jpg``, ...) are parts too, at their
+    offsets in the shard."""
+    data = path.read_bytes()
+    scan = scan_tar(data)
     assert not scan.problems
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
     for member in scan.members:
@@ -165,12 +174,27 @@ def samples_of(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         if not out or out[-1][0] != key:
             out.append((key, {}))
         out[-1][1][part] = (member.data_offset, member.size)
+        if part == MEDIA_TAR:
+            media = data[member.data_offset : member.data_offset + member.size]
+            for inner in scan_tar(media, canonical=False).members:
+                out[-1][1][inner.name] = (member.data_offset + inner.data_offset, inner.size)
     return out
 
 
 def read_parts(path: Path, parts: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """A pack as one flat dict: its members and the members of its media.tar."""
     data = path.read_bytes()
     return {part: data[offset : offset + size] for part, (offset, size) in parts.items()}
+
+
+def packed(flat: dict[str, bytes]) -> dict[str, bytes]:
+    """A flat pack as the shard holds it: image and tile parts back in a canonical media.tar
+    (when the pack had one or has media), every other part as it is."""
+    media = {name: data for name, data in flat.items() if MEDIA_NAME.match(name)}
+    out = {name: data for name, data in flat.items() if name not in media}
+    if MEDIA_TAR in out or media:
+        out[MEDIA_TAR] = media_tar_bytes(media)
+    return out
 
 
 def flip(path: Path, offset: int, mask: int = 0x5A) -> None:
@@ -184,23 +208,14 @@ def problems_at(report, shard: str) -> list:
 
 
 def arrays_of(members: dict[str, bytes]) -> dict[str, np.ndarray]:
-    """The four arrays of a pack: its `arrays.npz` (format 2) or its `.npy` members (format 1)."""
-    if ARRAYS_NPZ in members:
-        return load_npz(members[ARRAYS_NPZ], ARRAY_MEMBERS, 1 << 20)
-    return {name: load_npy(members[f"{name}.npy"]) for name in ARRAY_MEMBERS}
+    """The four arrays of a pack (its `arrays.npz`)."""
+    return load_npz(members[ARRAYS_NPZ], ARRAY_MEMBERS, 1 << 20)
 
 
 def with_arrays(members: dict[str, bytes], **changes: np.ndarray) -> dict[str, bytes]:
     """The pack's members with some arrays replaced, encoded as the build encodes them."""
-    if ARRAYS_NPZ in members:
-        arrays = {**arrays_of(members), **changes}
-        return {**members, ARRAYS_NPZ: npz_bytes({n: arrays[n] for n in ARRAY_MEMBERS})}
-    return {**members, **{f"{name}.npy": npy_bytes(a) for name, a in changes.items()}}
-
-
-def array_member(members, name: str) -> str:
-    """The member holding array `name` (and its problems) in this pack's format."""
-    return ARRAYS_NPZ if ARRAYS_NPZ in members else f"{name}.npy"
+    arrays = {**arrays_of(members), **changes}
+    return {**members, ARRAYS_NPZ: npz_bytes({n: arrays[n] for n in ARRAY_MEMBERS})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +225,7 @@ def array_member(members, name: str) -> str:
 def test_intact_build_passes_everything(built, capsys):
     out, digests = built
     index = index_of(out)
-    assert index["format"] == FORMAT_SOURCE
+    assert index["format"] == FORMAT_MEDIA
     assert len(index["shards"]) >= 3, "the manifest should give several shards"
     report = verify_build(out, workers=2)
     assert report.ok, report.format()
@@ -228,19 +243,31 @@ def test_intact_build_passes_everything(built, capsys):
     assert "corrupt_image" in rejects  # a build-time reject is part of the accounting
 
 
-def test_intact_format_1_build_passes(built_tiles, built, capsys):
+def test_intact_tiles_storage_build_passes(built_tiles, built, capsys):
     out, _ = built_tiles
     index = index_of(out)
-    assert index["format"] == FORMAT_TILES
+    assert index["format"] == FORMAT_MEDIA
     report = verify_build(out)
     assert report.ok, report.format()
     assert report.images == 0 and "image" not in report.format()
     assert report.digests_checked == report.samples > 0
     source = verify_build(built[0], decode_tiles=False)
     assert (report.samples, report.tokens) == (source.samples, source.tokens)
-    assert report.tiles > source.tiles  # format 2 stores only the video frames as tiles
+    assert report.tiles > source.tiles  # source storage stores only the video frames as tiles
     assert run(["verify", str(out), "--no-decode"]) == EXIT_OK
     assert "(tiles not decoded)" in capsys.readouterr().out
+
+
+def test_intact_builds_of_older_formats_pass(built, built_tiles, tmp_path):
+    """Format 2 (made from the source build) and format 1 (from the tiles build) pass every
+    check, with the same samples, tokens, tiles and images as the format-3 builds."""
+    for (out, _), version in ((built, FORMAT_SOURCE), (built_tiles, FORMAT_TILES)):
+        legacy = write_legacy_build(out, tmp_path / f"format{version}", version)
+        report = verify_build(legacy)
+        assert report.ok, report.format()
+        new = verify_build(out)
+        assert (report.samples, report.tokens) == (new.samples, new.tokens)
+        assert (report.tiles, report.images) == (new.tiles, new.images)
 
 
 def test_recorded_digests_are_checked(built, tmp_path):
@@ -274,12 +301,6 @@ def _target(out: Path) -> tuple[str, Path, str, dict[str, tuple[int, int]], list
     raise AssertionError("no sample with tiles in the second shard")
 
 
-def _npy_data_start(path: Path, parts, member: str) -> int:
-    offset, size = parts[member]
-    raw = path.read_bytes()[offset : offset + size]
-    return offset + raw.index(b"\n") + 1
-
-
 def _npz_entry(path: Path, parts, name: str) -> tuple[int, int, int]:
     """(shard offset of its local zip header, of its DEFLATE data, compressed size) of array
     `name` inside the `arrays.npz` member."""
@@ -305,44 +326,32 @@ def _npz_entry(path: Path, parts, name: str) -> tuple[int, int, int]:
         "tar header size field",
         "pax header",
         "padding",
+        "media.tar member header",
     ],
 )
 def test_flipped_byte_names_shard_and_key(either, tmp_path, where):
     out = copy_build(either, tmp_path / "b")
     name, path, key, parts, _ = _target(out)
     data = path.read_bytes()
-    npz = ARRAYS_NPZ in parts  # format 2: the arrays are DEFLATE streams inside arrays.npz
-    if npz and where in ("input_ids in a vision block", "labels"):
+    if where in ("input_ids in a vision block", "labels"):  # DEFLATE streams in arrays.npz
         array = "input_ids" if where.startswith("input_ids") else "labels"
         _, start, size = _npz_entry(path, parts, array)
         offset = start + size // 2  # caught by inflating (CRC or a bad stream)
-    elif npz and where == "npy header":  # the local header's compressed size, which zipfile
+    elif where == "npy header":  # the local header's compressed size, which zipfile
         offset = _npz_entry(path, parts, "position_ids")[0] + 20  # ignores: canonical check
-    elif npz and where in ("tar header name", "pax header"):
+    elif where in ("tar header name", "pax header"):
         offset = parts["meta.json"][0] - (512 if where == "tar header name" else 3 * 512) + 2
-    elif npz and where == "tar header of the first member":
+    elif where == "tar header of the first member":
         offset = parts[ARRAYS_NPZ][0] - 512 + 4
-    elif where == "input_ids in a vision block":
-        ids = load_npy(read_parts(path, parts)["input_ids.npy"])
-        position = int(np.flatnonzero(ids == ids.max())[0])  # a vision placeholder id
-        offset = _npy_data_start(path, parts, "input_ids.npy") + 4 * position
-    elif where == "labels":
-        offset = _npy_data_start(path, parts, "labels.npy") + 4 * 4000 + 1
-    elif where == "npy header":
-        offset = parts["position_ids.npy"][0] + 20
     elif where == "png tile":
         start, size = parts["tile000000.png"]
         offset = start + size // 2
     elif where == "meta.json":
         offset = parts["meta.json"][0] + 5
-    elif where == "tar header name":
-        offset = parts["labels.npy"][0] - 512 + 2  # a digit of the key in the name field
-    elif where == "tar header of the first member":
-        offset = parts["cu_seqlens.npy"][0] - 512 + 4
     elif where == "tar header size field":
         offset = parts["meta.json"][0] - 512 + 130
-    elif where == "pax header":
-        offset = parts["input_ids.npy"][0] - 3 * 512 + 1
+    elif where == "media.tar member header":
+        offset = parts["tile000000.png"][0] - 512 + 3  # the name field of the inner header
     else:
         start, size = parts["meta.json"]
         assert size % 512, "meta.json needs padding for this case"
@@ -355,13 +364,16 @@ def test_flipped_byte_names_shard_and_key(either, tmp_path, where):
     located = [p for p in problems_at(report, name) if p.kind != "checksum"]
     assert located, report.format()
     assert located[0].key == key, report.format()
-    if npz and where in ("input_ids in a vision block", "labels", "npy header"):
+    if where in ("input_ids in a vision block", "labels", "npy header"):
         arrays = [p for p in located if p.kind == "sample"]
         assert arrays and {(p.key, p.member) for p in arrays} == {(key, ARRAYS_NPZ)}, (
             report.format()
         )
         if where == "npy header":
             assert any("canonical arrays.npz" in p.message for p in arrays), report.format()
+    if where == "media.tar member header":
+        media = [p for p in located if p.kind == "sample"]
+        assert media and {(p.key, p.member) for p in media} == {(key, MEDIA_TAR)}, report.format()
     assert run(["verify", str(out), "--no-decode"]) == EXIT_VERIFY_PROBLEMS
 
 
@@ -380,8 +392,8 @@ def test_flip_in_end_of_archive_names_the_last_key(either, tmp_path):
 
 def _change_user_text_id(out: Path, path: Path) -> str:
     """Turn a text id of a user turn (not a special id) into another text id in place, the
-    member keeping its size: format 1 flips the id's low bit in input_ids.npy, format 2 writes
-    the canonical arrays.npz of an id that compresses to the same size. Returns the key."""
+    member keeping its size: the canonical arrays.npz of an id that compresses to the same size.
+    Returns the key."""
     user = load_settings(out, index_of(out)).role_prefix["user"]
     for key, parts in samples_of(path):
         members = read_parts(path, parts)
@@ -391,9 +403,6 @@ def _change_user_text_id(out: Path, path: Path) -> str:
             position = start + user.shape[0]
             if ids[position] >= 150_000:
                 continue
-            if ARRAYS_NPZ not in members:
-                flip(path, _npy_data_start(path, parts, "input_ids.npy") + 4 * position, 0x01)
-                return key
             offset, size = parts[ARRAYS_NPZ]
             for mask in range(1, 256):
                 changed = ids.copy()
@@ -436,18 +445,18 @@ def test_sample_invariants(either):
     out, _ = either
     settings = load_settings(out, index_of(out))
     shard, key, members = _multi_sample_pack(out)
-    assert check_sample(shard, key, members, settings)[0] == []
+    assert check_sample(shard, key, packed(members), settings)[0] == []
     arrays = arrays_of(members)
     ids, labels, cu = arrays["input_ids"], arrays["labels"], arrays["cu_seqlens"]
     meta = json.loads(members["meta.json"])
 
     def problems(changed: dict[str, bytes], member: str | None = None) -> str:
         """The messages of what `changed` breaks; `member`: the array all of them name."""
-        found, _ = check_sample(shard, key, changed, settings)
+        found, _ = check_sample(shard, key, packed(changed), settings)
         assert found, "not caught"
         assert all(p.shard == shard and p.key == key for p in found)
         if member is not None:
-            assert {p.member for p in found} == {array_member(members, member)}, found
+            assert {p.member for p in found} == {ARRAYS_NPZ}, found
         return " | ".join(p.message for p in found)
 
     user = settings.role_prefix["user"]
@@ -474,11 +483,8 @@ def test_sample_invariants(either):
     misaligned[1] += 1
     assert problems(with_arrays(members, cu_seqlens=misaligned))
 
-    unsigned = ids.astype(np.uint32)  # int64 inflates past format 2's bound: see below
+    unsigned = ids.astype(np.uint32)  # int64 inflates past the npz bound: see below
     assert "int32" in problems(with_arrays(members, input_ids=unsigned), "input_ids")
-    if ARRAYS_NPZ not in members:
-        wide = ids.astype(np.int64)
-        assert "int32" in problems(with_arrays(members, input_ids=wide), "input_ids")
 
     meta_shifted = json.loads(json.dumps(meta))
     meta_shifted["samples"][1]["offset"] += 8
@@ -495,16 +501,16 @@ def test_sample_invariants(either):
     dropped = dict(with_tiles)
     last = max(p for p in dropped if p.startswith("tile"))
     del dropped[last]
-    found, _ = check_sample(shard, key, dropped, settings)
+    found, _ = check_sample(shard, key, packed(dropped), settings)
     assert any("tile" in p.message for p in found)
     extra = {**with_tiles, "notes.txt": b"hi"}
-    found, _ = check_sample(shard, key, extra, settings)
+    found, _ = check_sample(shard, key, packed(extra), settings)
     assert [p.member for p in found] == ["notes.txt"]
 
 
 def test_arrays_npz_invariants(built, built_tiles):
-    """Format 2: exactly one arrays.npz holding exactly the four arrays, read with bounded
-    inflation and checked to be the canonical bytes lvita writes; no .npy array member."""
+    """Exactly one arrays.npz holding exactly the four arrays, read with bounded inflation and
+    checked to be the canonical bytes lvita writes; no .npy array member."""
     out, _ = built
     settings = load_settings(out, index_of(out))
     shard, key, members = _multi_sample_pack(out)
@@ -513,7 +519,7 @@ def test_arrays_npz_invariants(built, built_tiles):
     npy_members = {f"{n}.npy": npy_bytes(arrays[n]) for n in ARRAY_MEMBERS}
 
     def found(changed: dict[str, bytes]) -> list[tuple[str | None, str]]:
-        problems, _ = check_sample(shard, key, changed, settings)
+        problems, _ = check_sample(shard, key, packed(changed), settings)
         assert problems, "not caught"
         assert all(p.shard == shard and p.key == key for p in problems)
         return [(p.member, p.message) for p in problems]
@@ -525,7 +531,7 @@ def test_arrays_npz_invariants(built, built_tiles):
 
     without = {k: v for k, v in members.items() if k != ARRAYS_NPZ}
     assert (None, "member arrays.npz missing") in found(without)
-    as_format_1 = found({**without, **npy_members})  # the format-1 layout in a format-2 pack
+    as_format_1 = found({**without, **npy_members})  # the format-1 layout in a format-3 pack
     assert (None, "member arrays.npz missing") in as_format_1
     assert {(name, "unknown member") for name in npy_members} <= set(as_format_1)
     both = found({**members, "labels.npy": npy_members["labels.npy"]})
@@ -559,11 +565,54 @@ def test_arrays_npz_invariants(built, built_tiles):
 
     # arrays.npz has no place in a format-1 pack
     tiles_out, _ = built_tiles
-    tiles_settings = load_settings(tiles_out, index_of(tiles_out))
-    tiles_members = _pack_members(tiles_out, shard, key)
+    tiles_settings = replace(load_settings(tiles_out, index_of(tiles_out)), shard_format=1)
+    tiles_members = legacy_pack(packed(_pack_members(tiles_out, shard, key)), 1, 4096)
     assert not [p for p in tiles_members if p.endswith(".npz")]
+    assert check_sample(shard, key, tiles_members, tiles_settings)[0] == []
     problems, _ = check_sample(shard, key, {**tiles_members, ARRAYS_NPZ: data}, tiles_settings)
     assert [(p.member, p.message) for p in problems] == [(ARRAYS_NPZ, "unknown member")]
+
+
+def test_media_tar_invariants(built):
+    """Format 3's media.tar: present, a tar the strict scan reads of image and tile members
+    only, each once, and the canonical bytes lvita writes (ustar, sorted, no record padding)."""
+    out, _ = built
+    settings = load_settings(out, index_of(out))
+    name, _, key, _, _ = _target(out)
+    flat = _pack_members(out, name, key)
+    members = packed(flat)
+    assert members[MEDIA_TAR] == flat[MEDIA_TAR]  # the build's bytes are canonical
+    assert check_sample(name, key, members, settings)[0] == []
+    media = {part: data for part, data in flat.items() if MEDIA_NAME.match(part)}
+
+    def found(data: bytes) -> list[tuple[str | None, str]]:
+        problems, _ = check_sample(name, key, {**members, MEDIA_TAR: data}, settings)
+        assert problems, "not caught"
+        assert all(p.shard == name and p.key == key for p in problems)
+        return [(p.member, p.message) for p in problems]
+
+    without = found(media_tar_bytes({}))  # an empty media.tar: the tiles are missing
+    assert any("tile member(s)" in message for _, message in without), without
+    missing = found(b"")
+    assert any(m == MEDIA_TAR for m, _ in missing) or any("tile" in t for _, t in missing)
+    foreign = found(media_tar_bytes({**media, "notes.txt": b"hi"}))
+    assert (MEDIA_TAR, "does not read as a tar") in [(m, t[:22]) for m, t in foreign], foreign
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for part in sorted(media):
+            info = tarfile.TarInfo(part)
+            info.size = len(media[part])
+            archive.addfile(info, io.BytesIO(media[part]))
+    assert found(buffer.getvalue()) == [
+        (MEDIA_TAR, "not the canonical media.tar lvita writes (damaged header or padding?)")
+    ]
+    garbage = bytearray(members[MEDIA_TAR])
+    garbage[100:108] = b"9999999\0"  # the mode field: the header checksum no longer matches
+    assert any(m == MEDIA_TAR and "does not read" in t for m, t in found(bytes(garbage)))
+    problems, _ = check_sample(
+        name, key, {k: v for k, v in members.items() if k != MEDIA_TAR}, settings
+    )
+    assert (None, f"member {MEDIA_TAR} missing") in [(p.member, p.message) for p in problems]
 
 
 def _all_samples(out: Path):
@@ -577,8 +626,9 @@ def _all_samples(out: Path):
 
 
 def _rewrite_shard(out: Path, name: str, samples: list[dict]) -> None:
-    """Rewrite a shard and its index entry (so only the intended problem remains)."""
-    info = write_shard(str(out / name), samples)
+    """Rewrite a shard (flat samples, `packed`) and its index entry (so only the intended
+    problem remains)."""
+    info = write_shard(str(out / name), [packed(sample) for sample in samples])
     index = index_of(out)
     for entry in index["shards"]:
         if entry["name"] == name:
@@ -602,7 +652,7 @@ def test_duplicate_and_non_contiguous_keys(built, tmp_path):
 
     out = copy_build(built, tmp_path / "c")
     sample = second[0]
-    first_part = min(k for k in sample if k != "__key__")  # arrays.npz (format 2)
+    first_part = min(k for k in sample if k != "__key__")  # arrays.npz
     head = {k: v for k, v in sample.items() if k in ("__key__", first_part)}
     tail = {k: v for k, v in sample.items() if k != first_part}
     _rewrite_shard(out, shards[1], [head, *second[1:2], tail, *second[2:]])
@@ -658,7 +708,7 @@ def test_without_manifest_copy_checksums_and_tar_are_still_checked(built, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------
-# format 2: the source image members
+# the source image members
 
 
 def _image_target(out: Path) -> tuple[str, Path, str, dict[str, tuple[int, int]]]:
@@ -726,15 +776,17 @@ def _with_meta(members: dict[str, bytes], change) -> dict[str, bytes]:
 def test_image_member_invariants(built, built_tiles):
     out, _ = built
     settings = load_settings(out, index_of(out))
-    assert settings.shard_format == FORMAT_SOURCE
+    assert settings.shard_format == FORMAT_MEDIA and settings.image_storage == "source"
     name, _, key, _ = _image_target(out)
     members = _pack_members(out, name, key)
-    assert check_sample(name, key, members, settings)[0] == []
+    assert check_sample(name, key, packed(members), settings)[0] == []
     images = sorted(p for p in members if p.startswith("image"))
     jpeg, png = images[0], next(p for p in images if p.endswith(".png"))
 
     def found(changed: dict[str, bytes], decode: bool = False) -> list[tuple[str | None, str]]:
-        problems, _ = check_sample(name, key, changed, replace(settings, decode_tiles=decode))
+        problems, _ = check_sample(
+            name, key, packed(changed), replace(settings, decode_tiles=decode)
+        )
         assert problems, "not caught"
         assert all(p.shard == name and p.key == key for p in problems)
         return [(p.member, p.message) for p in problems]
@@ -797,13 +849,23 @@ def test_image_member_invariants(built, built_tiles):
 
     assert any("format 1 stage" in text for _, text in found(_with_meta(members, format_1)))
 
-    # an image member has no place in a format-1 pack
+    # with image_storage: tiles, no image is a member (every tile is stored)
     tiles_out, _ = built_tiles
     tiles_settings = load_settings(tiles_out, index_of(tiles_out))
-    assert tiles_settings.shard_format == FORMAT_TILES
+    assert tiles_settings.image_storage == "tiles"
     tiles_members = _pack_members(tiles_out, name, key)
-    problems, _ = check_sample(name, key, {**tiles_members, jpeg: members[jpeg]}, tiles_settings)
-    assert [(p.member, p.message) for p in problems] == [(jpeg, "unknown member")]
+    assert check_sample(name, key, packed(tiles_members), tiles_settings)[0] == []
+    problems, _ = check_sample(
+        name, key, packed({**tiles_members, jpeg: members[jpeg]}), tiles_settings
+    )
+    unreferenced = "image member no image entry of meta.json refers to"
+    assert [(p.member, p.message) for p in problems] == [(jpeg, unreferenced)]
+
+    def named(meta):
+        meta["samples"][0]["images"][0]["member"] = jpeg
+
+    problems, _ = check_sample(name, key, packed(_with_meta(tiles_members, named)), tiles_settings)
+    assert any("names a member, the build stores images as tiles" in p.message for p in problems)
 
 
 def _first_reference(members: dict[str, bytes], member: str) -> str:
@@ -823,17 +885,18 @@ def test_stored_tiles_are_the_video_frames(built):
     frames = sum(len(v["frames"]) for s in meta["samples"] for v in s["videos"])
     assert meta["stored_tiles"] == frames == sum(p.startswith("tile") for p in members) > 0
     assert meta["num_tiles"] > frames or any(s["images"] for s in meta["samples"])
-    assert check_sample(name, key, members, settings)[0] == []
+    assert check_sample(name, key, packed(members), settings)[0] == []
 
     def fewer(meta):
         meta["stored_tiles"] -= 1
 
-    problems, _ = check_sample(name, key, _with_meta(members, fewer), settings)
+    problems, _ = check_sample(name, key, packed(_with_meta(members, fewer)), settings)
     messages = [p.message for p in problems]
     assert f"{frames} tile member(s), meta.json stored_tiles {frames - 1}" in messages, messages
-    assert any("its videos have" in m for m in messages), messages
+    assert any("its videos' frames and the tiles" in m for m in messages), messages
     last = max(p for p in members if p.startswith("tile"))
-    problems, _ = check_sample(name, key, {k: v for k, v in members.items() if k != last}, settings)
+    dropped = packed({k: v for k, v in members.items() if k != last})
+    problems, _ = check_sample(name, key, dropped, settings)
     assert any("tile member(s), meta.json stored_tiles" in p.message for p in problems)
 
 
@@ -864,14 +927,14 @@ def test_image_member_changes_in_a_shard(built, tmp_path, change):
 def test_index_and_meta_formats(built, tmp_path):
     out = copy_build(built, tmp_path / "b")
     index = index_of(out)
-    index["format"] = 3
+    index["format"] = 4
     (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
     report = verify_build(out, decode_tiles=False)
     assert len(report.problems) == 1, report.format()
-    assert report.problems[0].message.endswith("index.json: shard format 3, lvita reads (1, 2)")
-    index["format"] = FORMAT_TILES  # a format-2 build that calls itself format 1
+    assert report.problems[0].message.endswith("index.json: shard format 4, lvita reads (1, 2, 3)")
+    index["format"] = FORMAT_TILES  # a format-3 build that calls itself format 1
     (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
     report = verify_build(out, decode_tiles=False)
     assert report.problems and all(p.key for p in report.problems), report.format()
-    assert any("format 2 stage" in p.message for p in report.problems)
+    assert any("format 3 stage" in p.message for p in report.problems)
     assert any(p.message == "unknown member" for p in report.problems)
