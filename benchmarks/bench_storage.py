@@ -1,4 +1,4 @@
-"""Shard storage: source bytes (format 2) vs pre-cut tiles (format 1, PNG-1 or WebP lossless).
+"""Shard storage: source bytes vs pre-cut tiles (PNG-1 or WebP lossless), shard format 3.
 
 Three corpora, each built three times, side by side in one run (T = pack.max_seq_len 4096,
 stage-2 settings, group_by file, max_tiles 12):
@@ -12,7 +12,7 @@ stage-2 settings, group_by file, max_tiles 12):
             drawn pictures, comics, parquet charts, video frames, text.
 One Long-VITA JSONL record per image (caption or QA, a third with two turns); every image is
 deterministic (seeded numpy Generators). The three storages: `shards.image_storage: source`
-(the default, format 2), `tiles` with `tile_format: png` (level 1) and `tiles` with `webp`
+(the default), `tiles` with `tile_format: png` (level 1) and `tiles` with `webp`
 (lossless).
 
 Reported per corpus and storage:
@@ -57,7 +57,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from datetime import date  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -330,28 +329,24 @@ def build(manifest: Path, out: Path, env: dict[str, str]) -> tuple[float, float]
 
 
 def shard_bytes(out: Path) -> dict[str, int]:
-    """Bytes of the build's tars by member kind; ``headers`` = tar headers, padding, end."""
+    """Bytes of the build's tars by member kind: images and tiles (the members of each pack's
+    media.tar), arrays, meta.json; ``headers`` = tar headers (the shard's and media.tar's),
+    padding, ends of archive."""
     index = json.loads((out / "index.json").read_text(encoding="utf-8"))
-    parts = {"total": 0, "image": 0, "tile": 0, "arrays": 0, "meta": 0, "arrays_zlib1": 0}
+    parts = {"total": 0, "image": 0, "tile": 0, "arrays": 0, "meta": 0}
     for shard in index["shards"]:
         parts["total"] += (out / shard["name"]).stat().st_size
         with tarfile.open(out / shard["name"]) as archive:
             for member in archive:
-                if not member.isreg():
-                    continue
                 name = member.name.split(".", 1)[1]
-                if name.startswith("image"):
-                    parts["image"] += member.size
-                elif name.startswith("tile"):
-                    parts["tile"] += member.size
-                elif name.endswith(".npy"):  # format 1: one member per array
+                if name == "media.tar":
+                    data = io.BytesIO(archive.extractfile(member).read())
+                    with tarfile.open(fileobj=data) as media:
+                        for inner in media:
+                            parts["image" if inner.name[:5] == "image" else "tile"] += inner.size
+                elif name == "arrays.npz":
                     parts["arrays"] += member.size
-                    data = archive.extractfile(member).read()
-                    parts["arrays_zlib1"] += len(zlib.compress(data, 1))
-                elif name == "arrays.npz":  # format 2: already DEFLATE level 1
-                    parts["arrays"] += member.size
-                    parts["arrays_zlib1"] += member.size
-                else:
+                elif name == "meta.json":
                     parts["meta"] += member.size
     parts["headers"] = parts["total"] - sum(parts[k] for k in ("image", "tile", "arrays", "meta"))
     return parts
@@ -576,9 +571,9 @@ def render(args, corpora, builds, media, loads, passes, costs, profile_lines) ->
         )
     lines += [
         "",
-        "Storages: `source` = `shards.image_storage: source` (format 2, the default); `tiles "
-        "PNG-1` / `tiles WebP` = `image_storage: tiles` with `tile_format: png` (level 1) / "
-        "`webp` (lossless) (format 1).",
+        "Storages (shard format 3): `source` = `shards.image_storage: source` (the default); "
+        "`tiles PNG-1` / `tiles WebP` = `image_storage: tiles` with `tile_format: png` (level 1) "
+        "/ `webp` (lossless).",
         "",
         "## Summary",
         "",
@@ -615,13 +610,13 @@ def render(args, corpora, builds, media, loads, passes, costs, profile_lines) ->
     lines += [
         "## Bytes",
         "",
-        "MB by member kind (headers = tar headers, PAX records and 512-byte padding); arrays "
-        "zlib-1 = what the four .npy members of format 1 would take compressed with zlib level 1 "
-        "(format 2 stores them so, in `arrays.npz`).",
+        "MB by member kind (images and tiles: the members of each pack's media.tar; arrays: "
+        "`arrays.npz`, the four int32 arrays DEFLATE level 1; headers = the shard's and "
+        "media.tar's tar headers, PAX records, 512-byte padding and ends of archive).",
         "",
         "| corpus | storage | samples | packs | tiles | media MB | shard MB | images | tiles | "
-        "arrays | meta.json | headers | shard / media | arrays zlib-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "arrays | meta.json | headers | shard / media |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in corpora:
         for label in STORAGES:
@@ -631,7 +626,7 @@ def render(args, corpora, builds, media, loads, passes, costs, profile_lines) ->
             lines.append(
                 f"| {name} | {label} | {b['samples']} | {b['packs']} | {b['tiles']} | "
                 f"{media[name] / 1e6:.2f} | {' | '.join(mb)} | {p['headers'] / 1e6:.2f} | "
-                f"{p['total'] / media[name]:.3f}x | {p['arrays_zlib1'] / 1e6:.2f} |"
+                f"{p['total'] / media[name]:.3f}x |"
             )
 
     lines += [

@@ -58,7 +58,7 @@ class EnergonMetadataError(LvitaError):
 
 
 class LoaderError(LvitaError):
-    """A build directory or a shard cannot be read as shard format 1."""
+    """A build directory or a shard cannot be read (shard formats 1-3)."""
 
 
 class ShardFormatError(LvitaError):

@@ -58,8 +58,9 @@ class ShardConfig:
     tile_format: Literal["png", "webp"] = "png"
     """Lossless storage of the 448x448 tiles (the loader reproduces the original exactly)."""
     image_storage: Literal["source", "tiles"] = "source"
-    """Images as their source bytes, cut into tiles by the loader (shard format 2), or as
-    pre-cut tiles (format 1, 6-33x bigger for photos); video frames are tiles either way."""
+    """Images as their source bytes, cut into tiles by the loader, or as pre-cut tiles (6-33x
+    bigger for photos, no decoding at load time); video frames are tiles either way. Both are
+    shard format 3 (every image and tile inside the pack's `media.tar`)."""
 
     def __post_init__(self) -> None:
         if self.packs_per_shard < 1:

@@ -270,8 +270,8 @@ def build_stage(
     (`lvita build --plan`; `lvita_data.build.planfile` says when it is refused).
 
     `verify_media` decodes every image while planning (`lvita build --verify-media`), so an
-    image truncated after a valid header is rejected there instead of reaching a format-2
-    shard as bytes; otherwise the shard tasks check sizes and containers (`media.source`).
+    image truncated after a valid header is rejected there instead of reaching a shard as
+    bytes; otherwise the shard tasks check sizes and containers (`media.source`).
     """
     if executor not in EXECUTORS:
         raise BuildError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")

@@ -99,9 +99,9 @@ def _open(ref: FileRef):
 
 @dataclass(frozen=True, slots=True)
 class SamplePixels:
-    """What a sample puts into its pack besides its ids: stored tiles in placeholder order
-    (every tile in format 1, the video frames in format 2) and, in format 2, the (bytes,
-    extension) of each of its images."""
+    """What a sample puts into its pack's `media.tar` besides its ids: stored tiles in
+    placeholder order (every tile with ``image_storage: tiles``, else the video frames) and,
+    with ``source``, the (bytes, extension) of each of its images."""
 
     tiles: list[bytes]
     images: list[tuple[bytes, str]]

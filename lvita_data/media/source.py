@@ -1,4 +1,5 @@
-"""Source images in shards (format 2): stored as their bytes at build time, cut at load time.
+"""Source images in shards (``image_storage: source``): stored as their bytes at build time
+(in a pack's `media.tar`, format 3; as members in format 2), cut at load time.
 
 **Build** (`read_source_image`): the exact bytes of the image file or parquet cell, without
 decoding a pixel. Before they go into a shard they are checked against the plan, because the
@@ -12,8 +13,8 @@ image while planning instead.
 
 **Load** (`source_image_tiles`): ``Image.open(bytes)``, the decoded size checked against the
 plan, ``convert("RGB")`` and `lvita_data.media.tiles.image_tiles`: the original's own
-operations on the same bytes, so the tiles are bit-identical to the pre-cut tiles of format 1
-(tested on every image of the demo corpus). Cost against decoding format 1's stored PNG tiles
+operations on the same bytes, so the tiles are bit-identical to pre-cut tiles (``image_storage:
+tiles``; tested on every image of the demo corpus). Cost against decoding stored PNG tiles
 (``benchmarks/results/storage.md``, one core): a photo JPEG of 640x480 takes 27 ms to decode and
 cut against 78 ms for its 13 PNG tiles (0.35x), 1920x1080 0.83x, 4000x3000 2.4x (215 vs 90 ms:
 the bicubic resize of 12 MP dominates); flat screenshots and charts 2-5x (their PNG tiles

@@ -2,8 +2,8 @@
 
 The pack is read and checked by the training loader (`lvita_data.loader.ShardLoader`, shards
 in ``index.json`` order, no shuffle), so `show` sees exactly the ids, labels, boundaries and
-tiles training sees; its tiles are the loader's uint8 pixels (format 2 images cut from their
-source bytes, video frames and format 1 tiles decoded). The text is decoded with the tokenizer
+tiles training sees; its tiles are the loader's uint8 pixels (images cut from their source
+bytes, stored tiles decoded). The text is decoded with the tokenizer
 named in the build's ``manifest.yaml`` copy.
 
 A pack is chosen by global index (0 .. packs - 1, shards in ``index.json`` order) or by its

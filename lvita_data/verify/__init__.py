@@ -7,11 +7,12 @@ What is checked (shard formats 1 and 2, see `lvita_data.shards.format`), and whe
    the one lvita's writer produces, padding and trailer are zero, members of a sample are
    contiguous, keys are unique across shards (`run`); a damaged header is attributed to its
    sample key, or the nearest key when its name is damaged too.
-3. Per sample (`sample`, with vision blocks, ChatML turns and labels in `text`): arrays (format
-   1: canonical `.npy` members; format 2: one canonical `arrays.npz`, inflated with a bound),
-   shapes, `cu_seqlens`, canonical `meta.json`, alignment, padding, positions, vocabulary,
-   vision blocks, labels equal to the template's, tiles (count, PNG CRCs, 448x448 RGB,
-   decoding); in format 2 the source images (`images`: names, references, header size,
+3. Per sample (`sample`, with vision blocks, ChatML turns and labels in `text`): members
+   (format 3: exactly `arrays.npz`, `media.tar` - a canonical tar of image and tile members -
+   and `meta.json`), arrays (one canonical `arrays.npz`, inflated with a bound; format 1:
+   canonical `.npy` members), shapes, `cu_seqlens`, canonical `meta.json`, alignment, padding,
+   positions, vocabulary, vision blocks, labels equal to the template's, tiles (count, PNG CRCs,
+   448x448 RGB, decoding); the source images (`images`: names, references, header size,
    container, decoding) and the placeholder accounting of stored and cut tiles.
 4. Per-sample digests (`shard`), when the build recorded them: a changed byte anywhere inside a
    sample's member data names the shard and key even where the content passes every invariant.

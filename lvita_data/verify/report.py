@@ -15,7 +15,7 @@ from lvita_data.shards.format import ARRAY_MEMBERS
 
 MAX_PROBLEMS_PER_SAMPLE = 8
 ARRAY_NPY = frozenset(f"{name}.npy" for name in ARRAY_MEMBERS)
-"""The array members of format 1 (inside `arrays.npz` in format 2)."""
+"""The array members of format 1 (inside `arrays.npz` in formats 2 and 3)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +53,10 @@ class VerifyReport:
     samples: int = 0
     tokens: int = 0
     tiles: int = 0
-    """Stored tile members (format 1: every vision tile; format 2: the video frames)."""
+    """Stored tile members (video frames, and every image tile when images are stored as
+    tiles)."""
     images: int = 0
-    """Source image members (format 2)."""
+    """Source image members."""
     digests_checked: int = 0
     tiles_decoded: bool = True
     """Whether tiles (and source images) were decoded."""

@@ -17,8 +17,8 @@ from lvita_data.tokenizer.special_tokens import SpecialIds
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What a sample is checked against; `decode_tiles=False` skips decoding the tiles (and, in
-    format 2, the source images)."""
+    """What a sample is checked against; `decode_tiles=False` skips decoding the tiles and the
+    source images."""
 
     stage: str
     max_seq_len: int

@@ -1,10 +1,11 @@
 """Fuzzing every reader of a build: mutated real shards give the right data or lvita's error.
 
 A small real build (3 packs of 1024 tokens in 2 shards: captions with JPEG source images, a
-video, text; shard format 2 and format 1) is copied and altered by one `Mutation` per example
-(tar header bytes, crafted ustar and PAX fields with a valid checksum, truncation, `.npy` and
-`.npz` headers, arrays with wrong values, `meta.json`, PNG/JPEG bytes, `index.json` entries,
-the manifest copy, Energon's files), the checksums of `index.json` and the per-sample digests
+video, text; shard format 3 with images as source bytes and as tiles) is copied and altered by
+one `Mutation` per example (tar header bytes, crafted ustar and PAX fields with a valid
+checksum, truncation, `.npy` and `.npz` headers, arrays with wrong values, `meta.json`, the
+bytes of `media.tar` and of the PNG/JPEG members inside it, `index.json` entries, the manifest
+copy, Energon's files), the checksums of `index.json` and the per-sample digests
 rewritten to match where the mutation says so (the careful attacker of issue 15). Then every
 reader runs on it in a long-lived worker process (`FuzzWorker`, started once per module: the
 readers' imports and the tokenizer are paid once) with an address-space limit of
@@ -461,7 +462,9 @@ def _npz(arrays: dict[str, bytes]) -> bytes:
 class Member:
     """One member of one pack replaced (`transform` of its bytes, see `TRANSFORMS`), the shard
     rewritten by lvita's own writer; index.json and the per-sample digests rewritten to match
-    when `careful`."""
+    when `careful`. A pack's image and tile members (inside its media.tar) are members here too:
+    when one of them is changed, media.tar is rewritten around them; when media.tar itself is,
+    its bytes are kept as the transform left them."""
 
     storage: str
     pack: int
@@ -483,22 +486,48 @@ class Member:
                     samples.setdefault(key, {"__key__": key})[part] = archive.extractfile(
                         info
                     ).read()
-            packs += [(shard, sample) for sample in samples.values()]
+            packs += [(shard, _flat(sample)) for sample in samples.values()]
         shard, sample = packs[self.pack % len(packs)]
         parts = sorted(p for p in sample if p != "__key__")
-        member = self.member if self.member in parts else parts[hash(self.member) % len(parts)]
+        if self.member in parts:
+            member = self.member
+        else:  # a stable choice (str hashes differ from process to process)
+            member = parts[zlib.crc32(self.member.encode()) % len(parts)]
         result = TRANSFORMS[self.transform](sample, member, self.argument, packs)
         if result is None:
             return False
-        new_sample = {k: v for k, v in result.items() if v is not None}
+        new_sample = _packed({k: v for k, v in result.items() if v is not None}, member)
         by_shard = [s for sh, s in packs if sh == shard]
         position = next(i for i, s in enumerate(by_shard) if s is sample)
+        by_shard = [_packed(s, None) for s in by_shard]
         by_shard[position] = new_sample
         write_shard(str(target / shard), by_shard)
         if self.careful:
             _rewrite_index(target, shard)
             _rewrite_digests(target, shard)
         return (target / shard).read_bytes() != (original.path / shard).read_bytes()
+
+
+def _flat(sample: dict) -> dict:
+    """A pack with the members of its media.tar next to its own (the media.tar kept too)."""
+    from lvita_data.shards.format import MEDIA_TAR
+
+    if MEDIA_TAR not in sample:
+        return sample
+    with tarfile.open(fileobj=io.BytesIO(sample[MEDIA_TAR])) as media:
+        return {**sample, **{m.name: media.extractfile(m).read() for m in media}}
+
+
+def _packed(flat: dict, changed: str | None) -> dict:
+    """A flat pack as the shard holds it: its image and tile members back in a canonical
+    media.tar, unless media.tar itself is the `changed` member (kept as it is)."""
+    from lvita_data.shards.format import MEDIA_NAME, MEDIA_TAR, media_tar_bytes
+
+    media = {name: data for name, data in flat.items() if MEDIA_NAME.match(name)}
+    out = {name: data for name, data in flat.items() if name not in media}
+    if changed != MEDIA_TAR and (MEDIA_TAR in out or media):
+        out[MEDIA_TAR] = media_tar_bytes(media)
+    return out
 
 
 def _t_bytes(sample, member, argument, packs):
@@ -911,6 +940,7 @@ def members(draw) -> Member:
             [
                 "meta.json",
                 "arrays.npz",
+                "media.tar",
                 "input_ids.npy",
                 "cu_seqlens.npy",
                 "image000000.jpg",
@@ -929,6 +959,7 @@ def members(draw) -> Member:
             [
                 "tile000009.png",
                 "image000001.jpg",
+                "media.tar",
                 "x.npy",
                 "meta.txt",
                 "arrays.npz",

@@ -1,5 +1,6 @@
 """The one tar reader on hand-crafted hostile headers: each is refused in bounded time, naming
-the shard and the byte offset (strict), or reported as a problem (lenient); never a hang.
+the shard and the byte offset (strict), or reported as a problem (lenient); never a hang. The
+same for a format-3 pack's `media.tar` (`read_media_tar`), hand-crafted and mutated.
 
 Every case starts from a tar lvita's own writer makes (two members, PAX headers as lvita writes
 them) and rewrites one field, fixing the header checksum so that only the field is wrong.
@@ -8,12 +9,22 @@ them) and rewrites one field, fixing the header checksum so that only the field 
 from __future__ import annotations
 
 import io
+import tarfile
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lvita_data.errors import ShardFormatError
-from lvita_data.shards.format import load_npy, npy_bytes, parse_json
+from lvita_data.shards.format import (
+    MEDIA_NAME,
+    load_npy,
+    media_tar_bytes,
+    npy_bytes,
+    parse_json,
+    read_media_tar,
+)
 from lvita_data.shards.tar import BLOCK, TarWriter, scan_tar, scan_tar_file
 
 SECONDS = 2.0
@@ -168,3 +179,93 @@ def test_npy_round_trip_and_deeply_nested_json():
     assert load_npy(npy_bytes(array)).tolist() == array.tolist()
     with pytest.raises(ShardFormatError, match="not JSON"):
         parse_json(b"[" * 100_000, "meta.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# media.tar, the member of a format-3 pack that is itself a tar (`read_media_tar`)
+
+
+def media_tar(members: dict[str, bytes], fmt: int = tarfile.USTAR_FORMAT, kind=tarfile.REGTYPE):
+    """A tar of `members` written by `tarfile` (any name, any type), for hostile cases."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            info.linkname = "tile000000.png" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buffer.getvalue()
+
+
+def pax_media() -> bytearray:
+    """A media tar with PAX headers, as lvita's shard writer writes its members."""
+    buffer = io.BytesIO()
+    writer = TarWriter(buffer)
+    writer.add("tile000000.png", b"\x89PNG" * 40)
+    writer.close()
+    return bytearray(buffer.getvalue())
+
+
+LVITA_MEDIA = {"image000000.jpg": b"\xff\xd8" + bytes(700), "tile000000.png": b"\x89PNG" * 40}
+HOSTILE_MEDIA = {
+    "a path in a name": lambda: media_tar({"../tile000000.png": b"x"}),
+    "a directory in a name": lambda: media_tar({"a/tile000000.png": b"x"}),
+    "a name that is no media": lambda: media_tar({"meta.json": b"{}"}),
+    "an uppercase extension": lambda: media_tar({"tile000000.PNG": b"x"}),
+    "a member twice": lambda: (
+        media_tar_bytes(LVITA_MEDIA)[: -2 * BLOCK] + media_tar_bytes(LVITA_MEDIA)
+    ),
+    "a symlink": lambda: media_tar({"tile000001.png": b""}, kind=tarfile.SYMTYPE),
+    "a hard link": lambda: media_tar({"tile000001.png": b""}, kind=tarfile.LNKTYPE),
+    "a directory": lambda: media_tar({"tile000001.png": b""}, kind=tarfile.DIRTYPE),
+    "PAX size pointing backwards": lambda: bytes(set_pax(pax_media(), b"13 size=-512\n")),
+    "truncated inside a member": lambda: media_tar_bytes(LVITA_MEDIA)[:900],
+    "not a tar": lambda: b"PK\x03\x04" + bytes(2000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MEDIA))
+def test_media_tar_reader_refuses_hostile_members(case):
+    data = HOSTILE_MEDIA[case]()
+    start = time.perf_counter()
+    with pytest.raises(ShardFormatError, match=r"^media\.tar: "):
+        read_media_tar(data)
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_media_tar_round_trip():
+    data = media_tar_bytes(LVITA_MEDIA)
+    assert len(data) == 3 * BLOCK + 2 * BLOCK + 2 * BLOCK  # headers, data, end of archive
+    read = read_media_tar(data)
+    assert {name: bytes(view) for name, view in read.items()} == LVITA_MEDIA
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:  # what a user opens it with
+        assert {m.name: archive.extractfile(m).read() for m in archive} == LVITA_MEDIA
+    assert read_media_tar(media_tar_bytes({})) == {}
+    tarfile_written = media_tar(LVITA_MEDIA, tarfile.PAX_FORMAT)  # any valid tar is read
+    assert {n: bytes(v) for n, v in read_media_tar(tarfile_written).items()} == LVITA_MEDIA
+
+
+@settings(max_examples=200, derandomize=True, deadline=None, database=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 5 * BLOCK), st.binary(min_size=1, max_size=16)), max_size=4
+    ),
+    cut=st.integers(0, 7 * BLOCK),
+)
+def test_media_tar_reader_on_mutated_media(edits, cut):
+    """A real media.tar with bytes overwritten and cut: a dict of views inside the data, or
+    `ShardFormatError`; bounded time, and memory that a view of the input bounds."""
+    data = bytearray(media_tar_bytes(LVITA_MEDIA))
+    for offset, value in edits:
+        data[offset : offset + len(value)] = value
+    data = bytes(data[:cut])
+    start = time.perf_counter()
+    try:
+        media = read_media_tar(data)
+    except ShardFormatError as error:
+        assert str(error).startswith("media.tar: ")
+    else:
+        assert all(MEDIA_NAME.match(name) for name in media)
+        assert sum(len(view) for view in media.values()) <= len(data)
+        assert all(view.obj is not None for view in media.values())
+    assert time.perf_counter() - start < SECONDS
