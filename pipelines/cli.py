@@ -232,10 +232,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines.train.config import load_train_config
-    from pipelines.train.loop import train
 
     config = load_train_config(args.config, args.set or ())
+    if args.nproc_per_node < 1:
+        raise TrainConfigError(f"--nproc-per-node {args.nproc_per_node}: at least 1")
+    if args.nproc_per_node > 1:
+        return _launch_train(args)
+    from pipelines.train.loop import train
+
     train(config, resume=not args.no_resume)
+    return EXIT_OK
+
+
+def _launch_train(args: argparse.Namespace) -> int:
+    """`lvita train --nproc-per-node N`: the ranks (`pipelines.train.launch`), this process
+    waiting for them; a failed rank's exit code is the command's."""
+    from pipelines.train.launch import RankFailed, launch
+
+    if "RANK" in os.environ:
+        raise TrainConfigError("--nproc-per-node starts the ranks itself: not under torchrun")
+    rank_argv = ["train", args.config, *(["--no-resume"] if args.no_resume else [])]
+    for override in args.set or ():
+        rank_argv += ["--set", override]
+    try:
+        launch(rank_argv, args.nproc_per_node)
+    except RankFailed as failed:
+        code = failed.exitcode if failed.exitcode >= 0 else 128 - failed.exitcode
+        if code not in DOCUMENTED_EXITS:  # a documented code: the rank said why already
+            print(f"lvita train: {failed} (no message: killed or crashed)", file=sys.stderr)
+        return code
     return EXIT_OK
 
 
@@ -414,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="training config YAML (configs/train/*.yaml)")
     train.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N ranks on this machine (as torchrun --standalone; Ctrl-C ends them all "
+        "with one line)",
+    )
+    train.add_argument(
         "--no-resume",
         action="store_true",
         help="do not continue from the latest checkpoint (refused if output.dir has one)",
@@ -430,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141
+DOCUMENTED_EXITS = frozenset({*EXIT_CODES.values(), EXIT_INTERRUPTED, EXIT_TERMINATED})
 
 
 class Terminated(BaseException):
@@ -445,7 +479,17 @@ def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
     again = ["lvita", *argv]
     if args.command == "build" and "--resume" not in argv:
         again.append("--resume")
+    if args.command == "train":  # going on means resuming from the last checkpoint
+        again = [arg for arg in again if arg != "--no-resume"]
     return shlex.join(again)
+
+
+def _quiet_rank() -> bool:
+    """A training rank whose interrupt line another process prints: every rank started by
+    ``lvita train --nproc-per-node``, and every rank but 0 under torchrun."""
+    from pipelines.train.launch import QUIET_RANK_ENV
+
+    return QUIET_RANK_ENV in os.environ or os.environ.get("RANK", "0") != "0"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -463,11 +507,12 @@ def run(argv: list[str] | None = None) -> int:
         return code
     except (KeyboardInterrupt, Terminated) as error:
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else "terminated"
-        print(
-            f"lvita {args.command}: {what}; finished work is kept. To go on: "
-            f"{_resume_hint(args, argv)}",
-            file=sys.stderr,
-        )
+        if not (args.command == "train" and _quiet_rank()):
+            print(
+                f"lvita {args.command}: {what}; finished work is kept. To go on: "
+                f"{_resume_hint(args, argv)}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else EXIT_TERMINATED
     except BrokenPipeError:
         # the reader went away (`lvita plan | head`): no traceback, and none at exit either

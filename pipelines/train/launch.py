@@ -1,0 +1,86 @@
+"""`lvita train CONFIG --nproc-per-node N`: N training ranks on this machine, one command.
+
+The ranks are started by torch's elastic agent (`torch.distributed.launcher.api.elastic_launch`,
+what ``torchrun --standalone --nproc-per-node N`` uses: a c10d rendezvous on a free local port,
+no restarts), each running ``python -m pipelines train CONFIG ...`` with ``RANK`` /
+``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` set, so a rank is exactly
+what torchrun would start. What lvita adds is how the run ends:
+
+- Ctrl-C or SIGTERM: the terminal's SIGINT reaches every rank of the foreground process group,
+  the agent passes a SIGTERM on to the ranks and waits for them (checkpoints are written
+  atomically: the last complete one stays), then raises `SignalException`, which becomes the
+  command's own interrupt: one line with the command that goes on, exit 130 / 143. The ranks
+  stay silent (`QUIET_RANK_ENV`) and the agent's own warnings are not shown.
+- A rank that fails has printed its one-line error already; the command exits with that rank's
+  code (the first to fail), adding one line only when the rank died without a documented exit
+  code (killed by a signal, a crash).
+
+Under plain ``torchrun`` the ranks behave as before, rank 0 alone printing the interrupt line
+(torchrun itself then prints its own `SignalException` traceback; `--nproc-per-node` avoids it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+
+QUIET_RANK_ENV = "LVITA_LAUNCHED_RANK"
+"""Set for the ranks this launcher starts: their interrupt line is the launcher's to print."""
+LAUNCHED_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1"}
+"""Set for the ranks unless the environment sets them (as torchrun does): N ranks of all-core
+BLAS threads each would oversubscribe the machine."""
+
+
+class RankFailed(Exception):
+    """A rank exited with `exitcode` (negative: killed by that signal)."""
+
+    def __init__(self, rank: int, exitcode: int) -> None:
+        super().__init__(f"rank {rank} exited with code {exitcode}")
+        self.rank = rank
+        self.exitcode = exitcode
+
+
+def launch(rank_argv: Sequence[str], nproc: int) -> None:
+    """Run ``python -m pipelines {rank_argv}`` as `nproc` ranks and wait for all of them.
+
+    Raises:
+        KeyboardInterrupt / `pipelines.cli.Terminated`: the launcher got SIGINT / SIGTERM (the
+            ranks have exited).
+        RankFailed: a rank exited with a non-zero code (the first one that did).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ[QUIET_RANK_ENV] = "1"
+    for name, value in LAUNCHED_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"lvita-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "pipelines", *rank_argv)
+    except SignalException as error:
+        if error.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        from pipelines.cli import Terminated
+
+        raise Terminated from None
+    except ChildFailedError as error:
+        rank, failure = min(error.failures.items(), key=lambda item: item[1].timestamp)
+        raise RankFailed(rank, failure.exitcode) from None
+    finally:
+        os.environ.pop(QUIET_RANK_ENV, None)
