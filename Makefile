@@ -30,8 +30,8 @@ demo: setup
 	# train the tiny model on the stage-2 shards (2 ranks, CP = 2; prints the first and last
 	# loss), then generate from the exported checkpoint
 	rm -rf $(DEMO_DIR)/runs/demo
-	LVITA_DEMO_ROOT=$(abspath $(DEMO_DIR)) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun \
-	  --nproc-per-node 2 -m pipelines train configs/train/demo.yaml
+	LVITA_DEMO_ROOT=$(abspath $(DEMO_DIR)) $(VENV)/bin/lvita train configs/train/demo.yaml \
+	  --nproc-per-node 2
 	$(VENV)/bin/lvita generate $(DEMO_DIR)/runs/demo/hf --prompt "Describe the picture." \
 	  --image $(DEMO_DIR)/longvita/images/img_2x2.png --max-new-tokens 8
 

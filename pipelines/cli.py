@@ -8,7 +8,7 @@
     lvita verify DIR                        checksums, per-sample invariants, accounting
     lvita show DIR [--pack K | --key KEY]   one packed sequence as the model sees it
     lvita generate MODEL --prompt TEXT      generated text, KV cache (see pipelines.generate)
-    lvita train CONFIG [--set K=V ...]      train a stage (torchrun for DP x CP; pipelines.train)
+    lvita train CONFIG [--nproc-per-node N] train a stage (DP x CP over N ranks; pipelines.train)
 
 Exit codes: 0 ok, 2 bad manifest or arguments, 3 missing or unreadable inputs, 4 reject rate
 over the manifest's threshold, 5 build output directory problems, 6 verify found problems, 130
@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lvita_data import __version__
 from lvita_data.errors import (
@@ -54,6 +55,9 @@ from pipelines.errors import (
     GenerateInputError,
     TrainConfigError,
 )
+
+if TYPE_CHECKING:
+    from pipelines.train.config import TrainConfig
 
 EXIT_OK = 0
 EXIT_CODES: dict[type[Exception], int] = {
@@ -237,20 +241,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.nproc_per_node < 1:
         raise TrainConfigError(f"--nproc-per-node {args.nproc_per_node}: at least 1")
     if args.nproc_per_node > 1:
-        return _launch_train(args)
+        return _launch_train(args, config)
     from pipelines.train.loop import train
 
     train(config, resume=not args.no_resume)
     return EXIT_OK
 
 
-def _launch_train(args: argparse.Namespace) -> int:
+def _launch_train(args: argparse.Namespace, config: TrainConfig) -> int:
     """`lvita train --nproc-per-node N`: the ranks (`pipelines.train.launch`), this process
     waiting for them; a failed rank's exit code is the command's."""
+    from lvita_data.loader import ShardLoader
     from pipelines.train.launch import RankFailed, launch
+    from pipelines.train.loop import preflight, resolve_recipe
 
     if "RANK" in os.environ:
         raise TrainConfigError("--nproc-per-node starts the ranks itself: not under torchrun")
+    # the checks every rank makes before step 1, made once here: one message, not one per rank
+    ShardLoader(preflight(config, resolve_recipe(config), world_size=args.nproc_per_node))
     rank_argv = ["train", args.config, *(["--no-resume"] if args.no_resume else [])]
     for override in args.set or ():
         rank_argv += ["--set", override]
@@ -481,6 +489,9 @@ def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
         again.append("--resume")
     if args.command == "train":  # going on means resuming from the last checkpoint
         again = [arg for arg in again if arg != "--no-resume"]
+        ranks = os.environ.get("LOCAL_WORLD_SIZE")
+        if ranks and ranks == os.environ.get("WORLD_SIZE") != "1":  # torchrun, one machine
+            again[3:3] = ["--nproc-per-node", ranks]
     return shlex.join(again)
 
 

@@ -11,9 +11,11 @@ what torchrun would start. What lvita adds is how the run ends:
   atomically: the last complete one stays), then raises `SignalException`, which becomes the
   command's own interrupt: one line with the command that goes on, exit 130 / 143. The ranks
   stay silent (`QUIET_RANK_ENV`) and the agent's own warnings are not shown.
-- A rank that fails has printed its one-line error already; the command exits with that rank's
+- Before any rank starts, the launcher makes the checks each rank makes before step 1 (config,
+  model, layout for N ranks, every shard of the build present with its size): one message, not
+  N. A rank that fails later has printed its one-line error; the command exits with that rank's
   code (the first to fail), adding one line only when the rank died without a documented exit
-  code (killed by a signal, a crash).
+  code (killed by a signal, a crash). The agent's own logging is silenced.
 
 Under plain ``torchrun`` the ranks behave as before, rank 0 alone printing the interrupt line
 (torchrun itself then prints its own `SignalException` traceback; `--nproc-per-node` avoids it).
@@ -56,7 +58,9 @@ def launch(rank_argv: Sequence[str], nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):  # each module's logger has its level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[QUIET_RANK_ENV] = "1"
     for name, value in LAUNCHED_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)

@@ -146,17 +146,17 @@ def check_data(config: TrainConfig) -> Path:
     return shards
 
 
-def preflight(config: TrainConfig, recipe: Recipe) -> Path:
+def preflight(config: TrainConfig, recipe: Recipe, world_size: int | None = None) -> Path:
     """Every check that needs no process group, before one is created: the data
     (`check_data`), the model's configuration (`lvita_model.config.ConfigError`), the parallel
-    layout and the accumulation against the world size torchrun announces. Returns the shard
-    directory."""
+    layout and the accumulation against `world_size` (default: the one torchrun announces).
+    Returns the shard directory."""
     shards = check_data(config)
     if config.model.llm is not None:
         compose_config(config.model.llm, config.model.vision or "")
     else:
         load_config(config.model.name or "")
-    dp = check_layout(expected_world_size(), config.parallel.cp)
+    dp = check_layout(world_size or expected_world_size(), config.parallel.cp)
     accumulation_steps(recipe.global_batch, dp, config.data.packs_per_micro_batch)
     return shards
 

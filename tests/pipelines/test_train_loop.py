@@ -555,21 +555,48 @@ def test_nproc_per_node_runs_the_ranks_and_an_interrupt_is_one_line(shards, mode
     assert steps == list(range(1, 9))
 
 
-def test_nproc_per_node_passes_a_ranks_exit_code(shards, model_dir, tmp_path):
-    """A rank that stops with a documented error (here: a shard of the build is gone, found by
-    the data check before step 1) says so in one line; the command exits with its code and adds
-    nothing."""
-    damaged = tmp_path / "shards"
-    shutil.copytree(shards, damaged)
-    next(damaged.glob("*.tar")).unlink()
-    config = write_config(tmp_path / "f" / "train.yaml", damaged, model_dir, parallel={"cp": 2})
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines", "train", str(config), "--nproc-per-node", "2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+def test_nproc_per_node_checks_once_and_passes_a_ranks_exit_code(shards, model_dir, tmp_path):
+    """A shard of the build gone: the launcher's own check before any rank starts, one line,
+    exit 3. Every pack damaged inside (same sizes: only reading it tells): the ranks stop with
+    their one-line LoaderError; the command exits with their code 3 and adds nothing (no
+    agent log, no ChildFailedError report, no traceback)."""
+    from lvita_data.shards.tar import group_samples, scan_tar_file
+
+    def run(shard_dir: Path) -> subprocess.CompletedProcess:
+        config = write_config(tmp_path / shard_dir.name / "train.yaml", shard_dir, model_dir)
+        config.write_text(
+            config.read_text(encoding="utf-8").replace("cp: 1", "cp: 2"), encoding="utf-8"
+        )
+        return subprocess.run(
+            [sys.executable, "-m", "pipelines", "train", str(config), "--nproc-per-node", "2"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+
+    missing = tmp_path / "missing"
+    shutil.copytree(shards, missing)
+    gone = sorted(missing.glob("*.tar"))[-1]
+    gone.unlink()
+    result = run(missing)
     assert result.returncode == 3, result.stderr
-    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
-    assert all(line.startswith("lvita train: ") for line in result.stderr.splitlines())
+    assert result.stderr.splitlines() == [
+        f"lvita train: {missing}: 1 shard(s) missing or changed: {gone.name} "
+        "(No such file or directory)"
+    ]
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    for shard in damaged.glob("*.tar"):
+        data = bytearray(shard.read_bytes())
+        for sample in group_samples(scan_tar_file(shard)):
+            offset, size = sample.members["arrays.npz"]
+            data[sample.start + offset + size // 2] ^= 0x5A  # inside a DEFLATE stream
+        shard.write_bytes(bytes(data))
+    result = run(damaged)
+    assert result.returncode == 3, result.stderr
+    pieces = (piece.strip() for piece in result.stderr.replace("\r", "\n").splitlines())
+    lines = [piece for piece in pieces if piece and not piece.startswith("train:")]  # tqdm
+    assert lines and all(line.startswith("lvita train: ") for line in lines), result.stderr
+    assert "arrays.npz" in lines[0]
