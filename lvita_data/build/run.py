@@ -67,6 +67,7 @@ from lvita_data.shards.energon import write_energon_metadata
 from lvita_data.shards.format import (
     MANIFEST_COPY,
     STATE_DIR,
+    WRITTEN_FORMAT,
     ShardInfo,
     manifest_header,
     shard_name,
@@ -86,6 +87,12 @@ def _check_before_planning(
             raise BuildError(f"{out} holds a build already; pass --resume to finish or redo it")
         if saved["manifest_sha256"] != manifest_digest(manifest):
             keys = manifest_differences(saved.get("manifest"), build_identity(manifest))
+            if not keys:  # the same manifest: an older lvita wrote another shard format
+                raise BuildError(
+                    f"{out} was started by an lvita writing shard format {saved.get('format')}, "
+                    f"this one writes format {WRITTEN_FORMAT}: use a new --out (this lvita reads "
+                    "shards of both formats)"
+                )
             raise BuildError(
                 f"{out} was built from a different manifest (differs in: {listed(keys)}); "
                 "use a new --out"

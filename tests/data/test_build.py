@@ -670,6 +670,28 @@ def test_existing_build_needs_resume_and_the_same_manifest(
     assert tree(reference) == reference_tree
 
 
+def test_a_build_started_in_an_older_shard_format_is_refused_on_resume(
+    reference: Path, manifest: Path, tmp_path: Path
+) -> None:
+    """The same manifest, but the saved state says an older lvita wrote shard format 2 there:
+    the refusal says so (not "a different manifest" with no key that differs)."""
+    from lvita_data.build.identity import build_identity
+    from lvita_data.manifest import load_manifest
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    plan_path = out / STATE_DIR / "plan.json"
+    saved = json.loads(plan_path.read_text(encoding="utf-8"))
+    identity = build_identity(load_manifest(str(manifest)))
+    saved["format"] = 2
+    saved["manifest_sha256"] = hashlib.sha256(
+        json.dumps([identity, 2], sort_keys=True).encode()
+    ).hexdigest()
+    write_json_atomic(str(plan_path), saved, indent=None)
+    with pytest.raises(BuildError, match=r"shard format 2, this one writes format 3: use a new"):
+        build_stage(str(manifest), str(out), resume=True, progress=False)
+
+
 def test_changed_data_is_refused_on_resume(reference: Path, manifest: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(reference, out)
