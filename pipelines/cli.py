@@ -252,7 +252,7 @@ def _launch_train(args: argparse.Namespace, config: TrainConfig) -> int:
     """`lvita train --nproc-per-node N`: the ranks (`pipelines.train.launch`), this process
     waiting for them; a failed rank's exit code is the command's."""
     from lvita_data.loader import ShardLoader
-    from pipelines.train.launch import RankFailed, launch
+    from pipelines.train.launch import RankFailed, Stopped, launch
     from pipelines.train.loop import preflight, resolve_recipe
 
     if "RANK" in os.environ:
@@ -264,6 +264,8 @@ def _launch_train(args: argparse.Namespace, config: TrainConfig) -> int:
         rank_argv += ["--set", override]
     try:
         launch(rank_argv, args.nproc_per_node)
+    except Stopped as stopped:  # the command's own interrupt (`run`)
+        raise KeyboardInterrupt if stopped.signum == signal.SIGINT else Terminated from None
     except RankFailed as failed:
         code = failed.exitcode if failed.exitcode >= 0 else 128 - failed.exitcode
         if code not in DOCUMENTED_EXITS:  # a documented code: the rank said why already

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import uuid
 from collections.abc import Sequence
@@ -35,6 +34,14 @@ QUIET_RANK_ENV = "LVITA_LAUNCHED_RANK"
 LAUNCHED_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1"}
 """Set for the ranks unless the environment sets them (as torchrun does): N ranks of all-core
 BLAS threads each would oversubscribe the machine."""
+
+
+class Stopped(Exception):
+    """The launcher got `signum` (SIGINT, SIGTERM, ...); the ranks have exited."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
 
 
 class RankFailed(Exception):
@@ -50,8 +57,7 @@ def launch(rank_argv: Sequence[str], nproc: int) -> None:
     """Run ``python -m pipelines {rank_argv}`` as `nproc` ranks and wait for all of them.
 
     Raises:
-        KeyboardInterrupt / `pipelines.cli.Terminated`: the launcher got SIGINT / SIGTERM (the
-            ranks have exited).
+        Stopped: the launcher got a signal (Ctrl-C, SIGTERM); the ranks have exited.
         RankFailed: a rank exited with a non-zero code (the first one that did).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -78,11 +84,7 @@ def launch(rank_argv: Sequence[str], nproc: int) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "pipelines", *rank_argv)
     except SignalException as error:
-        if error.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        from pipelines.cli import Terminated
-
-        raise Terminated from None
+        raise Stopped(int(error.sigval)) from None
     except ChildFailedError as error:
         rank, failure = min(error.failures.items(), key=lambda item: item[1].timestamp)
         raise RankFailed(rank, failure.exitcode) from None
