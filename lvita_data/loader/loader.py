@@ -12,8 +12,9 @@ The package, one job per module:
 - `lvita_data.loader.reader`: reading one pack from its shard (tar scan, one ``pread``).
 - `lvita_data.loader.pack`: the per-pack checks (arrays, media members, placeholder count).
 - `lvita_data.loader.workers`: decoding in torch DataLoader workers into shared memory.
-- `lvita_data.loader.settings`: `PackSettings`, the same checks and decoding for a pack whose
-  members another reader read (Megatron-Energon, `lvita_data.energon`).
+- `lvita_data.loader.settings`: what a build's packs are checked against (`PackSettings`, from
+  ``index.json``, the manifest copy and the tokenizer): the same checks for `ShardReader` and
+  for a pack whose members another reader read (Megatron-Energon, `lvita_data.energon`).
 - this module: `ShardLoader` (the build's ``index.json``, its special ids, the rank's position,
   iteration and resume state).
 
@@ -54,26 +55,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lvita_data.errors import LoaderError, LvitaError, ShardFormatError
+from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.loader.batch import Allocate, PackedBatch, assemble_batch
 from lvita_data.loader.order import epoch_order, num_batches, rank_slice, seed_words
 from lvita_data.loader.pack import Pack
 from lvita_data.loader.reader import ShardReader
+from lvita_data.loader.settings import PackSettings, build_settings, read_index
 from lvita_data.loader.workers import worker_batches
-from lvita_data.shards.format import (
-    BUNDLED_TOKENIZER,
-    KEY_PATTERN,
-    parse_json,
-    read_build_manifest,
-)
-from lvita_data.shards.index import MAX_INDEX_BYTES, check_index
+from lvita_data.shards.format import KEY_PATTERN
 from lvita_data.shards.tar import scan_tar_file, split_member_name
-from lvita_data.tokenizer.special_tokens import (
-    LONGVITA_SPECIAL_TOKENS,
-    QWEN25_NUM_BPE_TOKENS,
-    QWEN25_SPECIAL_TOKENS,
-    SpecialIds,
-)
+from lvita_data.tokenizer.special_tokens import SpecialIds
 
 STATE_VERSION = 1
 
@@ -126,64 +117,6 @@ def first_keys(root: Path, shards: list) -> list[str | None]:
         keys.append(key)
         last = key
     return keys
-
-
-def bundled_vocab_size() -> int:
-    """Ids of the bundled qwen2.5 tokenizer: BPE, Qwen's specials and Long-VITA's."""
-    return QWEN25_NUM_BPE_TOKENS + len(QWEN25_SPECIAL_TOKENS) + len(LONGVITA_SPECIAL_TOKENS)
-
-
-def bundled_vision_ids() -> tuple[int, int, int]:
-    """(IMG, PATCH, VID) context ids of the bundled qwen2.5 tokenizer (fixed; checked at load)."""
-    first = QWEN25_NUM_BPE_TOKENS + len(QWEN25_SPECIAL_TOKENS)
-    return tuple(
-        first + LONGVITA_SPECIAL_TOKENS.index(token)
-        for token in ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")
-    )  # type: ignore[return-value]
-
-
-def build_settings(
-    root: Path, special_ids: SpecialIds | None
-) -> tuple[tuple[int, int, int], int | None, bool | None]:
-    """(vision ids, vocabulary size, pack.reset_attention) of a build, from its manifest copy
-    and tokenizer. With `special_ids` the manifest may be unreadable (then the vocabulary is
-    unknown and either position layout is accepted)."""
-    try:
-        manifest = read_build_manifest(root)
-        pack = manifest.data.get("pack")
-        reset = pack.get("reset_attention") if isinstance(pack, dict) else None
-        reset = reset if isinstance(reset, bool) else None
-        spec = manifest.tokenizer_spec
-        if spec == BUNDLED_TOKENIZER:
-            vision_ids, vocab = bundled_vision_ids(), bundled_vocab_size()
-        else:
-            from lvita_data.tokenizer.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(spec)
-            vision_ids, vocab = tokenizer.special_ids.vision_context_ids, tokenizer.vocab_size
-    except LvitaError as error:  # an unreadable copy, an unset ${VAR}, no such tokenizer, ...
-        if special_ids is None:
-            raise LoaderError(f"{error}; pass special_ids=") from None
-        return tuple(special_ids.vision_context_ids), None, None  # type: ignore[return-value]
-    if special_ids is not None:
-        vision_ids = special_ids.vision_context_ids
-    return tuple(vision_ids), vocab, reset  # type: ignore[return-value]
-
-
-def read_index(root: Path) -> dict:
-    """The build's `index.json`, at most `MAX_INDEX_BYTES`, checked by `check_index`
-    (`LoaderError` otherwise)."""
-    path = root / "index.json"
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_INDEX_BYTES + 1)
-        if len(data) > MAX_INDEX_BYTES:
-            raise LoaderError(f"{path}: larger than {MAX_INDEX_BYTES} bytes")
-        return check_index(path, parse_json(data, str(path)))
-    except OSError as error:
-        raise LoaderError(f"{path}: {error.strerror}") from None
-    except ShardFormatError as error:
-        raise LoaderError(str(error)) from None
 
 
 class ShardLoader:
@@ -264,10 +197,7 @@ class ShardLoader:
             self.root,
             self.shard_names,
             self.shard_counts,
-            seq_len=self.seq_len,
-            vision_ids=self.vision_ids,
-            vocab_size=self.vocab_size,
-            reset_attention=self.reset_attention,
+            PackSettings(self.seq_len, self.vision_ids, self.vocab_size, self.reset_attention),
             first_keys=first_keys(self.root, index["shards"]),
         )
         self._epoch = epoch
@@ -421,10 +351,4 @@ class ShardLoader:
         )
 
 
-__all__ = [
-    "STATE_VERSION",
-    "ShardLoader",
-    "build_settings",
-    "bundled_vision_ids",
-    "read_index",
-]
+__all__ = ["STATE_VERSION", "ShardLoader"]

@@ -24,7 +24,8 @@ from typing import TypeVar
 import numpy as np
 
 from lvita_data.errors import LoaderError, ShardFormatError
-from lvita_data.loader.pack import Pack, parse_pack
+from lvita_data.loader.pack import Pack
+from lvita_data.loader.settings import PackSettings
 from lvita_data.shards.format import KEY_PATTERN
 from lvita_data.shards.tar import TarSample, group_samples, scan_tar_file
 
@@ -40,8 +41,7 @@ class ShardReader:
     Args:
         root: the build directory.
         shard_names, shard_counts: the shards of ``index.json`` in order, and their packs.
-        seq_len: T of every pack.
-        vision_ids: the (IMG, PATCH, VID) context ids (see `parse_pack`).
+        settings: what every pack is checked against (T, vision ids, vocabulary, positions).
     """
 
     def __init__(
@@ -49,20 +49,14 @@ class ShardReader:
         root: Path,
         shard_names: Sequence[str],
         shard_counts: Sequence[int],
+        settings: PackSettings,
         *,
-        seq_len: int,
-        vision_ids: tuple[int, int, int],
-        vocab_size: int | None = None,
-        reset_attention: bool | None = None,
         first_keys: Sequence[str | None] | None = None,
     ) -> None:
         self.root = root
         self.shard_names = list(shard_names)
         self.shard_counts = list(shard_counts)
-        self.seq_len = seq_len
-        self.vision_ids = vision_ids
-        self.vocab_size = vocab_size
-        self.reset_attention = reset_attention
+        self.settings = settings
         self.first_keys = list(first_keys) if first_keys is not None else None
         """Each shard's first key (`lvita_data.loader.loader.first_keys`): a shard's keys must
         lie between its own and the next shard's."""
@@ -122,18 +116,10 @@ class ShardReader:
         return sample.key, members
 
     def read_pack(self, global_index: int) -> Pack:
-        """The checked pack of a global index (`read_raw` + `parse_pack`)."""
+        """The checked pack of a global index (`read_raw` + `PackSettings.parse`)."""
         key, members = self.read_raw(global_index)
         where = f"{self.root / self.shard_names[self.locate(global_index)[0]]} sample {key}"
-        return parse_pack(
-            key,
-            members,
-            where=where,
-            seq_len=self.seq_len,
-            vision_ids=self.vision_ids,
-            vocab_size=self.vocab_size,
-            reset_attention=self.reset_attention,
-        )
+        return self.settings.parse(key, members, where=where)
 
     def _scan(self, shard: int) -> list[TarSample]:
         path = self.root / self.shard_names[shard]

@@ -19,8 +19,8 @@ from lvita_data.build.run import build_stage
 from lvita_data.errors import LoaderError, ShardFormatError
 from lvita_data.loader import PackedBatch, ShardLoader, epoch_order
 from lvita_data.loader.batch import assemble_batch
-from lvita_data.loader.loader import bundled_vision_ids
 from lvita_data.loader.pack import ARRAY_NAMES, parse_pack
+from lvita_data.loader.settings import bundled_vision_ids
 from lvita_data.media.tiles import decode_tiles, image_tiles, normalize_tiles, tiles_array
 from lvita_data.shards.format import media_tar_bytes, read_media_tar
 from lvita_data.shards.tar import group_samples, scan_tar_file
