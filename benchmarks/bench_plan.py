@@ -31,29 +31,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import orjson  # noqa: E402
 from PIL import Image  # noqa: E402
+from synthetic_text import PROMPTS as BASE_PROMPTS  # noqa: E402  (this folder)
+from synthetic_text import WORDS  # noqa: E402
 
 from lvita_data.build.plan import plan_file  # noqa: E402
 from lvita_data.manifest import DatasetEntry, PackConfig, StageManifest  # noqa: E402
-from lvita_data.samples.read import tokenizer_and_template
+from lvita_data.samples.read import tokenizer_and_template  # noqa: E402
 
-WORDS = (
-    "the a image shows chart of revenue growth over time with blue bars and red line axis "
-    "labels person standing near table window light sky building text document page figure "
-    "left right top bottom small large several two three colors background foreground scene"
-).split()
-PROMPTS = [
-    "Describe the image in detail.",
-    "What is shown in this picture?",
-    "Give a short caption for the image.",
-    "What is the title of the chart?",
-    "How many people are in the image?",
-    "Read the text in the image.",
-    "What color is the largest object?",
-    "Summarize the document.",
-] * 3
-PROMPTS = [
+PROMPTS = [  # the 8 instructions as they are, and each with two endings: 24 in all
     p if i < 8 else f"{p} Answer briefly." if i < 16 else f"{p} Be precise."
-    for i, p in enumerate(PROMPTS)
+    for i, p in enumerate(BASE_PROMPTS * 3)
 ]
 SIZES = [(448, 448), (900, 450), (1344, 896), (640, 480), (1024, 768), (300, 1200), (1792, 1344)]
 

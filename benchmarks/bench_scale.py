@@ -42,6 +42,7 @@ import numpy as np
 import orjson
 import psutil
 from PIL import Image
+from synthetic_text import PROMPTS, WORDS  # this folder: the records bench_plan writes too
 
 COCO_SIZES = [
     (640, 480),
@@ -54,21 +55,6 @@ COCO_SIZES = [
     (612, 612),
     (640, 512),
     (334, 500),
-]
-WORDS = (
-    "the a image shows chart of revenue growth over time with blue bars and red line axis "
-    "labels person standing near table window light sky building text document page figure "
-    "left right top bottom small large several two three colors background foreground scene"
-).split()
-PROMPTS = [
-    "Describe the image in detail.",
-    "What is shown in this picture?",
-    "Give a short caption for the image.",
-    "What is the title of the chart?",
-    "How many people are in the image?",
-    "Read the text in the image.",
-    "What color is the largest object?",
-    "Summarize the document.",
 ]
 TARGET_SAMPLES = 17_000_000
 POLL_S = 0.05
