@@ -11,8 +11,8 @@ placeholders in ``input_ids`` is exactly 256 * N for the N tiles the pack's medi
 (`Pack.tile_sources`, walked in each sample's ``media_order``). The tokens (`_check_tokens`,
 O(T)): ``cu_seqlens`` rises strictly with one segment per sample of the meta, ``position_ids``
 follow it, ids are in the vocabulary and every label is -100 or its input id (-100 on padding
-and placeholders). A violation raises
-`LoaderError` naming the shard and the key. Pixels are decoded later (`batch`).
+and placeholders). A violation raises `LoaderError` naming the shard and the key. Pixels are
+decoded later (`batch`).
 """
 
 from __future__ import annotations
@@ -258,29 +258,18 @@ def _tile_sources(
         for sample in meta["samples"]:
             for kind, index in media_order(sample, version):
                 if kind == "video":
-                    frames = len(sample["videos"][index]["frames"])
-                    sources += [(None, next_stored + j) for j in range(frames)]
-                    next_stored += frames
-                    continue
-                image = sample["images"][index]
-                if version == FORMAT_TILES or "member" not in image:
+                    count = len(sample["videos"][index]["frames"])
+                else:
+                    image = sample["images"][index]
+                    if version != FORMAT_TILES and "member" in image:  # cut at load time
+                        source = _source_image(image, media, where)
+                        sources += [(source, k) for k in range(image["tiles"])]
+                        continue
                     count = image["tiles"]
                     if type(count) is not int or not 0 < count <= MAX_GRID_TILES + 1:
                         raise LoaderError(f"{where}: image tiles {count!r}")
-                    sources += [(None, next_stored + j) for j in range(count)]
-                    next_stored += count
-                    continue
-                member, grid = image["member"], _pair(image["grid"], "grid", where)
-                if not isinstance(member, str) or not _IMAGE_NAME.match(member):
-                    raise LoaderError(f"{where}: image member name {member!r}")
-                if member not in media:
-                    raise LoaderError(f"{where}: image member {member} is missing")
-                if grid[0] * grid[1] > MAX_GRID_TILES or image["tiles"] != num_tiles(grid):
-                    raise LoaderError(f"{where}: {member}: grid {grid}, tiles {image['tiles']}")
-                source = SourceImage(
-                    member, media[member], _pair(image["size"], "size", where), grid
-                )
-                sources += [(source, k) for k in range(image["tiles"])]
+                sources += [(None, next_stored + j) for j in range(count)]  # stored tiles
+                next_stored += count
     except (KeyError, IndexError, TypeError, ValueError) as error:
         raise LoaderError(
             f"{where}: meta.json does not describe the pack's media: {error!r}"
@@ -290,6 +279,19 @@ def _tile_sources(
             f"{where}: the media use {next_stored} stored tiles, the pack has {stored}"
         )
     return sources
+
+
+def _source_image(image: dict, media: dict[str, memoryview], where: str) -> SourceImage:
+    """An image entry of the meta stored as its source bytes: its member present, its grid
+    within `MAX_GRID_TILES` and giving the tile count the entry states."""
+    member, grid = image["member"], _pair(image["grid"], "grid", where)
+    if not isinstance(member, str) or not _IMAGE_NAME.match(member):
+        raise LoaderError(f"{where}: image member name {member!r}")
+    if member not in media:
+        raise LoaderError(f"{where}: image member {member} is missing")
+    if grid[0] * grid[1] > MAX_GRID_TILES or image["tiles"] != num_tiles(grid):
+        raise LoaderError(f"{where}: {member}: grid {grid}, tiles {image['tiles']}")
+    return SourceImage(member, media[member], _pair(image["size"], "size", where), grid)
 
 
 def _numbered_tiles(
