@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from build_tree import temporaries, tree
+from pack_media import media_members
 
 from lvita_data.build.run import STATE_DIR, build_stage, remove_temporaries
 from lvita_data.errors import BuildError, MissingInputs
@@ -339,12 +340,6 @@ def test_tiles_storage_stores_every_tile(manifest: Path, reference: Path, tmp_pa
         total["tiles"] += shard["bytes"]
         total["source"] += ref_shard["bytes"]
     assert total["tiles"] > 2 * total["source"]
-
-
-def media_members(data: bytes) -> dict[str, bytes]:
-    """The members of a pack's media.tar, read with `tarfile`."""
-    with tarfile.open(fileobj=io.BytesIO(data)) as media:
-        return {member.name: media.extractfile(member).read() for member in media}
 
 
 def test_rejects_record_where_they_were_found(reference: Path) -> None:

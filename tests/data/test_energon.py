@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from pack_media import flat
 
 from lvita_data.build.run import build_stage
 from lvita_data.loader import ShardLoader
@@ -215,8 +216,7 @@ def test_energon_hands_out_the_source_image_bytes(built, energon_parts):
     extensions = set()
     for key, outer in energon_parts.items():
         assert set(outer) == {ARRAYS_NPZ, MEDIA_TAR, "meta.json"}, key
-        with tarfile.open(fileobj=io.BytesIO(outer[MEDIA_TAR])) as media:
-            parts = {**outer, **{m.name: media.extractfile(m).read() for m in media}}
+        parts = flat(outer)
         meta = json.loads(parts["meta.json"])
         assert meta["format"] == FORMAT_MEDIA
         with np.load(io.BytesIO(parts[ARRAYS_NPZ]), allow_pickle=False) as arrays:

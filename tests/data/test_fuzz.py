@@ -50,6 +50,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from pack_media import flat, packed  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("LVITA_FUZZ_EXAMPLES", "20"))
 """Examples per fuzz test (3 tests; ``make fuzz`` runs 500 each)."""
@@ -486,7 +487,7 @@ class Member:
                     samples.setdefault(key, {"__key__": key})[part] = archive.extractfile(
                         info
                     ).read()
-            packs += [(shard, _flat(sample)) for sample in samples.values()]
+            packs += [(shard, flat(sample)) for sample in samples.values()]
         shard, sample = packs[self.pack % len(packs)]
         parts = sorted(p for p in sample if p != "__key__")
         if self.member in parts:
@@ -496,38 +497,17 @@ class Member:
         result = TRANSFORMS[self.transform](sample, member, self.argument, packs)
         if result is None:
             return False
-        new_sample = _packed({k: v for k, v in result.items() if v is not None}, member)
+        changed = {k: v for k, v in result.items() if v is not None}
+        new_sample = packed(changed, keep_media_tar=member == "media.tar")
         by_shard = [s for sh, s in packs if sh == shard]
         position = next(i for i, s in enumerate(by_shard) if s is sample)
-        by_shard = [_packed(s, None) for s in by_shard]
+        by_shard = [packed(s) for s in by_shard]
         by_shard[position] = new_sample
         write_shard(str(target / shard), by_shard)
         if self.careful:
             _rewrite_index(target, shard)
             _rewrite_digests(target, shard)
         return (target / shard).read_bytes() != (original.path / shard).read_bytes()
-
-
-def _flat(sample: dict) -> dict:
-    """A pack with the members of its media.tar next to its own (the media.tar kept too)."""
-    from lvita_data.shards.format import MEDIA_TAR
-
-    if MEDIA_TAR not in sample:
-        return sample
-    with tarfile.open(fileobj=io.BytesIO(sample[MEDIA_TAR])) as media:
-        return {**sample, **{m.name: media.extractfile(m).read() for m in media}}
-
-
-def _packed(flat: dict, changed: str | None) -> dict:
-    """A flat pack as the shard holds it: its image and tile members back in a canonical
-    media.tar, unless media.tar itself is the `changed` member (kept as it is)."""
-    from lvita_data.shards.format import MEDIA_NAME, MEDIA_TAR, media_tar_bytes
-
-    media = {name: data for name, data in flat.items() if MEDIA_NAME.match(name)}
-    out = {name: data for name, data in flat.items() if name not in media}
-    if changed != MEDIA_TAR and (MEDIA_TAR in out or media):
-        out[MEDIA_TAR] = media_tar_bytes(media)
-    return out
 
 
 def _t_bytes(sample, member, argument, packs):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from legacy_shards import write_legacy_build
+from pack_media import media_members
 
 from lvita_data.build.run import build_stage
 from lvita_data.errors import LoaderError, ShardFormatError
@@ -261,8 +262,7 @@ def test_hf_datasets_reads_every_pack(build, tmp_path, monkeypatch):
         for name in ARRAY_NAMES:
             np.testing.assert_array_equal(pack["arrays.npz"][name], getattr(checked, name))
         assert pack["meta.json"] == checked.meta
-        with tarfile.open(fileobj=io.BytesIO(pack["media.tar"])) as media:
-            files = {m.name: media.extractfile(m).read() for m in media}
+        files = media_members(pack["media.tar"])
         ours = read_media_tar(members["media.tar"])
         assert files == {name: bytes(data) for name, data in ours.items()}
     kinds = {s["modality"] for p in packs for s in _modalities(p["meta.json"])}
@@ -338,12 +338,6 @@ def test_round_trip_arrays_equal_the_tar(build, tar_packs):
         assert batch.max_seqlen == int(np.diff(batch.cu_seqlens).max())
 
 
-def media_of(members: dict[str, bytes]) -> dict[str, bytes]:
-    """The image and tile members of a format-3 pack, read from its media.tar with `tarfile`."""
-    with tarfile.open(fileobj=io.BytesIO(members["media.tar"])) as media:
-        return {member.name: media.extractfile(member).read() for member in media}
-
-
 def expected_tiles(members: dict[str, bytes]) -> tuple[np.ndarray, list[bytes]]:
     """(uint8 tiles of a pack in placeholder order, its stored tile members), computed from the
     members with the original's operations: stored tiles decoded; an image stored as its bytes
@@ -352,7 +346,7 @@ def expected_tiles(members: dict[str, bytes]) -> tuple[np.ndarray, list[bytes]]:
     from PIL import Image
 
     meta = json.loads(members["meta.json"])
-    media = media_of(members)
+    media = media_members(members["media.tar"])
     stored = [media[f"tile{i:06d}.png"] for i in range(meta["stored_tiles"])]
     tiles, next_stored = [], 0
     for sample in meta["samples"]:
@@ -395,7 +389,9 @@ def test_pixels_equal_normalize_tiles_of_decode(build, tar_packs):
         assert encoded.pixel_values is None and encoded.tile_data == blobs
         for key, sources in zip(batch.keys, encoded.image_data, strict=True):
             assert sources == {
-                k: v for k, v in media_of(tar_packs[key]).items() if k[:5] == "image"
+                k: v
+                for k, v in media_members(tar_packs[key]["media.tar"]).items()
+                if k[:5] == "image"
             }
             images += len(sources)
         # one tile per placeholder group, per pack and in all
@@ -490,7 +486,7 @@ def _first_image_pack(build: Path) -> tuple[str, dict[str, memoryview], dict[str
     loader = ShardLoader(build, shuffle=False)
     for number in range(loader.num_packs):
         key, members = loader.read_raw(number)
-        media = media_of({name: bytes(data) for name, data in members.items()})
+        media = media_members(bytes(members["media.tar"]))
         images = [name for name in media if name.startswith("image")]
         if images:
             return key, dict(members), media, images[0]

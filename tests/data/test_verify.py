@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from legacy_shards import legacy_pack, write_legacy_build
+from pack_media import packed
 
 import lvita_data.build.shard as build_module
 from lvita_data.build.run import STATE_DIR, build_stage
@@ -185,16 +186,6 @@ def read_parts(path: Path, parts: dict[str, tuple[int, int]]) -> dict[str, bytes
     """A pack as one flat dict: its members and the members of its media.tar."""
     data = path.read_bytes()
     return {part: data[offset : offset + size] for part, (offset, size) in parts.items()}
-
-
-def packed(flat: dict[str, bytes]) -> dict[str, bytes]:
-    """A flat pack as the shard holds it: image and tile parts back in a canonical media.tar
-    (when the pack had one or has media), every other part as it is."""
-    media = {name: data for name, data in flat.items() if MEDIA_NAME.match(name)}
-    out = {name: data for name, data in flat.items() if name not in media}
-    if MEDIA_TAR in out or media:
-        out[MEDIA_TAR] = media_tar_bytes(media)
-    return out
 
 
 def flip(path: Path, offset: int, mask: int = 0x5A) -> None:
