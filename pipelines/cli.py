@@ -493,7 +493,7 @@ def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
         again = [arg for arg in again if arg != "--no-resume"]
         ranks = os.environ.get("LOCAL_WORLD_SIZE")
         if ranks and ranks == os.environ.get("WORLD_SIZE") != "1":  # torchrun, one machine
-            again[3:3] = ["--nproc-per-node", ranks]
+            again += ["--nproc-per-node", ranks]
     return shlex.join(again)
 
 

@@ -7,7 +7,7 @@ no restarts), each running ``python -m pipelines train CONFIG ...`` with ``RANK`
 what torchrun would start. What lvita adds is how the run ends:
 
 - Ctrl-C or SIGTERM: the terminal's SIGINT reaches every rank of the foreground process group,
-  the agent passes a SIGTERM on to the ranks and waits for them (checkpoints are written
+  the agent passes the signal it got on to the ranks and waits for them (checkpoints are written
   atomically: the last complete one stays), then raises `SignalException`, which becomes the
   command's own interrupt: one line with the command that goes on, exit 130 / 143. The ranks
   stay silent (`QUIET_RANK_ENV`) and the agent's own warnings are not shown.
@@ -31,9 +31,6 @@ from collections.abc import Sequence
 
 QUIET_RANK_ENV = "LVITA_LAUNCHED_RANK"
 """Set for the ranks this launcher starts: their interrupt line is the launcher's to print."""
-LAUNCHED_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1"}
-"""Set for the ranks unless the environment sets them (as torchrun does): N ranks of all-core
-BLAS threads each would oversubscribe the machine."""
 
 
 class Stopped(Exception):
@@ -68,8 +65,8 @@ def launch(rank_argv: Sequence[str], nproc: int) -> None:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[QUIET_RANK_ENV] = "1"
-    for name, value in LAUNCHED_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    # as torchrun: N ranks of all-core BLAS threads each would oversubscribe the machine
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

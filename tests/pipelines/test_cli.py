@@ -81,3 +81,36 @@ def test_one_compute_dtype_rule_for_train_and_generate():
     assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert compute_dtype("float16", torch.device("cpu")) == torch.float16
     assert compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("env", "said", "hint"),
+    [
+        ({}, True, "lvita train --set recipe.lr=1e-4 c.yaml"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, True, None),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, False, None),
+        ({"LVITA_LAUNCHED_RANK": "1", "RANK": "0"}, False, None),
+    ],
+)
+def test_a_training_ranks_interrupt_line(monkeypatch, capsys, env, said, hint):
+    """Interrupted before its config is read: one process says how to go on (under torchrun on
+    one machine, with --nproc-per-node, added at the end so that options stay whole; without
+    --no-resume), the other ranks and the ranks of a launcher say nothing."""
+    import pipelines.train.config as config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LVITA_LAUNCHED_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(config, "load_train_config", interrupted)
+    argv = ["train", "--set", "recipe.lr=1e-4", "c.yaml", "--no-resume"]
+    assert run(argv) == 130
+    err = capsys.readouterr().err
+    if not said:
+        assert err == ""
+        return
+    expected = hint or "lvita train --set recipe.lr=1e-4 c.yaml --nproc-per-node 2"
+    assert err == f"lvita train: interrupted; finished work is kept. To go on: {expected}\n"
